@@ -1,0 +1,107 @@
+"""A static key/value cache for autoregressive decoding, as an immutable pytree."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of shape (max_batch_size, n_heads, max_seq_len, head_dim) and a position.
+
+    The layout is torch_block's, so a cache converts between frameworks without a transpose.
+    Writing T tokens at position p fills slots [p, p+T) and returns a new cache at p+T; the old
+    one is never mutated. A write past max_seq_len drops the tokens that do not fit and leaves
+    `position > max_seq_len`, which `overflowed` reports (see `write`).
+    """
+
+    k_cache: jax.Array  # (B, H, S, D)
+    v_cache: jax.Array  # (B, H, S, D)
+    position: jax.Array  # () int32
+
+    @classmethod
+    def create(
+        cls,
+        max_batch_size: int,
+        max_seq_len: int,
+        n_heads: int,
+        head_dim: int,
+        dtype: jnp.dtype = jnp.float32,
+    ) -> KVCache:
+        """An empty cache at position 0."""
+        for name, value in (
+            ("max_batch_size", max_batch_size),
+            ("max_seq_len", max_seq_len),
+            ("n_heads", n_heads),
+            ("head_dim", head_dim),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
+        shape = (max_batch_size, n_heads, max_seq_len, head_dim)
+        return cls(
+            k_cache=jnp.zeros(shape, dtype),
+            v_cache=jnp.zeros(shape, dtype),
+            position=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.k_cache.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.k_cache.shape[1]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k_cache.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_cache.shape[3]
+
+    @property
+    def overflowed(self) -> jax.Array:
+        """True once a write went past max_seq_len (its tokens were dropped, not wrapped)."""
+        return self.position > self.max_seq_len
+
+    def check_write(self, batch_size: int, n_heads: int, head_dim: int, start, length: int):
+        """Raise ValueError unless writing `length` tokens at `start` fits, where start is known."""
+        if batch_size > self.max_batch_size:
+            raise ValueError(
+                f"batch size {batch_size} exceeds the cache's max_batch_size {self.max_batch_size}"
+            )
+        if (n_heads, head_dim) != (self.n_heads, self.head_dim):
+            raise ValueError(
+                f"cache holds n_heads={self.n_heads}, head_dim={self.head_dim}; "
+                f"got n_heads={n_heads}, head_dim={head_dim}"
+            )
+        if length > self.max_seq_len:
+            raise ValueError(
+                f"writing {length} tokens needs {length} slots; "
+                f"the cache has max_seq_len={self.max_seq_len}"
+            )
+        if isinstance(start, jax.core.Tracer):
+            return
+        start = int(start)
+        if start < 0:
+            raise ValueError(f"cache_position must be >= 0, got {start}")
+        if start + length > self.max_seq_len:
+            raise ValueError(
+                f"writing {length} tokens at position {start} needs {start + length} slots; "
+                f"the cache has max_seq_len={self.max_seq_len}"
+            )
+
+    def write(self, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:
+        """A new cache with k, v (B, H, T, D) written at slots [start, start+T).
+
+        Slots outside [0, max_seq_len) are dropped, never wrapped or clamped onto earlier slots.
+        """
+        B, _, T, _ = k.shape
+        slots = start + jnp.arange(T)  # (T,)
+        write = dict(mode="drop", wrap_negative_indices=False, indices_are_sorted=True)
+        k_cache = self.k_cache.at[:B, :, slots].set(k.astype(self.k_cache.dtype), **write)
+        v_cache = self.v_cache.at[:B, :, slots].set(v.astype(self.v_cache.dtype), **write)
+        return KVCache(k_cache, v_cache, jnp.asarray(start + T, jnp.int32))

@@ -1,0 +1,203 @@
+"""Mixture of Experts: top-k gating, expert capacity and the load-balancing loss."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .feed_forward import FeedForward
+
+
+class Routing(NamedTuple):
+    """Where each of the k * N assignments goes, slot-major: (slot s, token n) -> s*N + n."""
+
+    probs: jax.Array  # (N, E) float32 router probabilities
+    expert: jax.Array  # (k*N,) chosen expert
+    weight: jax.Array  # (k*N,) renormalised gate weight
+    rank: jax.Array  # (k*N,) place in its expert's queue; kept when rank < capacity
+    counts: jax.Array  # (E,) assignments per expert before dropping
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None) -> int:
+    """Assignments each expert may take: max(1, ceil(c * N * k / E)), or N when dropless."""
+    if factor is None:
+        return num_tokens
+    return max(1, math.ceil(factor * num_tokens * top_k / num_experts))
+
+
+def route(logits: jax.Array, top_k: int) -> Routing:
+    """Top-k routing of N tokens with float32 `logits` (N, E); ties go to the lower expert."""
+    N, E = logits.shape
+    probs = jax.nn.softmax(logits, axis=-1)  # (N, E)
+    top_probs, top_experts = jax.lax.top_k(probs, top_k)  # (N, k), ties to the lower index
+    top_probs = top_probs / top_probs.sum(axis=-1, keepdims=True)
+
+    expert = top_experts.T.reshape(-1)  # (k*N,) slot-major: every first choice, then seconds
+    weight = top_probs.T.reshape(-1)  # (k*N,)
+    counts = jnp.bincount(expert, length=E)  # (E,)
+    order = jnp.argsort(expert, stable=True)  # assignments grouped by expert, priority kept
+    group_start = jnp.cumsum(counts) - counts  # (E,)
+    rank_sorted = jnp.arange(expert.size) - group_start[expert[order]]
+    rank = jnp.zeros_like(rank_sorted).at[order].set(rank_sorted)  # (k*N,)
+    return Routing(probs, expert, weight, rank, counts)
+
+
+def load_balancing_loss(routing: Routing, top_k: int) -> jax.Array:
+    """Switch Transformer loss E * sum_e f_e * P_e; 1.0 at perfect balance."""
+    N, E = routing.probs.shape
+    f = routing.counts.astype(jnp.float32) / (N * top_k)  # (E,) share of assignments
+    P = routing.probs.mean(axis=0)  # (E,) mean router probability
+    return E * jnp.sum(f * P)
+
+
+def router_z_loss(logits: jax.Array) -> jax.Array:
+    """Mean over tokens of logsumexp(logits)^2."""
+    return jnp.square(jax.nn.logsumexp(logits, axis=-1)).mean()
+
+
+def group_block_size(num_assignments: int, num_experts: int) -> int:
+    """Rows per block of the grouped path: 1 for decode-sized inputs, up to 256 for large ones."""
+    target = num_assignments // (4 * num_experts)
+    return 1 if target < 2 else min(256, 2 ** int(math.log2(target)))
+
+
+def grouped_experts(
+    params: dict,
+    tokens: jax.Array,
+    routing: Routing,
+    block: int,
+    dtype: jnp.dtype,
+    dropout: float,
+    dropout_rng: jax.Array | None,
+) -> jax.Array:
+    """Every assignment through its expert, reading only the experts' weights that are used.
+
+    Each expert's assignments are padded to a whole number of `block`-row blocks; a scan over
+    the blocks applies one expert's weights to each. Cost grows with k * N, not E * N.
+    Returns (k*N, d_model) outputs, in assignment order.
+    """
+    A, (N, d_model) = routing.expert.size, tokens.shape
+    E = routing.counts.size
+    padded = -(-routing.counts // block) * block  # (E,) rows per expert, whole blocks
+    pad_start = jnp.cumsum(padded) - padded  # (E,)
+    num_blocks = (A + E * (block - 1)) // block  # static bound on sum(padded) / block
+    dest = pad_start[routing.expert] + routing.rank  # (A,) row of each assignment
+    rows = jnp.zeros((num_blocks * block, d_model), dtype)
+    rows = rows.at[dest].set(tokens[jnp.arange(A) % N].astype(dtype), unique_indices=True)
+    block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(num_blocks) * block, "right")
+    block_expert = jnp.minimum(block_expert, E - 1)  # (num_blocks,); trailing blocks are empty
+    keys = (
+        jax.random.split(dropout_rng, num_blocks)
+        if dropout_rng is not None
+        else jnp.zeros((num_blocks,), jnp.uint32)
+    )
+
+    def one_block(args):
+        x, e, key = args  # (block, d_model), (), key
+        w = jax.tree_util.tree_map(lambda p: p[e].astype(dtype), params)
+        h = jax.nn.gelu(x @ w["fc1"]["kernel"] + w["fc1"]["bias"], approximate=False)
+        if dropout_rng is not None and dropout > 0:
+            keep = jax.random.bernoulli(key, 1.0 - dropout, h.shape)
+            h = jnp.where(keep, h / (1.0 - dropout), 0).astype(dtype)
+        return h @ w["fc2"]["kernel"] + w["fc2"]["bias"]  # (block, d_model)
+
+    out = jax.lax.map(one_block, (rows.reshape(num_blocks, block, d_model), block_expert, keys))
+    return out.reshape(num_blocks * block, d_model)[dest]  # (A, d_model)
+
+
+class MixtureOfExperts(nn.Module):
+    """Top-k gated experts with capacity-based dropping in training and a load-balancing loss.
+
+    The experts are one `nn.vmap`-ped FeedForward with stacked parameters (E, ...). Training
+    with a capacity factor dispatches tokens into per-expert buffers (E, C, d_model); dropless
+    calls (eval, or factor None) use `grouped_experts`, whose cost grows with k * N.
+    `dispatch` forces one of the two ("buffers" or "grouped"; default "auto").
+    """
+
+    d_model: int
+    d_ff: int
+    num_experts: int = 8
+    top_k: int = 2
+    dropout: float = 0.1
+    expert_capacity_factor: float | None = 1.25
+    router_z_loss_coef: float = 0.0
+    dispatch: str = "auto"
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, deterministic: bool = True, return_aux_loss: bool = False
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """x (B, T, d_model) -> (output (B, T, d_model), aux loss or None)."""
+        check_moe_config(self.num_experts, self.top_k, self.expert_capacity_factor)
+        if self.dispatch not in ("auto", "buffers", "grouped"):
+            raise ValueError(f"dispatch must be auto, buffers or grouped, got {self.dispatch!r}")
+        B, T, d_model = x.shape
+        N, k, E = B * T, self.top_k, self.num_experts
+        tokens = x.reshape(N, d_model)  # (N, d_model)
+        logits = nn.Dense(
+            E, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype, name="gate"
+        )(tokens.astype(jnp.float32))  # (N, E)
+        routing = route(logits, k)
+        factor = None if deterministic else self.expert_capacity_factor
+        capacity = expert_capacity(N, k, E, factor)
+        if not deterministic and self.is_mutable_collection("moe_stats"):
+            counts = self.variable("moe_stats", "expert_counts", jnp.zeros, (E,), jnp.float32)
+            counts.value += routing.counts.astype(jnp.float32)
+
+        experts = nn.vmap(
+            FeedForward,
+            in_axes=(0, None),
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            axis_size=E,
+        )(d_model, self.d_ff, self.dropout, self.dtype, self.param_dtype, name="experts")
+        use_buffers = self.dispatch == "buffers" or (self.dispatch == "auto" and factor is not None)
+        if use_buffers or self.is_initializing():
+            kept = routing.rank < capacity
+            dest = jnp.where(kept, routing.expert * capacity + routing.rank, E * capacity)
+            buffers = jnp.zeros((E * capacity, d_model), self.dtype)
+            buffers = buffers.at[dest].set(
+                tokens[jnp.arange(k * N) % N].astype(self.dtype), mode="drop"
+            )
+            expert_out = experts(buffers.reshape(E, capacity, d_model), deterministic)
+            assigned = expert_out.reshape(E * capacity, d_model).at[dest].get(
+                mode="fill", fill_value=0
+            )  # (k*N, d_model); dropped assignments give zeros
+        if not use_buffers:
+            dropout_rng = None if deterministic else self.make_rng("dropout")
+            assigned = grouped_experts(
+                experts.variables["params"],
+                tokens,
+                routing,
+                group_block_size(k * N, E),
+                self.dtype,
+                self.dropout,
+                dropout_rng,
+            )
+        weighted = assigned * routing.weight[:, None].astype(assigned.dtype)
+        out = jnp.zeros((N, d_model), assigned.dtype).at[jnp.arange(k * N) % N].add(weighted)
+
+        aux = None
+        if return_aux_loss:
+            aux = load_balancing_loss(routing, k)
+            if self.router_z_loss_coef:
+                aux = aux + self.router_z_loss_coef * router_z_loss(logits)
+        return out.reshape(B, T, d_model).astype(self.dtype), aux
+
+
+def check_moe_config(num_experts: int, top_k: int, expert_capacity_factor: float | None) -> None:
+    """Raise ValueError for an expert count, top-k or capacity factor that cannot work."""
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    if expert_capacity_factor is not None and not expert_capacity_factor > 0:
+        raise ValueError(
+            f"expert_capacity_factor must be > 0 or None, got {expert_capacity_factor}"
+        )

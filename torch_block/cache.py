@@ -1,0 +1,99 @@
+"""A static key/value cache for autoregressive decoding, updated in place."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Preallocated keys and values of shape (max_batch_size, n_heads, max_seq_len, head_dim).
+
+    Writing T tokens at position p fills slots [p, p+T) and moves `cache_position` to p+T.
+    """
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        n_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        for name, value in (
+            ("max_batch_size", max_batch_size),
+            ("max_seq_len", max_seq_len),
+            ("n_heads", n_heads),
+            ("head_dim", head_dim),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.n_heads = n_heads
+        self.head_dim = head_dim
+        shape = (max_batch_size, n_heads, max_seq_len, head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)  # (B, H, S, D)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)  # (B, H, S, D)
+        self.cache_position = 0
+
+    def check_write(self, batch_size: int, n_heads: int, head_dim: int, start: int, length: int):
+        """Raise ValueError unless writing `length` tokens at `start` fits this cache."""
+        if batch_size > self.max_batch_size:
+            raise ValueError(
+                f"batch size {batch_size} exceeds the cache's max_batch_size {self.max_batch_size}"
+            )
+        if (n_heads, head_dim) != (self.n_heads, self.head_dim):
+            raise ValueError(
+                f"cache holds n_heads={self.n_heads}, head_dim={self.head_dim}; "
+                f"got n_heads={n_heads}, head_dim={head_dim}"
+            )
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise TypeError(f"cache_position must be an int, got {type(start).__name__}")
+        if start < 0:
+            raise ValueError(f"cache_position must be >= 0, got {start}")
+        if start + length > self.max_seq_len:
+            raise ValueError(
+                f"writing {length} tokens at position {start} needs {start + length} slots; "
+                f"the cache has max_seq_len={self.max_seq_len}"
+            )
+
+    def update(
+        self, k: torch.Tensor, v: torch.Tensor, start_pos: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, T, D) at `start_pos` (default: the current position).
+
+        Returns the keys and values of slots [0, start_pos + T), each (B, H, start_pos + T, D).
+        """
+        if k.dim() != 4 or k.shape != v.shape:
+            raise ValueError(
+                f"k and v must both be (B, H, T, D); got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        start = self.cache_position if start_pos is None else start_pos
+        B, H, T, D = k.shape
+        self.check_write(B, H, D, start, T)
+        end = start + T
+        self.k_cache[:B, :, start:end] = k.to(self.k_cache.dtype)
+        self.v_cache[:B, :, start:end] = v.to(self.v_cache.dtype)
+        self.cache_position = end
+        return self.k_cache[:B, :, :end], self.v_cache[:B, :, :end]
+
+    def get(
+        self, batch_size: int | None = None, seq_len: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the first `batch_size` rows and `seq_len` slots (default: written)."""
+        B = self.max_batch_size if batch_size is None else batch_size
+        S = self.cache_position if seq_len is None else seq_len
+        return self.k_cache[:B, :, :S], self.v_cache[:B, :, :S]
+
+    def reset(self) -> None:
+        """Zero the cache and move its position back to 0."""
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+        self.cache_position = 0
+
+    def to(self, device: str | torch.device) -> KVCache:
+        """Move the cache to `device` in place; returns self."""
+        self.k_cache = self.k_cache.to(device)
+        self.v_cache = self.v_cache.to(device)
+        return self
