@@ -49,9 +49,10 @@ class MultiHeadAttention(nn.Module):
         deterministic: bool = True,
     ) -> tuple[jax.Array, KVCache | None]:
         """Attend x (B, T, d_model) to itself and to the cache; returns (out, new cache)."""
-        if self.d_model % self.n_heads != 0:
+        if self.n_heads < 1 or self.d_model % self.n_heads != 0:
             raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), "
+                "n_heads >= 1"
             )
         B, T, _ = x.shape
         H, D = self.n_heads, self.d_model // self.n_heads

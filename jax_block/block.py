@@ -61,10 +61,12 @@ class TransformerBlock(nn.Module):
         With a cache, the T tokens are written at `cache_position` (default: the cache's
         position) and attend to everything cached before them; the cache passed in is unchanged.
         """
-        if x.ndim != 3 or x.shape[-1] != self.d_model or x.shape[1] < 1:
+        if x.ndim != 3 or x.shape[-1] != self.d_model or min(x.shape[:2]) < 1:
             raise ValueError(
-                f"x must be (batch, seq_len >= 1, d_model={self.d_model}), got {tuple(x.shape)}"
+                f"x must be (batch >= 1, seq_len >= 1, d_model={self.d_model}), "
+                f"got {tuple(x.shape)}"
             )
+        x = x.astype(self.dtype)  # the residual stream, like every layer, computes in dtype
         norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
         attn, new_cache = MultiHeadAttention(
             self.d_model, self.n_heads, self.dropout, self.causal, self.dtype, self.param_dtype,

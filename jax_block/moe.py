@@ -158,8 +158,8 @@ class MixtureOfExperts(nn.Module):
             axis_size=E,
         )(d_model, self.d_ff, self.dropout, self.dtype, self.param_dtype, name="experts")
         use_buffers = self.dispatch == "buffers" or (self.dispatch == "auto" and factor is not None)
+        kept = routing.rank < capacity  # (k*N,)
         if use_buffers or self.is_initializing():
-            kept = routing.rank < capacity
             dest = jnp.where(kept, routing.expert * capacity + routing.rank, E * capacity)
             buffers = jnp.zeros((E * capacity, d_model), self.dtype)
             buffers = buffers.at[dest].set(
@@ -180,7 +180,8 @@ class MixtureOfExperts(nn.Module):
                 self.dropout,
                 dropout_rng,
             )
-        weighted = assigned * routing.weight[:, None].astype(assigned.dtype)
+        weight = jnp.where(kept, routing.weight, 0.0)  # (k*N,); dropped assignments add nothing
+        weighted = assigned * weight[:, None].astype(assigned.dtype)
         out = jnp.zeros((N, d_model), assigned.dtype).at[jnp.arange(k * N) % N].add(weighted)
 
         aux = None
@@ -193,6 +194,9 @@ class MixtureOfExperts(nn.Module):
 
 def check_moe_config(num_experts: int, top_k: int, expert_capacity_factor: float | None) -> None:
     """Raise ValueError for an expert count, top-k or capacity factor that cannot work."""
+    for name, value in (("num_experts", num_experts), ("top_k", top_k)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     if not 1 <= top_k <= num_experts:

@@ -29,8 +29,10 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.1, *, causal: bool = True):
         super().__init__()
-        if d_model % n_heads != 0:
-            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        if n_heads < 1 or d_model % n_heads != 0:
+            raise ValueError(
+                f"d_model ({d_model}) must be divisible by n_heads ({n_heads}), n_heads >= 1"
+            )
         self.d_model = d_model
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
@@ -65,6 +67,7 @@ class MultiHeadAttention(nn.Module):
 
         if kv_cache is not None:
             k, v = kv_cache.update(k, v, start)  # (B, H, S, D)
+            k, v = k.to(q.dtype), v.to(q.dtype)
 
         allowed = torch.ones(T, S, dtype=torch.bool, device=x.device)  # (T, S)
         if self.causal:

@@ -93,9 +93,10 @@ class TransformerBlock(nn.Module):
         With `use_cache` and a cache, the T tokens are written at `cache_position` (default:
         the cache's position) and attend to everything cached before them.
         """
-        if x.dim() != 3 or x.shape[-1] != self.d_model or x.shape[1] < 1:
+        if x.dim() != 3 or x.shape[-1] != self.d_model or min(x.shape[:2]) < 1:
             raise ValueError(
-                f"x must be (batch, seq_len >= 1, d_model={self.d_model}), got {tuple(x.shape)}"
+                f"x must be (batch >= 1, seq_len >= 1, d_model={self.d_model}), "
+                f"got {tuple(x.shape)}"
             )
         cache = kv_cache if use_cache else None
         h = x + self.dropout(self.attention(self.norm1(x), mask, cache, cache_position))

@@ -129,6 +129,9 @@ class MixtureOfExperts(nn.Module):
 
 def check_moe_config(num_experts: int, top_k: int, expert_capacity_factor: float | None) -> None:
     """Raise ValueError for an expert count, top-k or capacity factor that cannot work."""
+    for name, value in (("num_experts", num_experts), ("top_k", top_k)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     if not 1 <= top_k <= num_experts:
