@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,9 +16,11 @@ from flax import linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 import jax_block
+import jax_block.lm
 import torch_block
+import torch_block.lm
 
-from .mapping import Row, block_table
+from .mapping import Row, block_table, lm_table
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,17 @@ PAIRS: dict[str, Pair] = {
         lambda config: block_table(config["use_moe"]),
         _block_buffers,
         lambda config: jnp.zeros((1, 1, config["d_model"])),
+    ),
+    "TransformerLM": Pair(
+        torch_block.lm.TransformerLM,
+        jax_block.lm.TransformerLM,
+        lm_table,
+        lambda config: {
+            f"blocks.{i}.feed_forward.expert_counts": (config["num_experts"],)
+            for i in range(config["n_layers"])
+            if config["use_moe"]
+        },
+        lambda config: jnp.zeros((1, 1), jnp.int32),
     ),
 }
 
@@ -76,6 +90,7 @@ def _expanded(rows: list[Row], config: dict) -> list[tuple[Row, str, int | None]
     return out
 
 
+@functools.lru_cache(maxsize=64)
 def _flax_shapes(flax_module: nn.Module) -> dict[str, tuple[int, ...]]:
     config = config_of(flax_module)
     dummy = _pair_of(flax_module).dummy_input(config)
@@ -93,7 +108,7 @@ def _raise_if_any(problems: list[str], what: str) -> None:
         raise ValueError(f"{what}: {len(problems)} problem(s)\n  " + "\n  ".join(problems))
 
 
-def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     """A numpy copy that keeps bfloat16 (through float32, which is exact)."""
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
@@ -101,7 +116,7 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy().copy()
 
 
-def _to_torch(array: Any) -> torch.Tensor:
+def to_torch_tensor(array: Any) -> torch.Tensor:
     """A torch copy that keeps bfloat16 (through float32, which is exact)."""
     array = np.asarray(array)
     if array.dtype == jnp.bfloat16:
@@ -117,17 +132,20 @@ def torch_to_flax(state_dict: dict[str, torch.Tensor], flax_module: nn.Module) -
     expected = {key for _, key, _ in entries} | set(pair.torch_buffers(config))
     problems = [f"missing key {key!r}" for _, key, _ in entries if key not in state_dict]
     problems += [f"unexpected key {key!r}" for key in state_dict if key not in expected]
-    for row, key, expert in entries:
-        want = _torch_shape(flax_shapes[row.flax_path], row, expert)
+    wanted = {key: _torch_shape(flax_shapes[row.flax_path], row, e) for row, key, e in entries}
+    wanted.update(pair.torch_buffers(config))
+    for key, want in wanted.items():
         if key in state_dict and tuple(state_dict[key].shape) != want:
             problems.append(f"{key!r}: expected shape {want}, got {tuple(state_dict[key].shape)}")
     _raise_if_any(problems, f"state_dict does not match {type(flax_module).__name__}{config}")
 
     flat = {}
     for row in pair.table(config):
-        keys = [key for r, key, _ in entries if r is row]
-        arrays = [_to_numpy(state_dict[key]) for key in keys]
-        array = np.stack(arrays) if "{e}" in row.torch_key else arrays[0]
+        if "{e}" in row.torch_key:
+            experts = range(config["num_experts"])
+            array = np.stack([to_numpy(state_dict[row.torch_key.format(e=e)]) for e in experts])
+        else:
+            array = to_numpy(state_dict[row.torch_key])
         flat[tuple(row.flax_path.split("/"))] = jnp.asarray(
             np.swapaxes(array, -1, -2) if row.transpose else array
         )
@@ -150,9 +168,10 @@ def flax_to_torch(params: dict, flax_module: nn.Module) -> dict[str, torch.Tenso
     for row, key, expert in _expanded(pair.table(config), config):
         array = np.asarray(given[row.flax_path])
         array = array[expert] if expert is not None else array
-        state_dict[key] = _to_torch(np.swapaxes(array, -1, -2) if row.transpose else array)
+        state_dict[key] = to_torch_tensor(np.swapaxes(array, -1, -2) if row.transpose else array)
+    dtype = next(iter(state_dict.values())).dtype
     for key, shape in pair.torch_buffers(config).items():
-        state_dict[key] = torch.zeros(shape)
+        state_dict[key] = torch.zeros(shape, dtype=dtype)
     return state_dict
 
 

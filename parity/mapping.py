@@ -46,6 +46,13 @@ MOE_FFN = (
     + _linear("feed_forward.experts.{e}.fc2", "feed_forward/experts/fc2")
 )
 
+LM_EMBEDDINGS = [
+    Row("token_embedding.weight", "token_embedding/embedding", False),
+    Row("position_embedding.weight", "position_embedding/embedding", False),
+]
+LM_NORM = _norm("norm", "norm")
+LM_HEAD = _linear("lm_head", "lm_head", bias=False)  # only when tie_embeddings=False
+
 # torch buffers that have no Flax parameter: written as zeros when converting to torch.
 TORCH_ONLY_BUFFERS = {"feed_forward.expert_counts"}
 
@@ -58,12 +65,32 @@ def block_table(use_moe: bool) -> list[Row]:
 def markdown_table() -> str:
     """The whole mapping as a Markdown table, for README.md."""
     lines = ["| torch key | Flax path | transform |", "|---|---|---|"]
-    for row in ATTENTION + NORMS + DENSE_FFN + MOE_FFN:
+    block_rows = ATTENTION + NORMS + DENSE_FFN + MOE_FFN
+    lm_rows = LM_EMBEDDINGS + [Row("blocks.{i}.<block key>", "blocks_{i}/<block path>", False)]
+    for row in block_rows + lm_rows + LM_NORM + LM_HEAD:
         if "{e}" in row.torch_key:
             transform = "stack over e; transpose (in, out)" if row.transpose else "stack over e"
+        elif "{i}" in row.torch_key:
+            transform = "the block's row, for each layer i"
         else:
             transform = "transpose (out, in) -> (in, out)" if row.transpose else "copy"
+        if row in LM_HEAD:
+            transform += " (untied head only)"
         lines.append(f"| `{row.torch_key}` | `{row.flax_path}` | {transform} |")
     for key in sorted(TORCH_ONLY_BUFFERS):
         lines.append(f"| `{key}` | (none: torch buffer) | zeros when converting to torch |")
     return "\n".join(lines)
+
+
+def lm_table(config: dict) -> list[Row]:
+    """Rows of one TransformerLM: embeddings, every block under its prefix, norm, untied head."""
+    rows = list(LM_EMBEDDINGS)
+    for i in range(config["n_layers"]):
+        rows += [
+            Row(f"blocks.{i}.{row.torch_key}", f"blocks_{i}/{row.flax_path}", row.transpose)
+            for row in block_table(config["use_moe"])
+        ]
+    rows += LM_NORM
+    if not config["tie_embeddings"]:
+        rows += LM_HEAD
+    return rows
