@@ -5,7 +5,10 @@ from .block import TransformerBlock
 from .cache import KVCache
 from .decode import decode_step
 from .feed_forward import FeedForward
+from .generate import cached_forward, generate
+from .lm import TransformerLM
 from .moe import MixtureOfExperts
+from .sampling import sample_next_token
 
 __all__ = [
     "FeedForward",
@@ -13,5 +16,9 @@ __all__ = [
     "MixtureOfExperts",
     "MultiHeadAttention",
     "TransformerBlock",
+    "TransformerLM",
+    "cached_forward",
     "decode_step",
+    "generate",
+    "sample_next_token",
 ]

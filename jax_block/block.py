@@ -67,7 +67,13 @@ class TransformerBlock(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         x = x.astype(self.dtype)  # the residual stream, like every layer, computes in dtype
-        norm = dict(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
+        # use_fast_variance=False: the two-pass variance, as torch computes it.
+        norm = dict(
+            epsilon=1e-5,
+            use_fast_variance=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
         attn, new_cache = MultiHeadAttention(
             self.d_model, self.n_heads, self.dropout, self.causal, self.dtype, self.param_dtype,
             name="attention",

@@ -13,8 +13,9 @@ class KVCache:
 
     The layout is torch_block's, so a cache converts between frameworks without a transpose.
     Writing T tokens at position p fills slots [p, p+T) and returns a new cache at p+T; the old
-    one is never mutated. A write past max_seq_len drops the tokens that do not fit and leaves
-    `position > max_seq_len`, which `overflowed` reports (see `write`).
+    one is never mutated. A write that does not fit raises ValueError where the position is
+    concrete; at a traced position it keeps only the slots inside [0, max_seq_len) and leaves a
+    cache whose `overflowed` is True (see `write`).
     """
 
     k_cache: jax.Array  # (B, H, S, D)
@@ -64,8 +65,12 @@ class KVCache:
 
     @property
     def overflowed(self) -> jax.Array:
-        """True once a write went past max_seq_len (its tokens were dropped, not wrapped)."""
-        return self.position > self.max_seq_len
+        """True once a write fell outside [0, max_seq_len) (its tokens were dropped, not wrapped).
+
+        A write past the end leaves position > max_seq_len; one at a negative position leaves
+        the position negative. Either sticks: later writes at the cache's position drop too.
+        """
+        return (self.position < 0) | (self.position > self.max_seq_len)
 
     def check_write(self, batch_size: int, n_heads: int, head_dim: int, start, length: int):
         """Raise ValueError unless writing `length` tokens at `start` fits, where start is known."""
@@ -83,6 +88,8 @@ class KVCache:
                 f"writing {length} tokens needs {length} slots; "
                 f"the cache has max_seq_len={self.max_seq_len}"
             )
+        if isinstance(start, bool) or not jnp.issubdtype(jnp.result_type(start), jnp.integer):
+            raise TypeError(f"cache_position must be an integer, got {start!r}")
         if isinstance(start, jax.core.Tracer):
             return
         start = int(start)
@@ -94,14 +101,24 @@ class KVCache:
                 f"the cache has max_seq_len={self.max_seq_len}"
             )
 
-    def write(self, k: jax.Array, v: jax.Array, start: jax.Array) -> KVCache:
+    def write(self, k: jax.Array, v: jax.Array, start: jax.Array | int) -> KVCache:
         """A new cache with k, v (B, H, T, D) written at slots [start, start+T).
 
-        Slots outside [0, max_seq_len) are dropped, never wrapped or clamped onto earlier slots.
+        A concrete `start` that does not fit raises ValueError. A traced one past the end writes
+        only the slots before max_seq_len, and a negative one writes nothing: nothing is ever
+        wrapped or clamped onto other slots. The new position is start+T, or start itself when
+        start < 0, so `overflowed` reports both.
         """
-        B, _, T, _ = k.shape
-        slots = start + jnp.arange(T)  # (T,)
+        if k.ndim != 4 or k.shape != v.shape:
+            raise ValueError(
+                f"k and v must both be (B, H, T, D); got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        B, H, T, D = k.shape
+        self.check_write(B, H, D, start, T)
+        start = jnp.asarray(start, jnp.int32)
+        slots = jnp.where(start < 0, self.max_seq_len, start + jnp.arange(T))  # (T,)
         write = dict(mode="drop", wrap_negative_indices=False, indices_are_sorted=True)
         k_cache = self.k_cache.at[:B, :, slots].set(k.astype(self.k_cache.dtype), **write)
         v_cache = self.v_cache.at[:B, :, slots].set(v.astype(self.v_cache.dtype), **write)
-        return KVCache(k_cache, v_cache, jnp.asarray(start + T, jnp.int32))
+        position = jnp.where(start < 0, start, start + T)  # () int32
+        return KVCache(k_cache, v_cache, position)

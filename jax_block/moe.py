@@ -139,7 +139,7 @@ class MixtureOfExperts(nn.Module):
             raise ValueError(f"dispatch must be auto, buffers or grouped, got {self.dispatch!r}")
         B, T, d_model = x.shape
         N, k, E = B * T, self.top_k, self.num_experts
-        tokens = x.reshape(N, d_model)  # (N, d_model)
+        tokens = jnp.asarray(x).reshape(N, d_model)  # (N, d_model); NumPy input too
         logits = nn.Dense(
             E, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype, name="gate"
         )(tokens.astype(jnp.float32))  # (N, E)
@@ -157,9 +157,13 @@ class MixtureOfExperts(nn.Module):
             split_rngs={"params": True, "dropout": True},
             axis_size=E,
         )(d_model, self.d_ff, self.dropout, self.dtype, self.param_dtype, name="experts")
-        use_buffers = self.dispatch == "buffers" or (self.dispatch == "auto" and factor is not None)
+        use_buffers = (
+            self.dispatch == "buffers"
+            or (self.dispatch == "auto" and factor is not None)
+            or self.is_initializing()  # the vmapped call creates the stacked parameters
+        )
         kept = routing.rank < capacity  # (k*N,)
-        if use_buffers or self.is_initializing():
+        if use_buffers:
             dest = jnp.where(kept, routing.expert * capacity + routing.rank, E * capacity)
             buffers = jnp.zeros((E * capacity, d_model), self.dtype)
             buffers = buffers.at[dest].set(
@@ -169,8 +173,8 @@ class MixtureOfExperts(nn.Module):
             assigned = expert_out.reshape(E * capacity, d_model).at[dest].get(
                 mode="fill", fill_value=0
             )  # (k*N, d_model); dropped assignments give zeros
-        if not use_buffers:
-            dropout_rng = None if deterministic else self.make_rng("dropout")
+        else:
+            dropout_rng = None if deterministic or not self.dropout else self.make_rng("dropout")
             assigned = grouped_experts(
                 experts.variables["params"],
                 tokens,

@@ -16,9 +16,7 @@ from flax import linen as nn
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 import jax_block
-import jax_block.lm
 import torch_block
-import torch_block.lm
 
 from .mapping import Row, block_table, lm_table
 
@@ -47,8 +45,8 @@ PAIRS: dict[str, Pair] = {
         lambda config: jnp.zeros((1, 1, config["d_model"])),
     ),
     "TransformerLM": Pair(
-        torch_block.lm.TransformerLM,
-        jax_block.lm.TransformerLM,
+        torch_block.TransformerLM,
+        jax_block.TransformerLM,
         lm_table,
         lambda config: {
             f"blocks.{i}.feed_forward.expert_counts": (config["num_experts"],)

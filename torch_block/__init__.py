@@ -4,6 +4,18 @@ from .attention import MultiHeadAttention
 from .block import TransformerBlock
 from .cache import KVCache
 from .feed_forward import FeedForward
+from .generate import generate
+from .lm import TransformerLM
 from .moe import MixtureOfExperts
+from .sampling import sample_next_token
 
-__all__ = ["FeedForward", "KVCache", "MixtureOfExperts", "MultiHeadAttention", "TransformerBlock"]
+__all__ = [
+    "FeedForward",
+    "KVCache",
+    "MixtureOfExperts",
+    "MultiHeadAttention",
+    "TransformerBlock",
+    "TransformerLM",
+    "generate",
+    "sample_next_token",
+]

@@ -1,0 +1,289 @@
+"""The parity report: every built-in case passes, the comparisons' numbers, routing agreement
+with near ties, capacity drops against a hand count, assert_parity on a broken conversion."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import torch_block
+from parity import from_torch, report
+
+CASE_KEYS = [
+    (entry.name, config, dtype)
+    for entry in report.CASES
+    for config in entry.configs
+    for dtype in entry.dtypes
+]
+
+
+@pytest.fixture(scope="module")
+def case_rows() -> dict[tuple[str, str, str], list[report.Row]]:
+    """Rows of every built-in case, run once (seed 0)."""
+    rows = {}
+    with report.one_torch_thread():
+        for entry in report.CASES:
+            for config in entry.configs:
+                for dtype in entry.dtypes:
+                    setup = report.Setup(config, dtype, seed=0)
+                    rows[(entry.name, config, dtype)] = report.run_case(entry, setup)
+    return rows
+
+
+# --------------------------------------------------------------------------- built-in cases
+@pytest.mark.parametrize("key", CASE_KEYS, ids=["-".join(k) for k in CASE_KEYS])
+def test_builtin_case_passes_on_a_correct_conversion(case_rows, key):
+    rows = case_rows[key]
+    assert rows, key
+    assert all(row.passed for row in rows), report.render_table(rows)
+    for row in rows:
+        assert (row.config, row.dtype) == key[1:]
+        assert row.tolerance == report.TOLERANCES[row.dtype]
+        assert math.isfinite(row.max_abs_error) and math.isfinite(row.max_rel_error)
+
+
+def test_the_registry_covers_every_case_of_the_issue():
+    names = {entry.name for entry in report.CASES}
+    assert {
+        "forward causal",
+        "forward bidirectional",
+        "forward masked",
+        "cached decode",
+        "train, dropout 0",
+        "aux loss",
+        "z-loss",
+    } <= names
+    dtypes = {dtype for entry in report.CASES for dtype in entry.dtypes}
+    assert dtypes == {"float32", "bfloat16"}
+
+
+def test_moe_forward_rows_report_routing_over_every_token(case_rows):
+    tokens = report.BATCH * report.SEQ_LEN
+    for name in ("forward causal", "forward bidirectional", "forward masked"):
+        (row,) = case_rows[(name, "moe", "float32")]
+        assert row.routing.tokens == tokens and row.routing.disagree == 0
+        assert row.routing.agree == tokens  # float32: no choice differs at seed 0
+    (row,) = case_rows[("forward causal", "dense", "float32")]
+    assert row.routing is None
+
+
+def test_cached_decode_compares_the_prefill_and_every_step(case_rows):
+    prefill, decode = case_rows[("cached decode", "moe", "float32")]
+    assert (prefill.case, decode.case) == ("cached prefill", "cached decode")
+    steps = decode.details["step_max_abs_error"]
+    assert len(steps) == report.SEQ_LEN - report.PREFILL_LEN
+    assert max(steps) == decode.max_abs_error
+
+
+def test_train_case_drops_as_many_assignments_as_a_hand_count(case_rows):
+    """Count drops with a plain loop: per expert, assignments beyond capacity C are dropped."""
+    setup = report.Setup("moe", "float32", seed=0)
+    block, _, _ = setup.build(expert_capacity_factor=report.TRAIN_CAPACITY_FACTOR)
+    captured = []
+    block.norm2.register_forward_hook(lambda module, args, out: captured.append(out))
+    with torch.no_grad():
+        block(setup.input())
+    tokens = captured[0].reshape(-1, block.d_model).double()  # (N, d_model)
+    gate = block.feed_forward.gate.weight.double()  # (E, d_model)
+    E, k, N = gate.shape[0], block.feed_forward.top_k, tokens.shape[0]
+    capacity = max(1, math.ceil(report.TRAIN_CAPACITY_FACTOR * N * k / E))
+    load = [0] * E
+    for n in range(N):
+        probs = torch.softmax(tokens[n] @ gate.T, dim=-1).tolist()
+        for e in sorted(range(E), key=lambda e: (-probs[e], e))[:k]:
+            load[e] += 1
+    dropped = sum(max(0, count - capacity) for count in load)
+
+    (row,) = case_rows[("train, dropout 0", "moe", "float32")]
+    assert dropped > 0
+    assert row.details["dropped_torch"] == row.details["dropped_jax"] == dropped
+    assert row.details["assignments"] == N * k
+
+
+# --------------------------------------------------------------------------- comparisons
+def test_compare_reports_max_abs_and_relative_error():
+    expected = np.linspace(-2.0, 4.0, 24).reshape(2, 3, 4)
+    actual = expected.copy()
+    actual[1, 2, 3] += 3e-6
+    actual[0, 0, 0] -= 1e-6
+    row = report.compare("c", "dense", "float32", expected, actual)
+    assert row.max_abs_error == pytest.approx(3e-6, rel=1e-6)
+    assert row.max_rel_error == pytest.approx(3e-6 / 4.0, rel=1e-6)
+    assert row.passed
+    actual[0, 1, 2] += 2e-5
+    assert not report.compare("c", "dense", "float32", expected, actual).passed
+
+
+def test_compare_fails_nan_and_mismatched_shapes():
+    expected = np.ones((2, 3))
+    actual = expected.copy()
+    actual[0, 0] = np.nan
+    assert not report.compare("c", "dense", "float32", expected, actual).passed
+    assert not report.compare("c", "dense", "float32", expected, expected.copy()[:, :2]).passed
+    both_nan = report.compare("c", "dense", "float32", actual, actual.copy())
+    assert not both_nan.passed  # NaN is never parity, even in both frameworks
+
+
+def test_bfloat16_tolerance_is_relative_to_the_output_scale():
+    expected = np.full((4, 4), 10.0)
+    actual = expected + 0.15  # 1.5e-2 relative: inside 2e-2 although 0.15 absolute
+    row = report.compare("c", "moe", "bfloat16", expected, actual)
+    assert row.max_rel_error == pytest.approx(0.015) and row.passed
+    assert not report.compare("c", "moe", "bfloat16", expected, expected + 0.25).passed
+
+
+def test_compare_leaves_out_only_the_excluded_tokens():
+    expected = np.zeros((1, 3, 2))
+    actual = expected.copy()
+    actual[0, 1] = 5.0  # token 1 routed apart by a near tie
+    actual[0, 2] = 1e-6
+    row = report.compare(
+        "c", "moe", "float32", expected, actual, excluded=np.array([False, True, False])
+    )
+    assert row.max_abs_error == pytest.approx(1e-6) and row.passed
+    assert row.details["excluded_tokens"] == 1
+
+
+# --------------------------------------------------------------------------- routing
+def test_routing_agreement_counts_near_ties_separately_from_disagreements():
+    tie = 0.25 - 3e-6  # within 1e-5 of 0.25
+    probs_a = np.array(
+        [
+            [0.4, 0.3, 0.2, 0.1],  # same choices (0, 1)
+            [0.4, 0.3, 0.2, 0.1],  # second choice differs with a gap of 0.1: a disagreement
+            [0.4, 0.25, tie, 0.1],  # 2nd and 3rd a near tie, choices differ: excused
+            [0.4, 0.25, tie, 0.1],  # near tie, same choices
+            [0.1, 0.2, 0.3, 0.4],  # same choices (3, 2)
+        ]
+    )
+    probs_b = probs_a.copy()
+    probs_b[1] = [0.4, 0.2, 0.3, 0.1]
+    probs_b[2] = [0.4, tie, 0.25, 0.1]
+    agreement, routed_apart = report.routing_agreement(probs_a, probs_b, top_k=2)
+    assert agreement == report.Agreement(tokens=5, agree=3, near_ties=2, disagree=1)
+    assert routed_apart.tolist() == [False, False, True, False, False]
+    assert str(agreement) == "3/5 (2 near ties)"
+
+
+def test_an_exact_tie_goes_to_the_lower_expert_in_the_comparison():
+    probs = np.array([[0.2, 0.3, 0.3, 0.2]])
+    agreement, _ = report.routing_agreement(probs, probs[:, [0, 2, 1, 3]], top_k=1)
+    assert agreement == report.Agreement(tokens=1, agree=1, near_ties=1, disagree=0)
+
+
+def near_tie_block() -> torch_block.TransformerBlock:
+    """A MoE block whose router sees norm2(h) = z * e0 + e1, with logits (2z, 0, 0, -10).
+
+    Experts 1 and 2 always tie exactly. With top_k=1 a token with z < 0 has them as its two
+    best (a near tie between 1st and 2nd); a token with z > 0 picks expert 0 clearly.
+    """
+    torch.manual_seed(0)
+    block = torch_block.TransformerBlock(
+        16, 2, 32, dropout=0.0, use_moe=True, num_experts=4, top_k_experts=1
+    ).eval()
+    with torch.no_grad():
+        block.norm2.weight.zero_()
+        block.norm2.weight[0] = 1.0
+        block.norm2.bias.zero_()
+        block.norm2.bias[1] = 1.0
+        gate = block.feed_forward.gate.weight  # (E, d_model)
+        gate.zero_()
+        gate[0, 0] = 2.0
+        gate[3, 1] = -10.0
+    return block
+
+
+def test_assert_parity_counts_near_ties_of_a_hand_built_gate():
+    block = near_tie_block()
+    flax_module, params = from_torch(block)
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
+    captured = []
+    block.norm2.register_forward_hook(lambda module, args, out: captured.append(out))
+    rows = report.assert_parity(block, flax_module, params, x)
+    z = captured[0].reshape(-1, 16)[:, 0]  # (N,) the router's only varying input
+    assert z.abs().min() > 1e-3  # no accidental tie between expert 0 and the others
+    expected_ties = int((z < 0).sum())
+    assert 0 < expected_ties < len(z)
+    output = rows[0]
+    assert output.case == "output"
+    assert output.routing == report.Agreement(len(z), len(z), expected_ties, 0)
+    assert output.passed
+
+
+# --------------------------------------------------------------------------- assert_parity
+@pytest.mark.parametrize("use_moe", [False, True])
+def test_assert_parity_passes_then_raises_with_the_table_on_a_broken_conversion(use_moe):
+    torch.manual_seed(0)
+    block = torch_block.TransformerBlock(
+        16, 2, 32, dropout=0.0, use_moe=use_moe, num_experts=4, top_k_experts=2
+    ).eval()
+    flax_module, params = from_torch(block)
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
+    rows = report.assert_parity(block, flax_module, params, x, return_aux_loss=True)
+    assert [row.case for row in rows] == (["output", "aux loss"] if use_moe else ["output"])
+
+    kernel = params["attention"]["q_proj"]["kernel"]
+    broken = {**params, "attention": {**params["attention"]}}
+    broken["attention"]["q_proj"] = {**params["attention"]["q_proj"]}
+    broken["attention"]["q_proj"]["kernel"] = kernel.at[3, 5].add(1e-3)
+    with pytest.raises(AssertionError) as info:
+        report.assert_parity(block, flax_module, broken, x, return_aux_loss=True)
+    message = str(info.value)
+    assert "max abs err" in message and "tolerance" in message
+    output_line = next(line for line in message.splitlines() if line.startswith("output"))
+    assert "FAIL" in output_line
+    assert "abs 1e-05" in output_line
+
+
+def test_assert_parity_takes_numpy_inputs_and_a_mask():
+    torch.manual_seed(0)
+    block = torch_block.TransformerBlock(16, 2, 32, dropout=0.0).eval()
+    flax_module, params = from_torch(block)
+    x = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)
+    mask = np.tril(np.ones((5, 5), bool))[None, None] & np.array([True, False])[:, None, None, None]
+    (row,) = report.assert_parity(block, flax_module, params, x, mask=mask)
+    assert row.passed and row.max_abs_error <= 1e-5
+
+
+# --------------------------------------------------------------------------- rendering
+def test_table_columns_line_up_and_summary_counts(case_rows):
+    rows = [row for key in CASE_KEYS for row in case_rows[key]]
+    table = report.render_table(rows).splitlines()
+    assert len(table) == len(rows) + 2
+    result_at = table[0].index("result")
+    assert all(line[result_at : result_at + 4] in ("PASS", "FAIL", "----") for line in table[1:])
+    assert report.summary(rows) == f"{len(rows)}/{len(rows)} PASS"
+    failing = [rows[0], report.Row("x", "dense", "float32", 1.0, 1.0, rows[0].tolerance, False)]
+    assert report.summary(failing) == "1/2 PASS; FAIL: x (dense, float32)"
+
+
+def test_json_carries_every_row_with_its_fields(case_rows):
+    rows = case_rows[("train, dropout 0", "moe", "float32")]
+    document = json.loads(report.render_json(rows, report.environment(), seed=0))
+    assert document["total"] == document["passed"] == 1 and document["all_passed"]
+    (row,) = document["rows"]
+    assert row["case"] == "train, dropout 0" and row["result"] == "PASS"
+    assert row["tolerance"] == {"kind": "abs", "value": 1e-5}
+    assert set(row["routing"]) == {"tokens", "agree", "near_ties", "disagree"}
+    assert row["details"]["dropped_torch"] == row["details"]["dropped_jax"]
+    assert {"torch", "jax", "flax", "jax_device"} <= set(document["environment"])
+
+
+def test_a_case_that_raises_gives_a_failing_row():
+    def broken(setup):
+        raise RuntimeError("boom")
+
+    entry = report.Case("broken", broken, ("dense",), ("float32",))
+    (row,) = report.run_case(entry, report.Setup("dense", "float32", 0))
+    assert not row.passed and "RuntimeError: boom" in row.note
+
+
+def test_run_cases_refuses_an_unknown_config_or_dtype():
+    with pytest.raises(ValueError, match="config must be one of dense, moe or all, got 'big'"):
+        report.run_cases(config="big")
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16 or all"):
+        report.run_cases(dtype="float16")

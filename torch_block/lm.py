@@ -1,0 +1,226 @@
+"""A decoder-only language model in the layout of GPT-2, built on TransformerBlock."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .block import TransformerBlock
+from .cache import KVCache
+from .generate import generate, is_integer_dtype
+
+
+def check_lm_config(vocab_size: int, max_seq_len: int, n_layers: int) -> None:
+    """Raise ValueError unless the vocabulary, context length and depth are positive ints."""
+    for name, value in (
+        ("vocab_size", vocab_size),
+        ("max_seq_len", max_seq_len),
+        ("n_layers", n_layers),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"TransformerLM: {name} must be a positive int, got {value!r}")
+
+
+def position_ids(attention_mask: torch.Tensor | None, start: int, length: int) -> torch.Tensor:
+    """Positions of the `length` tokens written at slot `start`: (B, length), or (1, length).
+
+    With a mask (B, start + length) over every key slot, a token's position is the number of
+    real tokens before it, so a left-padded row starts at 0; pad slots get position 0.
+    """
+    if attention_mask is None:
+        return start + torch.arange(length)[None, :]  # (1, T)
+    real_so_far = torch.cumsum(attention_mask.long(), dim=-1)  # (B, S)
+    return (real_so_far - 1).clamp(min=0)[:, start : start + length]  # (B, T)
+
+
+class TransformerLM(nn.Module):
+    """Token + position embedding -> dropout -> blocks -> LayerNorm -> LM head (GPT-2 layout).
+
+    With `tie_embeddings` the head is the token embedding matrix, and the state_dict has no
+    `lm_head.weight`.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        max_seq_len: int,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        d_ff: int,
+        dropout: float = 0.1,
+        use_moe: bool = False,
+        num_experts: int = 8,
+        top_k_experts: int = 2,
+        expert_capacity_factor: float | None = 1.25,
+        tie_embeddings: bool = True,
+        *,
+        router_z_loss_coef: float = 0.0,
+    ):
+        super().__init__()
+        check_lm_config(vocab_size, max_seq_len, n_layers)
+        self.config = dict(
+            vocab_size=vocab_size,
+            max_seq_len=max_seq_len,
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            d_ff=d_ff,
+            dropout=dropout,
+            use_moe=use_moe,
+            num_experts=num_experts,
+            top_k_experts=top_k_experts,
+            expert_capacity_factor=expert_capacity_factor,
+            tie_embeddings=tie_embeddings,
+            router_z_loss_coef=router_z_loss_coef,
+        )
+        self.vocab_size = vocab_size
+        self.max_seq_len = max_seq_len
+        self.tie_embeddings = tie_embeddings
+        self.token_embedding = nn.Embedding(vocab_size, d_model)
+        self.position_embedding = nn.Embedding(max_seq_len, d_model)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            [
+                TransformerBlock(
+                    d_model,
+                    n_heads,
+                    d_ff,
+                    dropout,
+                    use_moe,
+                    num_experts,
+                    top_k_experts,
+                    expert_capacity_factor=expert_capacity_factor,
+                    router_z_loss_coef=router_z_loss_coef,
+                )
+                for _ in range(n_layers)
+            ]
+        )
+        self.norm = nn.LayerNorm(d_model, eps=1e-5)
+        self.lm_head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
+
+    def create_kv_cache(
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> list[KVCache]:
+        """One empty cache per block, each with `max_seq_len` slots."""
+        return [
+            block.create_kv_cache(max_batch_size, max_seq_len, dtype, device)
+            for block in self.blocks
+        ]
+
+    def check_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        kv_cache: list[KVCache] | None,
+    ) -> None:
+        """Raise ValueError unless input_ids (B, T) are token ids and the mask covers every key.
+
+        A position >= max_seq_len (possible only with a cache longer than max_seq_len) makes
+        the position embedding raise IndexError.
+        """
+        if not isinstance(input_ids, torch.Tensor) or not is_integer_dtype(input_ids.dtype):
+            raise ValueError(f"input_ids must be an integer tensor, got {_describe(input_ids)}")
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(
+                f"input_ids must be (batch >= 1, seq_len >= 1), got shape {tuple(input_ids.shape)}"
+            )
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(
+                f"token ids must be in [0, vocab_size={self.vocab_size}), got values in "
+                f"[{low}, {high}]"
+            )
+        B, T = input_ids.shape
+        if kv_cache is None and T > self.max_seq_len:
+            raise ValueError(f"seq_len {T} exceeds max_seq_len={self.max_seq_len}")
+        if kv_cache is not None and len(kv_cache) != len(self.blocks):
+            raise ValueError(f"kv_cache must hold {len(self.blocks)} caches, got {len(kv_cache)}")
+        S = T if kv_cache is None else kv_cache[0].cache_position + T
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
+            raise ValueError(
+                f"attention_mask must be (batch, key slots) = {(B, S)}, "
+                f"got {tuple(attention_mask.shape)}"
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        return_aux_loss: bool = False,
+        kv_cache: list[KVCache] | None = None,
+    ) -> torch.Tensor | tuple:
+        """input_ids (B, T) -> logits (B, T, vocab_size), then aux if asked, then the cache.
+
+        `attention_mask` (B, S) marks real tokens with 1 over every key slot: S = T without a
+        cache, S = cache position + T with one. Pad keys are never attended and positions count
+        real tokens only. With `kv_cache` (one KVCache per block, updated in place) the tokens
+        are written at the caches' position and the same list is returned last. aux is the sum
+        of the blocks' MoE losses (0 for dense blocks).
+        """
+        self.check_inputs(input_ids, attention_mask, kv_cache)
+        start = 0 if kv_cache is None else kv_cache[0].cache_position
+        T = input_ids.shape[1]
+        positions = position_ids(attention_mask, start, T).to(input_ids.device)  # (B|1, T)
+        x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, T, d)
+        x = self.dropout(x)
+        key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
+        aux = torch.zeros((), device=x.device)
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if kv_cache is None else kv_cache[i]
+            x, _, block_aux = block(
+                x, key_mask, layer_cache, layer_cache is not None, return_aux_loss=return_aux_loss
+            )
+            if block_aux is not None:
+                aux = aux + block_aux
+        x = self.norm(x)  # (B, T, d_model)
+        head = self.token_embedding.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(x, head)  # (B, T, vocab_size)
+        outputs = [logits]
+        if return_aux_loss:
+            outputs.append(aux)
+        if kv_cache is not None:
+            outputs.append(kv_cache)
+        return logits if len(outputs) == 1 else tuple(outputs)
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int = 0,
+        generator: torch.Generator | None = None,
+        return_num_steps: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, int]:
+        """The new tokens (B, max_new_tokens) after left-padded prompts; see `generate.generate`."""
+        return generate(
+            self,
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            generator=generator,
+            return_num_steps=return_num_steps,
+        )
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return type(value).__name__
