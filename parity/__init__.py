@@ -3,8 +3,10 @@
 from .checkpoint import convert_file, load, save
 from .convert import flax_to_torch, from_torch, to_torch, torch_to_flax
 from .mapping import markdown_table
+from .run import assert_parity
 
 __all__ = [
+    "assert_parity",
     "convert_file",
     "flax_to_torch",
     "from_torch",

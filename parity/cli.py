@@ -15,8 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import report
+from .cases import BATCH, CONFIGS, SEQ_LEN
+from .compare import DTYPES, NEAR_TIES
 from .convert import PAIRS
 from .generate_cli import add_generate_command
+from .lm_cases import LM_CONFIGS, NEW_TOKENS, PROMPT_LENGTHS
+from .render import environment, render_json, render_report
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -40,8 +44,8 @@ def add_check_command(subparsers: argparse._SubParsersAction) -> None:
             "Run the built-in parity cases in torch and JAX on the same weights and input, "
             "and print one row per comparison (JAX against torch). Routing agreement counts "
             "tokens whose top-k experts agree; near ties (adjacent top-(k+1) probabilities "
-            f"within {report.NEAR_TIES['float32']:g} in float32, "
-            f"{report.NEAR_TIES['bfloat16']:g} in bfloat16) are counted, not failed, and a "
+            f"within {NEAR_TIES['float32']:g} in float32, "
+            f"{NEAR_TIES['bfloat16']:g} in bfloat16) are counted, not failed, and a "
             "token they route apart is left out of the output error. Exit 1 when any row fails.",
             width=90,
         ),
@@ -54,17 +58,21 @@ def add_check_command(subparsers: argparse._SubParsersAction) -> None:
 def case_list() -> str:
     """The registered cases and configurations, for --help."""
     lines = ["cases:"]
-    for entry in report.CASES:
+    for entry in report.all_cases():
         covers = f"{', '.join(entry.configs)}; {', '.join(entry.dtypes)}"
         doc = (entry.run.__doc__ or "").strip().splitlines()
         lines.append(f"  {entry.name:22} {doc[0] if doc else ''}".rstrip())
         lines.append(f"  {'':22} ({covers})")
     lines.append("configurations:")
-    for name, config in report.CONFIGS.items():
-        arguments = ", ".join(f"{k}={v}" for k, v in config.items())
-        lines.append(f"  {name:8} TransformerBlock({arguments})")
-    batch = f"batch {report.BATCH}, sequence {report.SEQ_LEN}"
-    lines.append(f"inputs: {batch}, unit normal, seeded by --seed")
+    for name in CONFIGS:
+        for module, config in (("TransformerBlock", CONFIGS), ("TransformerLM", LM_CONFIGS)):
+            arguments = ", ".join(f"{k}={v}" for k, v in config[name].items())
+            lines.append(f"  {name:8} {module}({arguments})")
+    lengths = ", ".join(map(str, PROMPT_LENGTHS))
+    lines.append(
+        f"inputs: block: batch {BATCH}, sequence {SEQ_LEN}, unit normal; LM: left-padded prompts "
+        f"of {lengths} tokens, {NEW_TOKENS} new tokens; seeded by --seed"
+    )
     return "\n".join(lines)
 
 
@@ -77,13 +85,13 @@ def add_check_options(parser: argparse.ArgumentParser, default: object = None) -
 
     parser.add_argument(
         "--config",
-        choices=(*report.CONFIGS, "all"),
+        choices=(*CONFIGS, "all"),
         default=given("all"),
-        help="block configuration to check (default: all)",
+        help="configuration (block and language model) to check (default: all)",
     )
     parser.add_argument(
         "--dtype",
-        choices=(*report.DTYPES, "all"),
+        choices=(*DTYPES, "all"),
         default=given("all"),
         help="dtype of weights and inputs (default: all)",
     )
@@ -103,11 +111,11 @@ def run_check(args: argparse.Namespace) -> int:
     """Run the selected cases, print the report, return 0 if all pass and 1 otherwise."""
     start = time.perf_counter()
     rows = report.run_cases(args.config, args.dtype, args.seed)
-    env = report.environment()
+    env = environment()
     if args.json:
-        print(report.render_json(rows, env, args.seed))
+        print(render_json(rows, env, args.seed))
     else:
-        print(report.render_report(rows, env, args.seed))
+        print(render_report(rows, env, args.seed))
         print(f"({time.perf_counter() - start:.1f} s)")
     return EXIT_OK if rows and all(row.passed for row in rows) else EXIT_FAILED
 

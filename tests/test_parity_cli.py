@@ -14,6 +14,9 @@ from flax.traverse_util import flatten_dict
 
 import torch_block
 from parity import checkpoint, cli, from_torch, report
+from parity.cases import Case, Setup
+from parity.compare import TOLERANCES, Row
+from parity.run import run_both
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_FIELDS = {
@@ -57,6 +60,7 @@ def test_check_dense_json_exits_0_and_parses():
     assert {row["dtype"] for row in rows} == {"float32", "bfloat16"}
     cases = {row["case"] for row in rows}
     assert {"forward causal", "forward masked", "cached prefill", "cached decode"} <= cases
+    assert {"lm forward", "lm cached prefill", "lm cached decode", "lm greedy generation"} <= cases
     assert {"torch", "jax", "flax", "jax_device"} <= set(document["environment"])
 
 
@@ -77,7 +81,10 @@ def test_bad_argument_exits_2_with_a_message():
 @pytest.mark.parametrize(
     "command,words",
     [
-        (["check", "--help"], ["--config", "--dtype", "--seed", "--json", "near ties"]),
+        (
+            ["check", "--help"],
+            ["--config", "--dtype", "--seed", "--json", "near ties", "lm greedy generation"],
+        ),
         (["convert", "--help"], ["IN", "OUT", "--to", "--config", "--module"]),
     ],
 )
@@ -108,18 +115,18 @@ def test_bad_arguments_exit_2(capsys, argv):
     assert "error:" in capsys.readouterr().err
 
 
-def broken_conversion(setup: report.Setup) -> list[report.Row]:
+def broken_conversion(setup: Setup) -> list[Row]:
     """A real comparison whose JAX weights are off by 1e-3 in one place."""
     block, flax_module, params = setup.build()
     params["feed_forward"]["fc1"]["bias"] = params["feed_forward"]["fc1"]["bias"].at[0].add(1e-3)
-    run = report.run_both(block, flax_module, params, setup.input())
+    run = run_both(block, flax_module, params, setup.input())
     return [setup.compare_output("broken conversion", run)]
 
 
 @pytest.mark.parametrize("json_output", [False, True])
 def test_a_failing_case_exits_1(monkeypatch, capsys, json_output):
-    entry = report.Case("broken conversion", broken_conversion, ("dense",), ("float32",))
-    monkeypatch.setattr(report, "CASES", [entry])
+    entry = Case("broken conversion", broken_conversion, ("dense",), ("float32",))
+    monkeypatch.setattr(report, "all_cases", lambda: [entry])
     argv = ["check", "--config", "dense"] + (["--json"] if json_output else [])
     assert cli.main(argv) == 1
     out = capsys.readouterr().out
@@ -135,11 +142,11 @@ def test_a_failing_case_exits_1(monkeypatch, capsys, json_output):
 
 def test_no_command_checks_everything_and_exits_0_when_all_pass(monkeypatch, capsys):
     calls = []
-    tolerance = report.TOLERANCES["float32"]
+    tolerance = TOLERANCES["float32"]
 
     def fake_run_cases(config, dtype, seed):
         calls.append((config, dtype, seed))
-        return [report.Row("c", "dense", "float32", 0.0, 0.0, tolerance, True)]
+        return [Row("c", "dense", "float32", 0.0, 0.0, tolerance, True)]
 
     monkeypatch.setattr(report, "run_cases", fake_run_cases)
     assert cli.main([]) == 0

@@ -1,35 +1,51 @@
 """The parity report: every built-in case passes, the comparisons' numbers, routing agreement
-with near ties, capacity drops against a hand count, assert_parity on a broken conversion."""
+with near ties, capacity drops against a hand count, assert_parity on a broken conversion, the
+language model's cases failing on perturbed weights, full precision during the cases."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
+import jax
 import numpy as np
 import pytest
 import torch
 
 import torch_block
-from parity import from_torch, report
+from parity import from_torch, lm_cases, report
+from parity.cases import BATCH, PREFILL_LEN, SEQ_LEN, TRAIN_CAPACITY_FACTOR, Case, Setup
+from parity.compare import (
+    IDENTICAL,
+    TOLERANCES,
+    Agreement,
+    Row,
+    compare,
+    compare_tokens,
+    routing_agreement,
+)
+from parity.precision import full_precision
+from parity.render import environment, render_json, render_table, summary
+from parity.run import assert_parity
 
 CASE_KEYS = [
     (entry.name, config, dtype)
-    for entry in report.CASES
+    for entry in report.all_cases()
     for config in entry.configs
     for dtype in entry.dtypes
 ]
 
 
 @pytest.fixture(scope="module")
-def case_rows() -> dict[tuple[str, str, str], list[report.Row]]:
+def case_rows() -> dict[tuple[str, str, str], list[Row]]:
     """Rows of every built-in case, run once (seed 0)."""
     rows = {}
     with report.one_torch_thread():
-        for entry in report.CASES:
+        for entry in report.all_cases():
             for config in entry.configs:
                 for dtype in entry.dtypes:
-                    setup = report.Setup(config, dtype, seed=0)
+                    setup = Setup(config, dtype, seed=0)
                     rows[(entry.name, config, dtype)] = report.run_case(entry, setup)
     return rows
 
@@ -39,15 +55,16 @@ def case_rows() -> dict[tuple[str, str, str], list[report.Row]]:
 def test_builtin_case_passes_on_a_correct_conversion(case_rows, key):
     rows = case_rows[key]
     assert rows, key
-    assert all(row.passed for row in rows), report.render_table(rows)
+    assert all(row.passed for row in rows), render_table(rows)
     for row in rows:
         assert (row.config, row.dtype) == key[1:]
-        assert row.tolerance == report.TOLERANCES[row.dtype]
+        want = IDENTICAL if row.case == "lm greedy generation" else TOLERANCES[row.dtype]
+        assert row.tolerance == want
         assert math.isfinite(row.max_abs_error) and math.isfinite(row.max_rel_error)
 
 
 def test_the_registry_covers_every_case_of_the_issue():
-    names = {entry.name for entry in report.CASES}
+    names = {entry.name for entry in report.all_cases()}
     assert {
         "forward causal",
         "forward bidirectional",
@@ -56,13 +73,16 @@ def test_the_registry_covers_every_case_of_the_issue():
         "train, dropout 0",
         "aux loss",
         "z-loss",
+        "lm forward",
+        "lm cached decode",
+        "lm greedy generation",
     } <= names
-    dtypes = {dtype for entry in report.CASES for dtype in entry.dtypes}
+    dtypes = {dtype for entry in report.all_cases() for dtype in entry.dtypes}
     assert dtypes == {"float32", "bfloat16"}
 
 
 def test_moe_forward_rows_report_routing_over_every_token(case_rows):
-    tokens = report.BATCH * report.SEQ_LEN
+    tokens = BATCH * SEQ_LEN
     for name in ("forward causal", "forward bidirectional", "forward masked"):
         (row,) = case_rows[(name, "moe", "float32")]
         assert row.routing.tokens == tokens and row.routing.disagree == 0
@@ -75,14 +95,14 @@ def test_cached_decode_compares_the_prefill_and_every_step(case_rows):
     prefill, decode = case_rows[("cached decode", "moe", "float32")]
     assert (prefill.case, decode.case) == ("cached prefill", "cached decode")
     steps = decode.details["step_max_abs_error"]
-    assert len(steps) == report.SEQ_LEN - report.PREFILL_LEN
+    assert len(steps) == SEQ_LEN - PREFILL_LEN
     assert max(steps) == decode.max_abs_error
 
 
 def test_train_case_drops_as_many_assignments_as_a_hand_count(case_rows):
     """Count drops with a plain loop: per expert, assignments beyond capacity C are dropped."""
-    setup = report.Setup("moe", "float32", seed=0)
-    block, _, _ = setup.build(expert_capacity_factor=report.TRAIN_CAPACITY_FACTOR)
+    setup = Setup("moe", "float32", seed=0)
+    block, _, _ = setup.build(expert_capacity_factor=TRAIN_CAPACITY_FACTOR)
     captured = []
     block.norm2.register_forward_hook(lambda module, args, out: captured.append(out))
     with torch.no_grad():
@@ -90,7 +110,7 @@ def test_train_case_drops_as_many_assignments_as_a_hand_count(case_rows):
     tokens = captured[0].reshape(-1, block.d_model).double()  # (N, d_model)
     gate = block.feed_forward.gate.weight.double()  # (E, d_model)
     E, k, N = gate.shape[0], block.feed_forward.top_k, tokens.shape[0]
-    capacity = max(1, math.ceil(report.TRAIN_CAPACITY_FACTOR * N * k / E))
+    capacity = max(1, math.ceil(TRAIN_CAPACITY_FACTOR * N * k / E))
     load = [0] * E
     for n in range(N):
         probs = torch.softmax(tokens[n] @ gate.T, dim=-1).tolist()
@@ -104,36 +124,138 @@ def test_train_case_drops_as_many_assignments_as_a_hand_count(case_rows):
     assert row.details["assignments"] == N * k
 
 
+# --------------------------------------------------------------------------- language model
+LM_BATCH = len(lm_cases.PROMPT_LENGTHS)
+LM_SLOTS = lm_cases.PROMPT_LEN + lm_cases.DECODE_STEPS
+
+
+def test_lm_token_batch_is_left_padded_prompts_of_different_lengths():
+    ids, mask = lm_cases.token_batch(Setup("moe", "float32", seed=0))
+    assert tuple(ids.shape) == tuple(mask.shape) == (4, LM_SLOTS)
+    assert len(set(lm_cases.PROMPT_LENGTHS)) == 4  # every prompt has its own length
+    vocab_size = lm_cases.LM_CONFIGS["moe"]["vocab_size"]
+    for row, length in enumerate(lm_cases.PROMPT_LENGTHS):
+        pads = lm_cases.PROMPT_LEN - length
+        assert mask[row].tolist() == [0] * pads + [1] * (LM_SLOTS - pads)
+        assert ids[row, :pads].tolist() == [lm_cases.PAD_TOKEN] * pads
+        assert 1 <= int(ids[row, pads:].min()) and int(ids[row].max()) < vocab_size
+
+
+def test_lm_forward_rows_report_routing_over_every_layer_and_token(case_rows):
+    tokens = lm_cases.LM_CONFIGS["moe"]["n_layers"] * LM_BATCH * LM_SLOTS
+    logits, aux = case_rows[("lm forward", "moe", "float32")]
+    assert (logits.case, aux.case) == ("lm forward", "lm aux loss")
+    assert logits.routing.tokens == tokens and logits.routing.disagree == 0
+    assert logits.routing.agree == tokens  # float32: no choice differs at seed 0
+    (dense,) = case_rows[("lm forward", "dense", "float32")]
+    assert dense.routing is None
+
+
+@pytest.mark.parametrize("config", ["dense", "moe"])
+def test_lm_cached_decode_compares_the_prefill_and_every_step(case_rows, config):
+    prefill, decode = case_rows[("lm cached decode", config, "float32")]
+    assert (prefill.case, decode.case) == ("lm cached prefill", "lm cached decode")
+    steps = decode.details["step_max_abs_error"]
+    assert len(steps) == lm_cases.DECODE_STEPS
+    assert max(steps) == decode.max_abs_error
+
+
+@pytest.mark.parametrize("config", ["dense", "moe"])
+def test_lm_generation_row_counts_every_new_token(case_rows, config):
+    (row,) = case_rows[("lm greedy generation", config, "float32")]
+    total = LM_BATCH * lm_cases.NEW_TOKENS
+    assert lm_cases.NEW_TOKENS >= 64
+    assert row.details == {"tokens_identical": total, "tokens": total}
+    assert row.note.startswith(f"{total}/{total} tokens identical")
+    assert row.max_abs_error == 0 and row.tolerance == IDENTICAL
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def lm_setup(request) -> tuple:
+    """(setup, twins, ids, mask) of one LM configuration, as the report's cases build them."""
+    setup = Setup(request.param, "float32", seed=0)
+    return (setup, lm_cases.build_lm(setup), *lm_cases.token_batch(setup))
+
+
+def with_embedding(twins: lm_cases.LMTwins, change) -> lm_cases.LMTwins:
+    """`twins` whose JAX token embedding (V, d_model), tied to the LM head, is change(it)."""
+    table = twins.params["token_embedding"]["embedding"]
+    return replace(twins, params={**twins.params, "token_embedding": {"embedding": change(table)}})
+
+
+def test_lm_logit_cases_fail_on_one_weight_off_by_1e_3(lm_setup):
+    setup, twins, ids, mask = lm_setup
+    broken = with_embedding(twins, lambda table: table.at[7, 3].add(1e-3))
+    with report.one_torch_thread(), full_precision():  # as run_case: the compiled code is reused
+        rows = lm_cases.forward_rows(setup, broken, ids, mask)
+        rows += lm_cases.cached_rows(setup, broken, ids, mask)
+    logit_rows = [row for row in rows if row.case != "lm aux loss"]
+    assert [row.case for row in logit_rows] == [
+        "lm forward",
+        "lm cached prefill",
+        "lm cached decode",
+    ]
+    for row in logit_rows:
+        assert not row.passed and row.max_abs_error > 1e-5, render_table(rows)
+
+
+def test_lm_generation_fails_when_a_weight_flips_a_token(lm_setup):
+    """Negate, in JAX only, the tied embedding of the token that torch's logits make row 0's
+    first greedy choice: that token's logit changes sign, so JAX picks another one there."""
+    setup, twins, ids, mask = lm_setup
+    prompts, prompt_mask = ids[:, : lm_cases.PROMPT_LEN], mask[:, : lm_cases.PROMPT_LEN]
+    with torch.no_grad():
+        last = twins.torch_lm(prompts, prompt_mask)[0, -1]  # (V,) logits after row 0's prompt
+    top = torch.topk(last, 2).values
+    assert top[1] > -top[0]  # the runner-up beats the negated winner
+    first = int(last.argmax())
+    broken = with_embedding(twins, lambda table: table.at[first].multiply(-1.0))
+    with report.one_torch_thread(), full_precision():
+        row = lm_cases.generation_row(setup, broken, ids, mask)
+    assert not row.passed
+    assert row.details["first_difference"] == [0, 0]
+    assert row.details["tokens_identical"] < row.details["tokens"] == LM_BATCH * lm_cases.NEW_TOKENS
+
+
+def test_assert_parity_compares_lm_logits_and_aux(lm_setup):
+    setup, twins, ids, mask = lm_setup
+    rows = assert_parity(
+        twins.torch_lm, twins.flax_lm, twins.params, ids, attention_mask=mask, return_aux_loss=True
+    )
+    assert [row.case for row in rows] == ["logits", "aux loss"]
+    assert all(row.max_abs_error <= 1e-5 for row in rows)
+
+
 # --------------------------------------------------------------------------- comparisons
 def test_compare_reports_max_abs_and_relative_error():
     expected = np.linspace(-2.0, 4.0, 24).reshape(2, 3, 4)
     actual = expected.copy()
     actual[1, 2, 3] += 3e-6
     actual[0, 0, 0] -= 1e-6
-    row = report.compare("c", "dense", "float32", expected, actual)
+    row = compare("c", "dense", "float32", expected, actual)
     assert row.max_abs_error == pytest.approx(3e-6, rel=1e-6)
     assert row.max_rel_error == pytest.approx(3e-6 / 4.0, rel=1e-6)
     assert row.passed
     actual[0, 1, 2] += 2e-5
-    assert not report.compare("c", "dense", "float32", expected, actual).passed
+    assert not compare("c", "dense", "float32", expected, actual).passed
 
 
 def test_compare_fails_nan_and_mismatched_shapes():
     expected = np.ones((2, 3))
     actual = expected.copy()
     actual[0, 0] = np.nan
-    assert not report.compare("c", "dense", "float32", expected, actual).passed
-    assert not report.compare("c", "dense", "float32", expected, expected.copy()[:, :2]).passed
-    both_nan = report.compare("c", "dense", "float32", actual, actual.copy())
+    assert not compare("c", "dense", "float32", expected, actual).passed
+    assert not compare("c", "dense", "float32", expected, expected.copy()[:, :2]).passed
+    both_nan = compare("c", "dense", "float32", actual, actual.copy())
     assert not both_nan.passed  # NaN is never parity, even in both frameworks
 
 
 def test_bfloat16_tolerance_is_relative_to_the_output_scale():
     expected = np.full((4, 4), 10.0)
     actual = expected + 0.15  # 1.5e-2 relative: inside 2e-2 although 0.15 absolute
-    row = report.compare("c", "moe", "bfloat16", expected, actual)
+    row = compare("c", "moe", "bfloat16", expected, actual)
     assert row.max_rel_error == pytest.approx(0.015) and row.passed
-    assert not report.compare("c", "moe", "bfloat16", expected, expected + 0.25).passed
+    assert not compare("c", "moe", "bfloat16", expected, expected + 0.25).passed
 
 
 def test_compare_leaves_out_only_the_excluded_tokens():
@@ -141,11 +263,26 @@ def test_compare_leaves_out_only_the_excluded_tokens():
     actual = expected.copy()
     actual[0, 1] = 5.0  # token 1 routed apart by a near tie
     actual[0, 2] = 1e-6
-    row = report.compare(
-        "c", "moe", "float32", expected, actual, excluded=np.array([False, True, False])
-    )
+    row = compare("c", "moe", "float32", expected, actual, excluded=np.array([False, True, False]))
     assert row.max_abs_error == pytest.approx(1e-6) and row.passed
     assert row.details["excluded_tokens"] == 1
+
+
+def test_compare_tokens_counts_identical_tokens_and_finds_the_first_difference():
+    expected = np.random.default_rng(0).integers(0, 256, (4, 64))  # int64, as torch returns
+    actual = expected.astype(np.int32)  # as JAX returns
+    row = compare_tokens("g", "dense", "float32", torch.from_numpy(expected), actual)
+    assert row.passed and row.max_abs_error == 0
+    assert row.details == {"tokens_identical": 256, "tokens": 256}
+    actual[3, 2] = (actual[3, 2] + 1) % 256
+    actual[1, 10] = (actual[1, 10] + 7) % 256
+    row = compare_tokens("g", "dense", "float32", torch.from_numpy(expected), actual)
+    assert not row.passed
+    assert row.details == {"tokens_identical": 254, "tokens": 256, "first_difference": [1, 10]}
+    assert row.note.startswith("254/256 tokens identical, first difference row 1 token 10")
+    assert row.max_abs_error == np.abs(expected - actual).max() > 0
+    assert str(row.tolerance) == "identical"
+    assert not compare_tokens("g", "dense", "float32", expected, expected[:, :63]).passed
 
 
 # --------------------------------------------------------------------------- routing
@@ -163,16 +300,16 @@ def test_routing_agreement_counts_near_ties_separately_from_disagreements():
     probs_b = probs_a.copy()
     probs_b[1] = [0.4, 0.2, 0.3, 0.1]
     probs_b[2] = [0.4, tie, 0.25, 0.1]
-    agreement, routed_apart = report.routing_agreement(probs_a, probs_b, top_k=2)
-    assert agreement == report.Agreement(tokens=5, agree=3, near_ties=2, disagree=1)
+    agreement, routed_apart = routing_agreement(probs_a, probs_b, top_k=2)
+    assert agreement == Agreement(tokens=5, agree=3, near_ties=2, disagree=1)
     assert routed_apart.tolist() == [False, False, True, False, False]
     assert str(agreement) == "3/5 (2 near ties)"
 
 
 def test_an_exact_tie_goes_to_the_lower_expert_in_the_comparison():
     probs = np.array([[0.2, 0.3, 0.3, 0.2]])
-    agreement, _ = report.routing_agreement(probs, probs[:, [0, 2, 1, 3]], top_k=1)
-    assert agreement == report.Agreement(tokens=1, agree=1, near_ties=1, disagree=0)
+    agreement, _ = routing_agreement(probs, probs[:, [0, 2, 1, 3]], top_k=1)
+    assert agreement == Agreement(tokens=1, agree=1, near_ties=1, disagree=0)
 
 
 def near_tie_block() -> torch_block.TransformerBlock:
@@ -203,14 +340,14 @@ def test_assert_parity_counts_near_ties_of_a_hand_built_gate():
     x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
     captured = []
     block.norm2.register_forward_hook(lambda module, args, out: captured.append(out))
-    rows = report.assert_parity(block, flax_module, params, x)
+    rows = assert_parity(block, flax_module, params, x)
     z = captured[0].reshape(-1, 16)[:, 0]  # (N,) the router's only varying input
     assert z.abs().min() > 1e-3  # no accidental tie between expert 0 and the others
     expected_ties = int((z < 0).sum())
     assert 0 < expected_ties < len(z)
     output = rows[0]
     assert output.case == "output"
-    assert output.routing == report.Agreement(len(z), len(z), expected_ties, 0)
+    assert output.routing == Agreement(len(z), len(z), expected_ties, 0)
     assert output.passed
 
 
@@ -223,7 +360,7 @@ def test_assert_parity_passes_then_raises_with_the_table_on_a_broken_conversion(
     ).eval()
     flax_module, params = from_torch(block)
     x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
-    rows = report.assert_parity(block, flax_module, params, x, return_aux_loss=True)
+    rows = assert_parity(block, flax_module, params, x, return_aux_loss=True)
     assert [row.case for row in rows] == (["output", "aux loss"] if use_moe else ["output"])
 
     kernel = params["attention"]["q_proj"]["kernel"]
@@ -231,7 +368,7 @@ def test_assert_parity_passes_then_raises_with_the_table_on_a_broken_conversion(
     broken["attention"]["q_proj"] = {**params["attention"]["q_proj"]}
     broken["attention"]["q_proj"]["kernel"] = kernel.at[3, 5].add(1e-3)
     with pytest.raises(AssertionError) as info:
-        report.assert_parity(block, flax_module, broken, x, return_aux_loss=True)
+        assert_parity(block, flax_module, broken, x, return_aux_loss=True)
     message = str(info.value)
     assert "max abs err" in message and "tolerance" in message
     output_line = next(line for line in message.splitlines() if line.startswith("output"))
@@ -245,25 +382,25 @@ def test_assert_parity_takes_numpy_inputs_and_a_mask():
     flax_module, params = from_torch(block)
     x = np.random.default_rng(0).standard_normal((2, 5, 16)).astype(np.float32)
     mask = np.tril(np.ones((5, 5), bool))[None, None] & np.array([True, False])[:, None, None, None]
-    (row,) = report.assert_parity(block, flax_module, params, x, mask=mask)
+    (row,) = assert_parity(block, flax_module, params, x, mask=mask)
     assert row.passed and row.max_abs_error <= 1e-5
 
 
 # --------------------------------------------------------------------------- rendering
 def test_table_columns_line_up_and_summary_counts(case_rows):
     rows = [row for key in CASE_KEYS for row in case_rows[key]]
-    table = report.render_table(rows).splitlines()
+    table = render_table(rows).splitlines()
     assert len(table) == len(rows) + 2
     result_at = table[0].index("result")
     assert all(line[result_at : result_at + 4] in ("PASS", "FAIL", "----") for line in table[1:])
-    assert report.summary(rows) == f"{len(rows)}/{len(rows)} PASS"
-    failing = [rows[0], report.Row("x", "dense", "float32", 1.0, 1.0, rows[0].tolerance, False)]
-    assert report.summary(failing) == "1/2 PASS; FAIL: x (dense, float32)"
+    assert summary(rows) == f"{len(rows)}/{len(rows)} PASS"
+    failing = [rows[0], Row("x", "dense", "float32", 1.0, 1.0, rows[0].tolerance, False)]
+    assert summary(failing) == "1/2 PASS; FAIL: x (dense, float32)"
 
 
 def test_json_carries_every_row_with_its_fields(case_rows):
     rows = case_rows[("train, dropout 0", "moe", "float32")]
-    document = json.loads(report.render_json(rows, report.environment(), seed=0))
+    document = json.loads(render_json(rows, environment(), seed=0))
     assert document["total"] == document["passed"] == 1 and document["all_passed"]
     (row,) = document["rows"]
     assert row["case"] == "train, dropout 0" and row["result"] == "PASS"
@@ -277,8 +414,8 @@ def test_a_case_that_raises_gives_a_failing_row():
     def broken(setup):
         raise RuntimeError("boom")
 
-    entry = report.Case("broken", broken, ("dense",), ("float32",))
-    (row,) = report.run_case(entry, report.Setup("dense", "float32", 0))
+    entry = Case("broken", broken, ("dense",), ("float32",))
+    (row,) = report.run_case(entry, Setup("dense", "float32", 0))
     assert not row.passed and "RuntimeError: boom" in row.note
 
 
@@ -287,3 +424,88 @@ def test_run_cases_refuses_an_unknown_config_or_dtype():
         report.run_cases(config="big")
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16 or all"):
         report.run_cases(dtype="float16")
+
+
+# --------------------------------------------------------------------------- running cases
+def torch_matmul_state() -> tuple[str, ...]:
+    """torch's float32 matmul settings: global precision, allow_tf32 (each "unreadable" where
+    torch refuses to read it), CUDA's and oneDNN's per-backend precision."""
+    matmul = torch.backends.cuda.matmul
+    state = []
+    for read in (torch.get_float32_matmul_precision, lambda: matmul.allow_tf32):
+        try:
+            state.append(str(read()))
+        except RuntimeError:
+            state.append("unreadable")
+    return (*state, matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+
+
+FULL_PRECISION = ("highest", "False", "ieee", "ieee")
+
+
+@pytest.fixture
+def restore_torch_matmul_settings():
+    """Puts torch's matmul settings back as they were before the test."""
+    precision = torch.get_float32_matmul_precision()
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    per_backend = [backend.fp32_precision for backend in backends]
+    yield
+    torch.set_float32_matmul_precision(precision)
+    for backend, value in zip(backends, per_backend, strict=True):
+        backend.fp32_precision = value
+
+
+def tf32_and_bfloat16_per_backend() -> None:
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+
+
+REDUCED_PRECISION = {
+    "global high": lambda: torch.set_float32_matmul_precision("high"),
+    "global medium": lambda: torch.set_float32_matmul_precision("medium"),
+    "allow_tf32": lambda: setattr(torch.backends.cuda.matmul, "allow_tf32", True),
+    "per backend": tf32_and_bfloat16_per_backend,
+}
+
+
+@pytest.mark.parametrize("reduce", REDUCED_PRECISION.values(), ids=REDUCED_PRECISION.keys())
+def test_full_precision_sets_and_restores_both_frameworks(restore_torch_matmul_settings, reduce):
+    reduce()
+    before, jax_before = torch_matmul_state(), jax.config.jax_default_matmul_precision
+    assert before[2:] != ("ieee", "ieee")  # reduced precision somewhere
+    with full_precision():
+        assert torch_matmul_state() == FULL_PRECISION
+        assert jax.config.jax_default_matmul_precision == "highest"
+    assert torch_matmul_state() == before
+    assert jax.config.jax_default_matmul_precision == jax_before
+    with pytest.raises(RuntimeError, match="a failing case"), full_precision():
+        raise RuntimeError("a failing case")
+    assert torch_matmul_state() == before
+
+
+def test_every_case_runs_at_full_precision(restore_torch_matmul_settings):
+    seen = []
+
+    def probe(setup):
+        seen.append((jax.config.jax_default_matmul_precision, *torch_matmul_state()))
+        return [Row("probe", setup.config, setup.dtype, 0.0, 0.0, setup.tolerance, True)]
+
+    torch.set_float32_matmul_precision("medium")
+    report.run_case(Case("probe", probe, ("dense",), ("float32",)), Setup("dense", "float32", 0))
+    assert seen == [("highest", *FULL_PRECISION)]
+
+
+def test_a_case_module_is_one_more_entry_of_case_modules(monkeypatch, tmp_path):
+    before = [entry.name for entry in report.all_cases()]
+    assert before[0] == "forward causal" and "lm greedy generation" in before
+    (tmp_path / "extra_parity_cases.py").write_text(
+        "from parity.cases import case\n"
+        "@case('extra', configs=('dense',))\n"
+        "def extra(setup):\n"
+        "    return []\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(report, "CASE_MODULES", (*report.CASE_MODULES, "extra_parity_cases"))
+    assert [entry.name for entry in report.all_cases()] == [*before, "extra"]
+    monkeypatch.undo()
+    assert [entry.name for entry in report.all_cases()] == before
