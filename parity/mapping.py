@@ -62,9 +62,41 @@ def block_table(use_moe: bool) -> list[Row]:
     return ATTENTION + NORMS + (MOE_FFN if use_moe else DENSE_FFN)
 
 
+# Symbolic shapes for the README table, by the last part of the torch key.
+_TORCH_SHAPES = {
+    "proj.weight": ("(d_model, d_model)", "(d_model, d_model)"),
+    "proj.bias": ("(d_model,)", "(d_model,)"),
+    "fc1.weight": ("(d_ff, d_model)", "(d_model, d_ff)"),
+    "fc1.bias": ("(d_ff,)", "(d_ff,)"),
+    "fc2.weight": ("(d_model, d_ff)", "(d_ff, d_model)"),
+    "fc2.bias": ("(d_model,)", "(d_model,)"),
+    "gate.weight": ("(E, d_model)", "(d_model, E)"),
+    "lm_head.weight": ("(vocab, d_model)", "(d_model, vocab)"),
+}
+
+
+def _shapes(row: Row) -> tuple[str, str]:
+    key = row.torch_key
+    if key.startswith("token_embedding"):
+        return "(vocab, d_model)", "(vocab, d_model)"
+    if key.startswith("position_embedding"):
+        return "(max_seq_len, d_model)", "(max_seq_len, d_model)"
+    if "{i}" in key:
+        return "as the block", "as the block"
+    if key.split(".")[0] in ("norm1", "norm2", "norm"):
+        return "(d_model,)", "(d_model,)"
+    torch_shape, flax_shape = next(v for k, v in _TORCH_SHAPES.items() if key.endswith(k))
+    if "{e}" in key:
+        return torch_shape + " each", ("(E, " + flax_shape[1:]).replace(",)", ")")
+    return torch_shape, flax_shape
+
+
 def markdown_table() -> str:
     """The whole mapping as a Markdown table, for README.md."""
-    lines = ["| torch key | Flax path | transform |", "|---|---|---|"]
+    lines = [
+        "| torch key | torch shape | Flax path | Flax shape | transform |",
+        "|---|---|---|---|---|",
+    ]
     block_rows = ATTENTION + NORMS + DENSE_FFN + MOE_FFN
     lm_rows = LM_EMBEDDINGS + [Row("blocks.{i}.<block key>", "blocks_{i}/<block path>", False)]
     for row in block_rows + lm_rows + LM_NORM + LM_HEAD:
@@ -76,9 +108,13 @@ def markdown_table() -> str:
             transform = "transpose (out, in) -> (in, out)" if row.transpose else "copy"
         if row in LM_HEAD:
             transform += " (untied head only)"
-        lines.append(f"| `{row.torch_key}` | `{row.flax_path}` | {transform} |")
+        torch_shape, flax_shape = _shapes(row)
+        lines.append(
+            f"| `{row.torch_key}` | {torch_shape} | `{row.flax_path}` | {flax_shape} "
+            f"| {transform} |"
+        )
     for key in sorted(TORCH_ONLY_BUFFERS):
-        lines.append(f"| `{key}` | (none: torch buffer) | zeros when converting to torch |")
+        lines.append(f"| `{key}` | (E,) | (none: torch buffer) | | zeros into torch |")
     return "\n".join(lines)
 
 
