@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -68,10 +69,10 @@ class TrainConfig:
     """
 
     steps: int = 400
-    batch_size: int = 8
+    batch_size: int = 16
     seq_len: int = 128
     lr: float = 2e-3
-    warmup_steps: int = 40
+    warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -457,6 +458,8 @@ RUN_FLAGS = (  # TrainConfig fields set from flags of the same names
     "warmup_steps",
     "min_lr_ratio",
     "weight_decay",
+    "beta1",
+    "beta2",
     "max_grad_norm",
     "aux_loss_coef",
     "seed",
@@ -598,6 +601,8 @@ def prepare(args: argparse.Namespace) -> Run:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.sample_tokens < 0:
         raise ValueError(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib, or the dev extra)")
     for path in args.plot_with:
         if not path.is_file():
             raise FileNotFoundError(f"no history file at {path}")

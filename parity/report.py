@@ -38,6 +38,7 @@ __all__ = [
 CASE_MODULES: tuple[str, ...] = (
     "parity.cases",
     "parity.lm_cases",
+    "parity.train_cases",
 )
 
 

@@ -8,6 +8,16 @@ from .generate import generate
 from .lm import TransformerLM
 from .moe import MixtureOfExperts
 from .sampling import sample_next_token
+from .train import (
+    TrainConfig,
+    TrainState,
+    create_train_state,
+    load_train_state,
+    loss_and_grads,
+    save_model,
+    save_train_state,
+    train_step,
+)
 
 __all__ = [
     "FeedForward",
@@ -15,7 +25,15 @@ __all__ = [
     "MixtureOfExperts",
     "MultiHeadAttention",
     "TransformerBlock",
+    "TrainConfig",
+    "TrainState",
     "TransformerLM",
     "generate",
+    "create_train_state",
+    "load_train_state",
+    "loss_and_grads",
     "sample_next_token",
+    "save_model",
+    "save_train_state",
+    "train_step",
 ]
