@@ -2,9 +2,9 @@
 
     python -m benchmarks.all [--quick] [--check] [--only decode,moe] [--docs] [--report-only]
 
---docs also writes docs/benchmarks.md (a table per benchmark, the machine and its load) and
-copies the plots to docs/bench_NAME.png; --report-only skips running and summarises the JSON
-already in the results folder.
+--docs also writes docs/benchmarks.md (a table per benchmark, the machine and its load, and
+the paragraph given with --note) and copies the plots to docs/bench_NAME.png; --report-only
+skips running and summarises the JSON already in the results folder.
 """
 
 from __future__ import annotations
@@ -54,14 +54,16 @@ def summary_rows(results: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def markdown(results: dict[str, dict]) -> str:
+def markdown(results: dict[str, dict], note: str = "") -> str:
     """docs/benchmarks.md: the summary, then per benchmark its machine, table, targets, plot."""
     parts = [
         "# Benchmarks",
         "",
         "Written by `python -m benchmarks.all --docs`; every figure is a ratio of two "
         "measurements taken side by side in the same run. See `benchmarks/README.md` for "
-        "what each one measures.",
+        "what each one measures. Each section names the load average during its own run; on "
+        "this 2-core machine the benchmark's own threads account for about 1 to 2 of it.",
+        *(["", note] if note else []),
         "",
         "## All targets",
         "",
@@ -92,9 +94,9 @@ def markdown(results: dict[str, dict]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write_docs(results: dict[str, dict], quick: bool, out: Path) -> None:
+def write_docs(results: dict[str, dict], quick: bool, out: Path, note: str = "") -> None:
     DOCS.mkdir(exist_ok=True)
-    (DOCS / "benchmarks.md").write_text(markdown(results))
+    (DOCS / "benchmarks.md").write_text(markdown(results, note))
     for name in results:
         png = out / f"{name}{'_quick' if quick else ''}.png"
         if png.exists():
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="JSON and PNG folder")
     parser.add_argument("--docs", action="store_true", help="write docs/benchmarks.md")
     parser.add_argument("--report-only", action="store_true", help="summarise existing JSON")
+    parser.add_argument("--note", default="", help="a paragraph for docs/benchmarks.md")
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n]
     unknown = sorted(set(names) - set(BENCHMARKS))
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     if failed or missing:
         print(f"crashed: {failed}; no results: {missing}")
     if args.docs:
-        write_docs(results, args.quick, args.out)
+        write_docs(results, args.quick, args.out, args.note)
     all_met = all(t["met"] for r in results.values() for t in r["targets"])
     if failed or missing:
         return 2
