@@ -69,16 +69,19 @@ class MultiHeadAttention(nn.Module):
             k, v = kv_cache.update(k, v, start)  # (B, H, S, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
 
-        allowed = torch.ones(T, S, dtype=torch.bool, device=x.device)  # (T, S)
-        if self.causal:
+        allowed = None  # every key: so too for causal one-token steps, whose keys all precede
+        if self.causal and T > 1:
             query_pos = start + torch.arange(T, device=x.device)
-            allowed = torch.arange(S, device=x.device)[None, :] <= query_pos[:, None]
+            allowed = torch.arange(S, device=x.device)[None, :] <= query_pos[:, None]  # (T, S)
         if mask is not None:
-            allowed = allowed & mask.to(torch.bool)  # (B, H, T, S) after broadcasting
+            allowed = mask.to(torch.bool) if allowed is None else allowed & mask.to(torch.bool)
 
         scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * D**-0.5  # (B, H, T, S)
-        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-        probs = F.softmax(scores, dim=-1) * allowed  # a row with no allowed key is all zeros
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        probs = F.softmax(scores, dim=-1)
+        if allowed is not None:
+            probs = probs * allowed  # a row with no allowed key is all zeros
         probs = self.dropout(probs.to(v.dtype))
         out = torch.matmul(probs, v)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, d_model)

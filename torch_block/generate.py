@@ -164,6 +164,7 @@ def _decode(
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     num_steps = 1
+    padless = bool(mask.all())  # then decode steps need no mask: every cached key is real
     for i in range(max_new_tokens):
         next_token = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)
         next_token = torch.where(finished, pad_token_id, next_token)  # (B,)
@@ -172,6 +173,7 @@ def _decode(
             finished |= next_token == eos_token_id
         if i + 1 == max_new_tokens or bool(finished.all()):
             break
-        logits, _ = lm(next_token[:, None], key_mask[:, : L + i + 1], kv_cache=cache)  # (B, 1, V)
+        step_mask = None if padless else key_mask[:, : L + i + 1]
+        logits, _ = lm(next_token[:, None], step_mask, kv_cache=cache)  # (B, 1, V)
         num_steps += 1
     return tokens, num_steps
