@@ -28,8 +28,10 @@ def check_mask(mask: jax.Array, shape: tuple[int, int, int, int]) -> None:
 class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention over n_heads heads; causal unless `causal=False`.
 
-    With a cache the keys are all max_seq_len cache slots (static shapes), of which those
-    written so far, [0, position + T), may be attended; `mask` then covers max_seq_len keys.
+    With a cache the keys are the max_seq_len cache slots (static shapes), of which those
+    written before this call, [0, position), may be attended, then the T new tokens; `mask`
+    covers the max_seq_len slots, the new tokens' keys at their slots [position, position + T).
+    A position known while tracing to be 0 (a Python or NumPy int) reads no cache slot.
     """
 
     d_model: int
@@ -56,12 +58,11 @@ class MultiHeadAttention(nn.Module):
             )
         B, T, _ = x.shape
         H, D = self.n_heads, self.d_model // self.n_heads
-        start = jnp.zeros((), jnp.int32)
+        start = 0
         S = T
         if kv_cache is not None:
             start = kv_cache.position if cache_position is None else cache_position
             kv_cache.check_write(B, H, D, start, T)
-            start = jnp.asarray(start, jnp.int32)
             S = kv_cache.max_seq_len
         if mask is not None:
             check_mask(mask, (B, H, T, S))
@@ -72,25 +73,40 @@ class MultiHeadAttention(nn.Module):
         v = nn.Dense(self.d_model, name="v_proj", **dense)(x).reshape(B, T, H, D)
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, H, T, D)
 
-        new_cache = None
+        # Keys: the cache's slots [0, start) as they were before this write, then the T new
+        # keys. The written cache is only returned, so XLA updates it in place with no copy.
+        # A start known to be 0 while tracing (a Python or NumPy 0) has no cached keys to read.
+        query_pos = start + jnp.arange(T)  # (T,): also the slots of the new keys
+        q = q.astype(jnp.float32)
+        scores = jnp.einsum("bhtd,bhsd->bhts", q, k.astype(jnp.float32))  # (B, H, T, T)
+        allowed = jnp.ones((T, T), bool)  # (T, T): query t may see new key j
+        if self.causal:
+            allowed = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
+        new_cache, read_cache = None, False
         if kv_cache is not None:
             new_cache = kv_cache.write(k, v, start)
-            k = new_cache.k_cache[:B].astype(self.dtype)  # (B, H, S, D)
-            v = new_cache.v_cache[:B].astype(self.dtype)  # (B, H, S, D)
-
-        query_pos = start + jnp.arange(T)  # (T,)
-        key_pos = jnp.arange(S)  # (S,)
-        allowed = key_pos[None, :] < start + T  # (T, S): only written slots
-        if self.causal:
-            allowed = key_pos[None, :] <= query_pos[:, None]
+            allowed = allowed & ((query_pos >= 0) & (query_pos < S))  # new keys the write kept
+            read_cache = isinstance(start, jax.core.Tracer) or int(start) != 0
+        if read_cache:
+            cached_k = kv_cache.k_cache[:B].astype(jnp.float32)  # (B, H, S, D)
+            cached_scores = jnp.einsum("bhtd,bhsd->bhts", q, cached_k)  # (B, H, T, S)
+            scores = jnp.concatenate([cached_scores, scores], axis=-1)  # (B, H, T, S + T)
+            cached = jnp.broadcast_to(jnp.arange(S) < start, (T, S))  # (T, S)
+            allowed = jnp.concatenate([cached, allowed], axis=-1)  # (T, S + T)
         if mask is not None:
-            allowed = allowed & mask.astype(bool)  # (B, H, T, S) after broadcasting
+            mask = jnp.atleast_1d(mask.astype(bool))
+            if kv_cache is not None:  # the mask covers the S slots; new key j is at slot start + j
+                new_keys = jnp.take(mask, jnp.clip(query_pos, 0, mask.shape[-1] - 1), axis=-1)
+                mask = jnp.concatenate([mask, new_keys], axis=-1) if read_cache else new_keys
+            allowed = allowed & mask  # (B, H, T, [S +] T) after broadcasting
 
-        scores = jnp.einsum(
-            "bhtd,bhsd->bhts", q.astype(jnp.float32), k.astype(jnp.float32)
-        ) * D**-0.5  # (B, H, T, S)
+        scores = scores * D**-0.5
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1) * allowed  # a row with no allowed key is zeros
         probs = nn.Dropout(self.dropout)(probs.astype(self.dtype), deterministic=deterministic)
-        out = jnp.einsum("bhts,bhsd->bthd", probs, v).reshape(B, T, H * D)  # (B, T, d_model)
+        out = jnp.einsum("bhts,bhsd->bhtd", probs[..., -T:], v)  # (B, H, T, D)
+        if read_cache:
+            cached_v = kv_cache.v_cache[:B].astype(self.dtype)  # (B, H, S, D)
+            out = out + jnp.einsum("bhts,bhsd->bhtd", probs[..., :S], cached_v)
+        out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, d_model)
         return nn.Dense(self.d_model, name="out_proj", **dense)(out), new_cache

@@ -7,10 +7,15 @@ from functools import partial
 import jax
 
 from .block import TransformerBlock
-from .cache import KVCache
+from .cache import IN_PLACE_CACHE_OPTIONS, KVCache
 
 
-@partial(jax.jit, static_argnames=("block",), donate_argnames=("kv_cache",))
+@partial(
+    jax.jit,
+    static_argnames=("block",),
+    donate_argnames=("kv_cache",),
+    compiler_options=IN_PLACE_CACHE_OPTIONS,
+)
 def decode_step(
     block: TransformerBlock,
     params: dict,

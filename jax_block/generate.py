@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import KVCache
+from .cache import IN_PLACE_CACHE_OPTIONS, KVCache
 from .lm import TransformerLM
 from .sampling import check_sampling, sample_next_token
 
@@ -90,7 +90,12 @@ def check_prompt(
     return ids.astype(np.int32), mask
 
 
-@partial(jax.jit, static_argnames=("lm",), donate_argnames=("kv_cache",))
+@partial(
+    jax.jit,
+    static_argnames=("lm",),
+    donate_argnames=("kv_cache",),
+    compiler_options=IN_PLACE_CACHE_OPTIONS,
+)
 def cached_forward(
     lm: TransformerLM,
     params: dict,
@@ -176,6 +181,7 @@ def generate(
         "eos_token_id",
         "pad_token_id",
     ),
+    compiler_options=IN_PLACE_CACHE_OPTIONS,
 )
 def generate_tokens(
     lm: TransformerLM,
@@ -203,6 +209,8 @@ def generate_tokens(
         [attention_mask, jnp.ones((B, max_new_tokens), attention_mask.dtype)], axis=1
     )  # (B, P + n): prompt slots, then one slot per new token
     cache = lm.create_kv_cache(B, P + max_new_tokens, lm.dtype)
+    # Position 0 known while tracing: the prefill reads no cache slot (none is written yet).
+    cache = tuple(layer.replace(position=np.zeros((), np.int32)) for layer in cache)
     logits, cache = lm.apply(variables, input_ids, key_mask, kv_cache=cache)  # (B, P, V)
     rng, step_rng = jax.random.split(rng)
     first = sample_next_token(logits[:, -1], temperature, top_k, top_p, step_rng)  # (B,)
