@@ -77,7 +77,8 @@ def grouped_experts(
     """Every assignment through its expert, reading only the experts' weights that are used.
 
     Each expert's assignments are padded to a whole number of `block`-row blocks; a scan over
-    the blocks applies one expert's weights to each. Cost grows with k * N, not E * N.
+    the blocks applies one expert's weights to each, and skips the empty blocks after the used
+    ones (the static count is an upper bound). Cost grows with k * N, not E * N.
     Returns (k*N, d_model) outputs, in assignment order.
     """
     A, (N, d_model) = routing.expert.size, tokens.shape
@@ -96,16 +97,23 @@ def grouped_experts(
         else jnp.zeros((num_blocks,), jnp.uint32)
     )
 
-    def one_block(args):
-        x, e, key = args  # (block, d_model), (), key
-        w = jax.tree_util.tree_map(lambda p: p[e].astype(dtype), params)
-        h = jax.nn.gelu(x @ w["fc1"]["kernel"] + w["fc1"]["bias"], approximate=False)
-        if dropout_rng is not None and dropout > 0:
-            keep = jax.random.bernoulli(key, 1.0 - dropout, h.shape)
-            h = jnp.where(keep, h / (1.0 - dropout), 0).astype(dtype)
-        return h @ w["fc2"]["kernel"] + w["fc2"]["bias"]  # (block, d_model)
+    used_blocks = jnp.sum(padded) // block  # the blocks after these are empty: skipped
 
-    out = jax.lax.map(one_block, (rows.reshape(num_blocks, block, d_model), block_expert, keys))
+    def one_block(args):
+        x, e, key, i = args  # (block, d_model), (), key, ()
+
+        def expert_ffn() -> jax.Array:
+            w = jax.tree_util.tree_map(lambda p: p[e].astype(dtype), params)
+            h = jax.nn.gelu(x @ w["fc1"]["kernel"] + w["fc1"]["bias"], approximate=False)
+            if dropout_rng is not None and dropout > 0:
+                keep = jax.random.bernoulli(key, 1.0 - dropout, h.shape)
+                h = jnp.where(keep, h / (1.0 - dropout), 0).astype(dtype)
+            return h @ w["fc2"]["kernel"] + w["fc2"]["bias"]  # (block, d_model)
+
+        return jax.lax.cond(i < used_blocks, expert_ffn, lambda: jnp.zeros_like(x))
+
+    blocks = (rows.reshape(num_blocks, block, d_model), block_expert, keys, jnp.arange(num_blocks))
+    out = jax.lax.map(one_block, blocks)
     return out.reshape(num_blocks * block, d_model)[dest]  # (A, d_model)
 
 
