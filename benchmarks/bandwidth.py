@@ -43,6 +43,26 @@ def copy_bandwidth(nbytes: int, repeats: int) -> dict[str, float]:
     return {name: 2 * src.nbytes / t["median"] for name, t in times.items()}
 
 
+def torch_linear_bandwidth(torch_lm, repeats: int) -> float:
+    """Bytes per second that torch's own F.linear reads at batch 1 over every weight matrix of
+    `torch_lm` (one call each, no model around them): the most its eager decode can reach."""
+    import torch
+    import torch.nn.functional as F
+
+    weights = [
+        p for name, p in torch_lm.named_parameters() if p.dim() == 2 and "position" not in name
+    ]
+    inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
+
+    def one_pass() -> None:
+        with torch.inference_mode():
+            for w in weights:
+                F.linear(inputs[w.shape[1]], w)
+
+    seconds = compare_times({"linear": one_pass}, repeats, warmup=1)["linear"]["median"]
+    return sum(w.numel() * w.element_size() for w in weights) / seconds
+
+
 def measure_variant(batch: int, dtype: str, new_tokens: int, repeats: int) -> dict:
     """Decode-step time and bytes per step of both frameworks."""
     import torch
@@ -70,6 +90,8 @@ def measure_variant(batch: int, dtype: str, new_tokens: int, repeats: int) -> di
         row[f"{framework} ms/step"] = 1e3 * step
         row[f"{framework} GB/s"] = step_bytes / step / 1e9
     row["times"] = times
+    if batch == 1:
+        row["torch F.linear GB/s"] = torch_linear_bandwidth(torch_lm, 2 * repeats + 1) / 1e9
     return row
 
 
@@ -109,6 +131,7 @@ def run(quick: bool) -> Result:
         ),
     ]
     copies = ", ".join(f"{name} {bw / 1e9:.1f} GB/s" for name, bw in copy.items())
+    ceiling = main_variant["torch F.linear GB/s"]
     return Result(
         name="bandwidth",
         title="Memory-bandwidth use, medium dense LM decode (d_model 1024, 8 layers)",
@@ -132,6 +155,9 @@ def run(quick: bool) -> Result:
             f"medians of {repeats} runs after a warm-up, all runs alternating",
             "bytes per step = all weights (the tied embedding once, as the LM head) + keys and "
             f"values of the {PROMPT_LEN + new_tokens // 2} tokens cached at the average step",
+            f"torch's own F.linear at batch 1 over the same float32 weights, no model around it: "
+            f"{ceiling:.1f} GB/s, {ceiling * 1e9 / reference:.2f} of the copy bandwidth; torch's "
+            f"decode reaches {main_variant['torch GB/s'] / ceiling:.2f} of it",
         ],
     )
 
