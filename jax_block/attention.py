@@ -85,7 +85,7 @@ class MultiHeadAttention(nn.Module):
         new_cache, read_cache = None, False
         if kv_cache is not None:
             new_cache = kv_cache.write(k, v, start)
-            allowed = allowed & ((query_pos >= 0) & (query_pos < S))  # new keys the write kept
+            allowed = allowed & ((start >= 0) & (query_pos < S))  # new keys the write kept
             read_cache = isinstance(start, jax.core.Tracer) or int(start) != 0
         if read_cache:
             cached_k = kv_cache.k_cache[:B].astype(jnp.float32)  # (B, H, S, D)

@@ -187,6 +187,29 @@ def test_cache_mask_covers_max_seq_len_slots(attn):
     assert_close(out, expected)
 
 
+def test_known_position_zero_reads_no_cache_slot(attn):
+    """A Python 0 as the position (known while tracing) skips the cache's slots altogether."""
+    mod, params, _ = attn
+    x = rand_x(B, PREFILL, seed=12)
+    out, cache = mod.apply({"params": params}, x, None, garbage_cache(), 0)
+    assert int(cache.position) == PREFILL
+    assert_close(out, ref.attention(params, x, N_HEADS, mod.causal))
+
+
+def test_traced_write_past_the_end_attends_only_to_the_keys_it_kept(attn):
+    mod, params, apply = attn
+    start = S - 1  # CHUNK = 3 tokens at slots 11, 12, 13: only slot 11 exists
+    x = rand_x(B, start + CHUNK, seed=13)
+    _, cache = apply(params, x[:, :PREFILL], None, garbage_cache(), np.int32(0))
+    _, cache = apply(params, x[:, PREFILL:start], None, cache, np.int32(PREFILL))
+    out, cache = apply(params, x[:, start:], None, cache, np.int32(start))
+    assert bool(cache.overflowed)
+    kept = np.zeros((1, 1, CHUNK, start + CHUNK), bool)
+    kept[..., : start + 1] = True  # the cached slots and the one new key written
+    expected = ref.attention(params, x, N_HEADS, mod.causal, kept, query_start=start)
+    assert_close(out, expected)
+
+
 def test_explicit_cache_position_overrides_the_caches_own(causal_attn):
     _, params, apply = causal_attn
     x = rand_x(B, PREFILL + CHUNK, seed=9)
