@@ -1,0 +1,317 @@
+"""The one configuration both twins read: BlockConfig, LMConfig and the rope scaling they hold.
+
+A config is a frozen dataclass, validated once when it is made; `to_dict()` / `from_dict()`
+carry it through checkpoint metadata as plain JSON types. The fields of `Architecture` choose
+the family (DESIGN: docs/design.md section 8); their defaults are the original project's block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+NORMS = ("layernorm", "rmsnorm")
+ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
+POSITIONS = ("learned", "rope")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3's rope frequency scaling (`rope_type: "llama3"`), as transformers computes it."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+    rope_type: str = "llama3"
+
+    def __post_init__(self) -> None:
+        if self.rope_type != "llama3":
+            raise ValueError(
+                f"rope_scaling.rope_type must be 'llama3' (or no scaling), got {self.rope_type!r}"
+            )
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"rope_scaling.{name} must be a number > 0, got {value!r}")
+        if not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(
+                f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must be > "
+                f"low_freq_factor ({self.low_freq_factor})"
+            )
+        _check_positive_int("rope_scaling.original_max_position_embeddings",
+                            self.original_max_position_embeddings)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Architecture:
+    """The family options of a block; the defaults are the original project's (GPT-2-era) block.
+
+    norm: "layernorm" (weight and bias) or "rmsnorm" (weight only), with `norm_eps`.
+    activation, gated_ffn, ffn_bias: the feed-forward, every expert and the shared expert;
+        gated is down(act(gate(x)) * up(x)).
+    n_kv_heads: key/value heads (GQA; 1 is MQA; None: n_heads). head_dim: None is d_model // n_heads.
+    qkv_bias, out_bias: biases of the q/k/v projections and of the output projection.
+    positions: "learned" (an embedding in the LM) or "rope" (rotate q and k by `rope_theta`,
+        optionally with llama3 `rope_scaling`).
+    sliding_window: a query at p attends keys k with p - W < k <= p (None: every earlier key).
+    norm_topk_prob: renormalise the k routing weights (False keeps the softmax probabilities).
+    shared_expert_d_ff: a shared expert applied to every token (None: none);
+        shared_expert_gate scales it by sigmoid(x @ w).
+    """
+
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    qkv_bias: bool = True
+    out_bias: bool = True
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "gelu"
+    gated_ffn: bool = False
+    ffn_bias: bool = True
+    positions: str = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
+    norm_topk_prob: bool = True
+    shared_expert_d_ff: int | None = None
+    shared_expert_gate: bool = False
+
+    @property
+    def resolved_n_kv_heads(self) -> int:
+        """The key/value heads the cache holds."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def resolved_head_dim(self) -> int:
+        """The size of one attention head."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    def architecture(self) -> dict[str, Any]:
+        """The family options alone, as keyword arguments."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(Architecture)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON types (rope_scaling as a dict)."""
+        family = [f.name for f in dataclasses.fields(Architecture)]
+        names = [f.name for f in dataclasses.fields(self) if f.name not in family] + family
+        out = {name: getattr(self, name) for name in names}
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        """The config from `to_dict()`'s output; missing optional fields take their defaults.
+
+        Unknown keys, missing required keys and values of the wrong type are a ValueError that
+        names them.
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{cls.__name__}: expected a dict of fields, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        missing = [
+            name
+            for name, f in fields.items()
+            if f.default is dataclasses.MISSING and name not in data
+        ]
+        if unknown or missing:
+            raise ValueError(
+                f"{cls.__name__}: unknown keys {unknown}, missing keys {missing}; "
+                f"the fields are {list(fields)}"
+            )
+        values = dict(data)
+        wrong = [
+            f"{name}={value!r} (expected {fields[name].type})"
+            for name, value in values.items()
+            if not _is_of_type(value, fields[name].type)
+        ]
+        if wrong:
+            raise ValueError(f"{cls.__name__}: wrong types: {', '.join(wrong)}")
+        if isinstance(values.get("rope_scaling"), Mapping):
+            values["rope_scaling"] = _rope_scaling_from_dict(values["rope_scaling"])
+        return cls(**values)
+
+    def _check_architecture(self) -> None:
+        for name, value, allowed in (
+            ("norm", self.norm, NORMS),
+            ("activation", self.activation, ACTIVATIONS),
+            ("positions", self.positions, POSITIONS),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        for name in ("qkv_bias", "out_bias", "gated_ffn", "ffn_bias", "norm_topk_prob",
+                     "shared_expert_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        _check_number("norm_eps", self.norm_eps, "> 0", lambda v: v > 0)
+        _check_number("rope_theta", self.rope_theta, "> 0", lambda v: v > 0)
+        if self.n_kv_heads is not None:
+            _check_positive_int("n_kv_heads", self.n_kv_heads)
+            if self.n_heads % self.n_kv_heads != 0:
+                raise ValueError(
+                    f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})"
+                )
+        if self.head_dim is not None:
+            _check_positive_int("head_dim", self.head_dim)
+        elif self.n_heads < 1 or self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), "
+                "n_heads >= 1"
+            )
+        if self.positions == "rope" and self.resolved_head_dim % 2 != 0:
+            raise ValueError(
+                f"positions='rope' needs an even head_dim, got head_dim={self.resolved_head_dim}"
+            )
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise TypeError(
+                f"rope_scaling must be None or a RopeScaling, got {type(self.rope_scaling).__name__}"
+            )
+        if self.rope_scaling is not None and self.positions != "rope":
+            raise ValueError("rope_scaling is set but positions is not 'rope'")
+        if self.sliding_window is not None:
+            _check_positive_int("sliding_window", self.sliding_window, "window")
+        if self.shared_expert_d_ff is not None:
+            _check_positive_int("shared_expert_d_ff", self.shared_expert_d_ff)
+            if not self.use_moe:
+                raise ValueError("shared_expert_d_ff needs use_moe=True (a shared expert of an MoE)")
+        if self.shared_expert_gate and self.shared_expert_d_ff is None:
+            raise ValueError("shared_expert_gate=True needs a shared expert (shared_expert_d_ff)")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig(Architecture):
+    """Everything that defines a TransformerBlock in both frameworks."""
+
+    d_model: int
+    n_heads: int
+    d_ff: int
+    dropout: float = 0.1
+    use_moe: bool = False
+    num_experts: int = 8
+    top_k_experts: int = 2
+    causal: bool = True
+    expert_capacity_factor: float | None = 1.25
+    router_z_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_block(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig(Architecture):
+    """Everything that defines a TransformerLM in both frameworks (always causal)."""
+
+    vocab_size: int
+    max_seq_len: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    dropout: float = 0.1
+    use_moe: bool = False
+    num_experts: int = 8
+    top_k_experts: int = 2
+    expert_capacity_factor: float | None = 1.25
+    tie_embeddings: bool = True
+    router_z_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_seq_len", "n_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"TransformerLM: {name} must be a positive int, got {value!r}")
+        _check_block(self)
+
+    def block(self) -> BlockConfig:
+        """The config of each of the LM's blocks."""
+        return BlockConfig(
+            d_model=self.d_model,
+            n_heads=self.n_heads,
+            d_ff=self.d_ff,
+            dropout=self.dropout,
+            use_moe=self.use_moe,
+            num_experts=self.num_experts,
+            top_k_experts=self.top_k_experts,
+            causal=True,
+            expert_capacity_factor=self.expert_capacity_factor,
+            router_z_loss_coef=self.router_z_loss_coef,
+            **self.architecture(),
+        )
+
+
+def check_moe_config(num_experts: int, top_k: int, expert_capacity_factor: float | None) -> None:
+    """Raise ValueError for an expert count, top-k or capacity factor that cannot work."""
+    for name, value in (("num_experts", num_experts), ("top_k", top_k)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    if expert_capacity_factor is not None and not expert_capacity_factor > 0:
+        raise ValueError(
+            f"expert_capacity_factor must be > 0 or None, got {expert_capacity_factor}"
+        )
+
+
+def _check_block(config: BlockConfig | LMConfig) -> None:
+    for name in ("d_model", "n_heads", "d_ff"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if config.n_heads < 1 or (config.head_dim is None and config.d_model % config.n_heads != 0):
+        raise ValueError(
+            f"d_model ({config.d_model}) must be divisible by n_heads ({config.n_heads}), "
+            "n_heads >= 1"
+        )
+    if config.use_moe:
+        check_moe_config(config.num_experts, config.top_k_experts, config.expert_capacity_factor)
+    config._check_architecture()
+
+
+def _check_positive_int(name: str, value: Any, what: str = "int") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive {what} (>= 1), got {value!r}")
+
+
+def _check_number(name: str, value: Any, wanted: str, ok) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {wanted}, got {value!r}")
+    if not ok(value):
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+
+
+_TYPES = {
+    "int": (int,),
+    "float": (int, float),
+    "bool": (bool,),
+    "str": (str,),
+}
+
+
+def _is_of_type(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotation such as "int | None"."""
+    for part in (p.strip() for p in annotation.split("|")):
+        if part == "None" and value is None:
+            return True
+        if part == "RopeScaling" and isinstance(value, (Mapping, RopeScaling)):
+            return True
+        kinds = _TYPES.get(part, ())
+        if kinds and isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool)):
+            return True
+    return False
+
+
+def _rope_scaling_from_dict(data: Mapping[str, Any]) -> RopeScaling:
+    names = [f.name for f in dataclasses.fields(RopeScaling)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ValueError(f"rope_scaling: unknown keys {unknown}; the fields are {names}")
+    try:
+        return RopeScaling(**data)
+    except TypeError as err:
+        raise ValueError(f"rope_scaling: {err}") from err
