@@ -41,8 +41,9 @@ class RopeScaling:
                 f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must be > "
                 f"low_freq_factor ({self.low_freq_factor})"
             )
-        _check_positive_int("rope_scaling.original_max_position_embeddings",
-                            self.original_max_position_embeddings)
+        _check_positive_int(
+            "rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -52,7 +53,8 @@ class Architecture:
     norm: "layernorm" (weight and bias) or "rmsnorm" (weight only), with `norm_eps`.
     activation, gated_ffn, ffn_bias: the feed-forward, every expert and the shared expert;
         gated is down(act(gate(x)) * up(x)).
-    n_kv_heads: key/value heads (GQA; 1 is MQA; None: n_heads). head_dim: None is d_model // n_heads.
+    n_kv_heads: key/value heads (GQA; 1 is MQA; None: n_heads).
+    head_dim: the size of a head (None: d_model // n_heads).
     qkv_bias, out_bias: biases of the q/k/v projections and of the output projection.
     positions: "learned" (an embedding in the LM) or "rope" (rotate q and k by `rope_theta`,
         optionally with llama3 `rope_scaling`).
@@ -110,7 +112,9 @@ class Architecture:
         names them.
         """
         if not isinstance(data, Mapping):
-            raise ValueError(f"{cls.__name__}: expected a dict of fields, got {type(data).__name__}")
+            raise ValueError(
+                f"{cls.__name__}: expected a dict of fields, got {type(data).__name__}"
+            )
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         missing = [
@@ -143,8 +147,14 @@ class Architecture:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-        for name in ("qkv_bias", "out_bias", "gated_ffn", "ffn_bias", "norm_topk_prob",
-                     "shared_expert_gate"):
+        for name in (
+            "qkv_bias",
+            "out_bias",
+            "gated_ffn",
+            "ffn_bias",
+            "norm_topk_prob",
+            "shared_expert_gate",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         _check_number("norm_eps", self.norm_eps, "> 0", lambda v: v > 0)
@@ -168,7 +178,8 @@ class Architecture:
             )
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise TypeError(
-                f"rope_scaling must be None or a RopeScaling, got {type(self.rope_scaling).__name__}"
+                "rope_scaling must be None or a RopeScaling, "
+                f"got {type(self.rope_scaling).__name__}"
             )
         if self.rope_scaling is not None and self.positions != "rope":
             raise ValueError("rope_scaling is set but positions is not 'rope'")
@@ -177,7 +188,9 @@ class Architecture:
         if self.shared_expert_d_ff is not None:
             _check_positive_int("shared_expert_d_ff", self.shared_expert_d_ff)
             if not self.use_moe:
-                raise ValueError("shared_expert_d_ff needs use_moe=True (a shared expert of an MoE)")
+                raise ValueError(
+                    "shared_expert_d_ff needs use_moe=True (the shared expert of an MoE)"
+                )
         if self.shared_expert_gate and self.shared_expert_d_ff is None:
             raise ValueError("shared_expert_gate=True needs a shared expert (shared_expert_d_ff)")
 
