@@ -1,18 +1,27 @@
-"""The pre-LN transformer block: attention then a dense or Mixture-of-Experts feed-forward."""
+"""The pre-norm transformer block: attention then a dense or Mixture-of-Experts feed-forward."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn as nn
 
+from twin_core import BlockConfig
+
 from .attention import MultiHeadAttention
 from .cache import KVCache
 from .feed_forward import FeedForward
-from .moe import MixtureOfExperts, check_moe_config
+from .moe import MixtureOfExperts
+from .norm import make_norm
 
 
 class TransformerBlock(nn.Module):
-    """h = x + Dropout(Attention(LN1(x))); y = h + Dropout(FFN(LN2(h)))."""
+    """h = x + Dropout(Attention(Norm1(x))); y = h + Dropout(FFN(Norm2(h))).
+
+    The arguments are the original project's; `**architecture` takes any other field of
+    `twin_core.BlockConfig` (the family options: norm, activation, n_kv_heads, rope, ...).
+    """
 
     def __init__(
         self,
@@ -27,15 +36,10 @@ class TransformerBlock(nn.Module):
         causal: bool = True,
         expert_capacity_factor: float | None = 1.25,
         router_z_loss_coef: float = 0.0,
+        **architecture: Any,
     ):
         super().__init__()
-        if n_heads < 1 or d_model % n_heads != 0:
-            raise ValueError(
-                f"d_model ({d_model}) must be divisible by n_heads ({n_heads}), n_heads >= 1"
-            )
-        if use_moe:
-            check_moe_config(num_experts, top_k_experts, expert_capacity_factor)
-        self.config = dict(
+        config = BlockConfig(
             d_model=d_model,
             n_heads=n_heads,
             d_ff=d_ff,
@@ -46,13 +50,29 @@ class TransformerBlock(nn.Module):
             causal=causal,
             expert_capacity_factor=expert_capacity_factor,
             router_z_loss_coef=router_z_loss_coef,
+            **architecture,
         )
+        self.config = config
         self.d_model = d_model
         self.n_heads = n_heads
         self.use_moe = use_moe
-        self.attention = MultiHeadAttention(d_model, n_heads, dropout, causal=causal)
-        self.norm1 = nn.LayerNorm(d_model, eps=1e-5)
-        self.norm2 = nn.LayerNorm(d_model, eps=1e-5)
+        self.attention = MultiHeadAttention(
+            d_model,
+            n_heads,
+            dropout,
+            causal=causal,
+            n_kv_heads=config.n_kv_heads,
+            head_dim=config.head_dim,
+            qkv_bias=config.qkv_bias,
+            out_bias=config.out_bias,
+            positions=config.positions,
+            rope_theta=config.rope_theta,
+            rope_scaling=config.rope_scaling,
+            sliding_window=config.sliding_window,
+        )
+        self.norm1 = make_norm(config.norm, d_model, config.norm_eps)
+        self.norm2 = make_norm(config.norm, d_model, config.norm_eps)
+        ffn = dict(activation=config.activation, gated=config.gated_ffn, bias=config.ffn_bias)
         if use_moe:
             self.feed_forward = MixtureOfExperts(
                 d_model,
@@ -62,10 +82,19 @@ class TransformerBlock(nn.Module):
                 dropout,
                 expert_capacity_factor,
                 router_z_loss_coef=router_z_loss_coef,
+                norm_topk_prob=config.norm_topk_prob,
+                shared_expert_d_ff=config.shared_expert_d_ff,
+                shared_expert_gate=config.shared_expert_gate,
+                **ffn,
             )
         else:
-            self.feed_forward = FeedForward(d_model, d_ff, dropout)
+            self.feed_forward = FeedForward(d_model, d_ff, dropout, **ffn)
         self.dropout = nn.Dropout(dropout)
+
+    @classmethod
+    def from_config(cls, config: BlockConfig) -> TransformerBlock:
+        """The block that `config` describes."""
+        return cls(**config.kwargs())
 
     def create_kv_cache(
         self,
@@ -74,9 +103,14 @@ class TransformerBlock(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> KVCache:
-        """An empty cache sized for this block's heads."""
+        """An empty cache sized for this block's key/value heads."""
         return KVCache(
-            max_batch_size, max_seq_len, self.n_heads, self.d_model // self.n_heads, dtype, device
+            max_batch_size,
+            max_seq_len,
+            self.config.resolved_n_kv_heads,
+            self.config.resolved_head_dim,
+            dtype,
+            device,
         )
 
     def forward(
@@ -87,11 +121,13 @@ class TransformerBlock(nn.Module):
         use_cache: bool = False,
         cache_position: int | None = None,
         return_aux_loss: bool = False,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache | None, torch.Tensor | None]:
         """x (B, T, d_model) -> (output (B, T, d_model), the updated cache or None, aux or None).
 
         With `use_cache` and a cache, the T tokens are written at `cache_position` (default:
-        the cache's position) and attend to everything cached before them.
+        the cache's position) and attend to everything cached before them. `positions`
+        (B|1, T) are the rope positions (default: the cache position + arange(T)).
         """
         if x.dim() != 3 or x.shape[-1] != self.d_model or min(x.shape[:2]) < 1:
             raise ValueError(
@@ -99,7 +135,8 @@ class TransformerBlock(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         cache = kv_cache if use_cache else None
-        h = x + self.dropout(self.attention(self.norm1(x), mask, cache, cache_position))
+        attn = self.attention(self.norm1(x), mask, cache, cache_position, positions)
+        h = x + self.dropout(attn)
         aux = None
         if self.use_moe:
             ff, aux = self.feed_forward(self.norm2(h), return_aux_loss)

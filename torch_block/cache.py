@@ -9,6 +9,8 @@ class KVCache:
     """Preallocated keys and values of shape (max_batch_size, n_heads, max_seq_len, head_dim).
 
     Writing T tokens at position p fills slots [p, p+T) and moves `cache_position` to p+T.
+    `dtype` and `device` are the original project's attributes: what the constructor and the
+    last `.to(device)` were given.
     """
 
     def __init__(
@@ -32,6 +34,8 @@ class KVCache:
         self.max_seq_len = max_seq_len
         self.n_heads = n_heads
         self.head_dim = head_dim
+        self.dtype = dtype
+        self.device = device
         shape = (max_batch_size, n_heads, max_seq_len, head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)  # (B, H, S, D)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)  # (B, H, S, D)
@@ -72,6 +76,13 @@ class KVCache:
         start = self.cache_position if start_pos is None else start_pos
         B, H, T, D = k.shape
         self.check_write(B, H, D, start, T)
+        return self.write(k, v, start)
+
+    def write(
+        self, k: torch.Tensor, v: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`update` for a write already checked with `check_write`: no check of its own."""
+        B, _, T, _ = k.shape
         end = start + T
         self.k_cache[:B, :, start:end] = k.to(self.k_cache.dtype)
         self.v_cache[:B, :, start:end] = v.to(self.v_cache.dtype)
@@ -96,4 +107,12 @@ class KVCache:
         """Move the cache to `device` in place; returns self."""
         self.k_cache = self.k_cache.to(device)
         self.v_cache = self.v_cache.to(device)
+        self.device = device
         return self
+
+    def __repr__(self) -> str:
+        """Shape (B, H, S, D) of keys and of values, dtype, device and position."""
+        return (
+            f"KVCache(shape={tuple(self.k_cache.shape)}, dtype={self.k_cache.dtype}, "
+            f"device={self.k_cache.device}, cache_position={self.cache_position})"
+        )

@@ -2,91 +2,12 @@
 
 from __future__ import annotations
 
-from numbers import Integral
-from typing import TYPE_CHECKING
-
 import torch
 
-from .sampling import check_sampling, sample_next_token
+from twin_core import check_prompt, check_sampling
 
-if TYPE_CHECKING:
-    from .lm import TransformerLM
-
-
-def is_integer_dtype(dtype: torch.dtype) -> bool:
-    """True for the integer dtypes (bool is not one)."""
-    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
-
-
-def _check_token_id(name: str, value: int | None, vocab_size: int, optional: bool) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, Integral) or not 0 <= value < vocab_size:
-        allowed = "None or an int" if optional else "an int"
-        raise ValueError(f"{name} must be {allowed} in [0, vocab_size={vocab_size}), got {value!r}")
-
-
-def check_prompt(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    *,
-    vocab_size: int,
-    max_seq_len: int,
-    max_new_tokens: int,
-    eos_token_id: int | None,
-    pad_token_id: int,
-) -> torch.Tensor:
-    """Raise ValueError unless the prompts fit the model; returns the mask (B, L) as int64.
-
-    Prompts are left-padded: each mask row is 0s then 1s, with at least one 1.
-    """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral):
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens}")
-    if not isinstance(input_ids, torch.Tensor):
-        raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-    if input_ids.dim() != 2:
-        raise ValueError(
-            f"input_ids must be (batch, prompt_len), got shape {tuple(input_ids.shape)}"
-        )
-    B, L = input_ids.shape
-    if B == 0 or L == 0:
-        raise ValueError(f"empty prompt: input_ids has shape {(B, L)}")
-    if not is_integer_dtype(input_ids.dtype):
-        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-    low, high = int(input_ids.min()), int(input_ids.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(
-            f"token ids must be in [0, vocab_size={vocab_size}), got values in [{low}, {high}]"
-        )
-    if L + max_new_tokens > max_seq_len:
-        raise ValueError(
-            f"prompt length {L} + max_new_tokens {max_new_tokens} = {L + max_new_tokens} "
-            f"exceeds max_seq_len={max_seq_len}"
-        )
-    _check_token_id("pad_token_id", pad_token_id, vocab_size, optional=False)
-    _check_token_id("eos_token_id", eos_token_id, vocab_size, optional=True)
-    if attention_mask is None:
-        return torch.ones(B, L, dtype=torch.long, device=input_ids.device)
-    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != (B, L):
-        shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else None
-        raise ValueError(f"attention_mask must have the shape of input_ids {(B, L)}, got {shape}")
-    if bool(((attention_mask != 0) & (attention_mask != 1)).any()):
-        raise ValueError("attention_mask must hold only 0 and 1 (or False and True)")
-    mask = attention_mask.long()  # (B, L)
-    right_padded = (mask[:, 1:] < mask[:, :-1]).any(dim=1)  # a 0 after a 1
-    if bool(right_padded.any()):
-        rows = torch.nonzero(right_padded).flatten().tolist()
-        raise ValueError(
-            f"attention_mask rows {rows} have padding on the right (a 0 after a 1); "
-            "prompts must be left-padded"
-        )
-    empty = mask.sum(dim=1) == 0
-    if bool(empty.any()):
-        rows = torch.nonzero(empty).flatten().tolist()
-        raise ValueError(f"empty prompt: attention_mask rows {rows} have no real token")
-    return mask.to(input_ids.device)
+from .lm import TransformerLM
+from .sampling import sample_next_token
 
 
 def generate(
@@ -111,8 +32,12 @@ def generate(
     the number of token positions generated.
     """
     check_sampling(temperature, top_k, top_p)
-    mask = check_prompt(
-        input_ids,
+    if not isinstance(input_ids, torch.Tensor):
+        raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if isinstance(attention_mask, torch.Tensor):
+        attention_mask = attention_mask.cpu()
+    _, mask = check_prompt(
+        input_ids.cpu(),
         attention_mask,
         vocab_size=lm.vocab_size,
         max_seq_len=lm.max_seq_len,
@@ -128,7 +53,7 @@ def generate(
             tokens, num_steps = _decode(
                 lm,
                 input_ids.to(param.device),
-                mask.to(param.device),
+                torch.from_numpy(mask).to(param.device),
                 max_new_tokens,
                 temperature,
                 top_k,

@@ -1,25 +1,23 @@
-"""A decoder-only language model in the layout of GPT-2, built on TransformerBlock."""
+"""A decoder-only language model (GPT-2's layout by default), built on TransformerBlock."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from twin_core import LMConfig
+
 from .block import TransformerBlock
 from .cache import KVCache
-from .generate import generate, is_integer_dtype
+from .norm import make_norm
 
 
-def check_lm_config(vocab_size: int, max_seq_len: int, n_layers: int) -> None:
-    """Raise ValueError unless the vocabulary, context length and depth are positive ints."""
-    for name, value in (
-        ("vocab_size", vocab_size),
-        ("max_seq_len", max_seq_len),
-        ("n_layers", n_layers),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"TransformerLM: {name} must be a positive int, got {value!r}")
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """True for the integer dtypes (bool is not one)."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 def position_ids(attention_mask: torch.Tensor | None, start: int, length: int) -> torch.Tensor:
@@ -35,10 +33,11 @@ def position_ids(attention_mask: torch.Tensor | None, start: int, length: int) -
 
 
 class TransformerLM(nn.Module):
-    """Token + position embedding -> dropout -> blocks -> LayerNorm -> LM head (GPT-2 layout).
+    """Token embedding [+ learned positions] -> dropout -> blocks -> norm -> LM head.
 
-    With `tie_embeddings` the head is the token embedding matrix, and the state_dict has no
-    `lm_head.weight`.
+    With the defaults this is GPT-2's layout; `**architecture` takes any other field of
+    `twin_core.LMConfig` (the family options: rope, rmsnorm, GQA, ...). With `tie_embeddings`
+    the head is the token embedding matrix, and the state_dict has no `lm_head.weight`.
     """
 
     def __init__(
@@ -57,10 +56,10 @@ class TransformerLM(nn.Module):
         tie_embeddings: bool = True,
         *,
         router_z_loss_coef: float = 0.0,
+        **architecture: Any,
     ):
         super().__init__()
-        check_lm_config(vocab_size, max_seq_len, n_layers)
-        self.config = dict(
+        config = LMConfig(
             vocab_size=vocab_size,
             max_seq_len=max_seq_len,
             d_model=d_model,
@@ -74,33 +73,28 @@ class TransformerLM(nn.Module):
             expert_capacity_factor=expert_capacity_factor,
             tie_embeddings=tie_embeddings,
             router_z_loss_coef=router_z_loss_coef,
+            **architecture,
         )
+        self.config = config
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
         self.tie_embeddings = tie_embeddings
         self.token_embedding = nn.Embedding(vocab_size, d_model)
-        self.position_embedding = nn.Embedding(max_seq_len, d_model)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.position_embedding.weight, std=0.02)
+        self.position_embedding = None
+        if config.positions == "learned":
+            self.position_embedding = nn.Embedding(max_seq_len, d_model)
+            nn.init.normal_(self.position_embedding.weight, std=0.02)
         self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            [
-                TransformerBlock(
-                    d_model,
-                    n_heads,
-                    d_ff,
-                    dropout,
-                    use_moe,
-                    num_experts,
-                    top_k_experts,
-                    expert_capacity_factor=expert_capacity_factor,
-                    router_z_loss_coef=router_z_loss_coef,
-                )
-                for _ in range(n_layers)
-            ]
-        )
-        self.norm = nn.LayerNorm(d_model, eps=1e-5)
+        block = config.block()
+        self.blocks = nn.ModuleList([TransformerBlock.from_config(block) for _ in range(n_layers)])
+        self.norm = make_norm(config.norm, d_model, config.norm_eps)
         self.lm_head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
+
+    @classmethod
+    def from_config(cls, config: LMConfig) -> TransformerLM:
+        """The language model that `config` describes."""
+        return cls(**config.kwargs())
 
     def create_kv_cache(
         self,
@@ -169,14 +163,21 @@ class TransformerLM(nn.Module):
         start = 0 if kv_cache is None else kv_cache[0].cache_position
         T = input_ids.shape[1]
         positions = position_ids(attention_mask, start, T).to(input_ids.device)  # (B|1, T)
-        x = self.token_embedding(input_ids) + self.position_embedding(positions)  # (B, T, d)
+        x = self.token_embedding(input_ids)  # (B, T, d_model)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(positions)
         x = self.dropout(x)
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         aux = torch.zeros((), device=x.device)
         for i, block in enumerate(self.blocks):
             layer_cache = None if kv_cache is None else kv_cache[i]
             x, _, block_aux = block(
-                x, key_mask, layer_cache, layer_cache is not None, return_aux_loss=return_aux_loss
+                x,
+                key_mask,
+                layer_cache,
+                layer_cache is not None,
+                return_aux_loss=return_aux_loss,
+                positions=positions,
             )
             if block_aux is not None:
                 aux = aux + block_aux
@@ -189,35 +190,6 @@ class TransformerLM(nn.Module):
         if kv_cache is not None:
             outputs.append(kv_cache)
         return logits if len(outputs) == 1 else tuple(outputs)
-
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        eos_token_id: int | None = None,
-        pad_token_id: int = 0,
-        generator: torch.Generator | None = None,
-        return_num_steps: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, int]:
-        """The new tokens (B, max_new_tokens) after left-padded prompts; see `generate.generate`."""
-        return generate(
-            self,
-            input_ids,
-            attention_mask,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            eos_token_id=eos_token_id,
-            pad_token_id=pad_token_id,
-            generator=generator,
-            return_num_steps=return_num_steps,
-        )
 
 
 def _describe(value) -> str:

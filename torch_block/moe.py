@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from twin_core import check_moe_config, expert_capacity
 
 from .feed_forward import FeedForward
 
@@ -17,25 +18,22 @@ class Routing(NamedTuple):
 
     probs: torch.Tensor  # (N, E) float32 router probabilities
     expert: torch.Tensor  # (k*N,) chosen expert
-    weight: torch.Tensor  # (k*N,) renormalised gate weight
+    weight: torch.Tensor  # (k*N,) gate weight (renormalised over the k, unless told not to)
     rank: torch.Tensor  # (k*N,) place in its expert's queue; kept when rank < capacity
     counts: torch.Tensor  # (E,) assignments per expert before dropping
 
 
-def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None) -> int:
-    """Assignments each expert may take: max(1, ceil(c * N * k / E)), or N when dropless."""
-    if factor is None:
-        return num_tokens
-    return max(1, math.ceil(factor * num_tokens * top_k / num_experts))
+def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True) -> Routing:
+    """Top-k routing of N tokens with float32 `logits` (N, E); ties go to the lower expert.
 
-
-def route(logits: torch.Tensor, top_k: int) -> Routing:
-    """Top-k routing of N tokens with float32 `logits` (N, E); ties go to the lower expert."""
+    The k weights are the selected probabilities, renormalised to sum to 1 if `norm_topk_prob`.
+    """
     N, E = logits.shape
     probs = F.softmax(logits, dim=-1)  # (N, E)
     top_probs, top_experts = torch.sort(probs, dim=-1, descending=True, stable=True)
     top_probs, top_experts = top_probs[:, :top_k], top_experts[:, :top_k]  # (N, k)
-    top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
+    if norm_topk_prob:
+        top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
 
     expert = top_experts.t().reshape(-1)  # (k*N,) slot-major: every first choice, then seconds
     weight = top_probs.t().reshape(-1)  # (k*N,)
@@ -61,7 +59,11 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 class MixtureOfExperts(nn.Module):
-    """Top-k gated experts with capacity-based dropping in training and a load-balancing loss."""
+    """Top-k gated experts with capacity-based dropping in training and a load-balancing loss.
+
+    Every expert, and the optional shared expert (applied to every token, scaled by
+    sigmoid(x @ w) with `shared_expert_gate`), is a FeedForward of the given kind.
+    """
 
     def __init__(
         self,
@@ -73,6 +75,12 @@ class MixtureOfExperts(nn.Module):
         expert_capacity_factor: float | None = 1.25,
         *,
         router_z_loss_coef: float = 0.0,
+        norm_topk_prob: bool = True,
+        activation: str = "gelu",
+        gated: bool = False,
+        bias: bool = True,
+        shared_expert_d_ff: int | None = None,
+        shared_expert_gate: bool = False,
     ):
         super().__init__()
         check_moe_config(num_experts, top_k, expert_capacity_factor)
@@ -81,10 +89,18 @@ class MixtureOfExperts(nn.Module):
         self.top_k = top_k
         self.expert_capacity_factor = expert_capacity_factor
         self.router_z_loss_coef = router_z_loss_coef
+        self.norm_topk_prob = norm_topk_prob
+        ffn = dict(activation=activation, gated=gated, bias=bias)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         self.experts = nn.ModuleList(
-            [FeedForward(d_model, d_ff, dropout) for _ in range(num_experts)]
+            [FeedForward(d_model, d_ff, dropout, **ffn) for _ in range(num_experts)]
         )
+        self.shared_expert = None
+        self.shared_expert_gate = None
+        if shared_expert_d_ff is not None:
+            self.shared_expert = FeedForward(d_model, shared_expert_d_ff, dropout, **ffn)
+            if shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(d_model, 1, bias=False)
         self.register_buffer("expert_counts", torch.zeros(num_experts))
 
     def reset_expert_counts(self) -> None:
@@ -99,7 +115,7 @@ class MixtureOfExperts(nn.Module):
         N, k = B * T, self.top_k
         tokens = x.reshape(N, d_model)  # (N, d_model)
         logits = F.linear(tokens.float(), self.gate.weight.float())  # (N, E)
-        routing = route(logits, k)
+        routing = route(logits, k, self.norm_topk_prob)
         factor = self.expert_capacity_factor if self.training else None
         capacity = expert_capacity(N, k, self.num_experts, factor)
         if self.training:
@@ -118,6 +134,11 @@ class MixtureOfExperts(nn.Module):
         )  # (A, d_model)
         weighted = expert_out * routing.weight[kept, None].to(expert_out.dtype)
         out = torch.zeros_like(tokens).index_add_(0, token, weighted)  # (N, d_model)
+        if self.shared_expert is not None:
+            shared = self.shared_expert(tokens)  # (N, d_model)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+            out = out + shared
 
         aux = None
         if return_aux_loss:
@@ -125,18 +146,3 @@ class MixtureOfExperts(nn.Module):
             if self.router_z_loss_coef:
                 aux = aux + self.router_z_loss_coef * router_z_loss(logits)
         return out.reshape(B, T, d_model), aux
-
-
-def check_moe_config(num_experts: int, top_k: int, expert_capacity_factor: float | None) -> None:
-    """Raise ValueError for an expert count, top-k or capacity factor that cannot work."""
-    for name, value in (("num_experts", num_experts), ("top_k", top_k)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-    if expert_capacity_factor is not None and not expert_capacity_factor > 0:
-        raise ValueError(
-            f"expert_capacity_factor must be > 0 or None, got {expert_capacity_factor}"
-        )

@@ -95,6 +95,10 @@ class Architecture:
         """The family options alone, as keyword arguments."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(Architecture)}
 
+    def kwargs(self) -> dict[str, Any]:
+        """Every field as keyword arguments (rope_scaling stays a RopeScaling)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain JSON types (rope_scaling as a dict)."""
         family = [f.name for f in dataclasses.fields(Architecture)]
@@ -328,3 +332,84 @@ def _rope_scaling_from_dict(data: Mapping[str, Any]) -> RopeScaling:
         return RopeScaling(**data)
     except TypeError as err:
         raise ValueError(f"rope_scaling: {err}") from err
+
+
+# --------------------------------------------------------------------------- training
+def default_warmup_steps(steps: int) -> int:
+    """The warm-up of a run of `steps` updates when none is given: a quarter of the run, at most
+    100 updates (400 steps: 100; 50 steps: 12; 3 steps: 0)."""
+    return min(100, steps // 4)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a run except the model: batches, optimizer, schedule, seed.
+
+    `seq_len` is the model's input length; each batch row holds seq_len + 1 bytes (the targets
+    are the inputs shifted by one). The learning rate rises linearly from 0 over `warmup_steps`
+    steps, then follows a cosine down to `lr * min_lr_ratio` at step `steps`. `warmup_steps`
+    None is `default_warmup_steps(steps)`, resolved when the config is made.
+    """
+
+    steps: int = 400
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 2e-3
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    aux_loss_coef: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps is None and isinstance(self.steps, int):
+            object.__setattr__(self, "warmup_steps", default_warmup_steps(self.steps))
+        for name in ("steps", "batch_size", "seq_len", "warmup_steps", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        for name in ("steps", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(
+                f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}"
+            )
+        floats = ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm")
+        for name in (*floats, "aux_loss_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+        checks = (
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            ("weight_decay", self.weight_decay >= 0, ">= 0"),
+            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
+            ("eps", self.eps > 0, "> 0"),
+            ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
+            ("aux_loss_coef", self.aux_loss_coef >= 0, ">= 0"),
+        )
+        for name, ok, wanted in checks:
+            if not ok:
+                raise ValueError(f"{name} must be {wanted}, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain JSON types (the warm-up resolved)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        """The config from `to_dict()`'s output; unknown keys are a ValueError naming them."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"TrainConfig: expected a dict of fields, got {type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown keys {unknown}; the fields are {names}")
+        return cls(**data)
