@@ -1,4 +1,4 @@
-"""Multi-head self-attention with an optional KV cache."""
+"""Multi-head self-attention with an optional KV cache, grouped key/value heads and rope."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from twin_core import RopeScaling, inv_frequencies
+
 from .cache import KVCache
+from .rope import apply_rope
 
 
 def check_mask(mask: jax.Array, shape: tuple[int, int, int, int]) -> None:
@@ -25,13 +28,22 @@ def check_mask(mask: jax.Array, shape: tuple[int, int, int, int]) -> None:
         )
 
 
-class MultiHeadAttention(nn.Module):
-    """Scaled dot-product attention over n_heads heads; causal unless `causal=False`.
+def is_static_zero(position) -> bool:
+    """Whether a cache position is known while tracing to be 0 (a Python or NumPy int)."""
+    return not isinstance(position, jax.Array) and int(position) == 0
 
-    With a cache the keys are the max_seq_len cache slots (static shapes), of which those
-    written before this call, [0, position), may be attended, then the T new tokens; `mask`
-    covers the max_seq_len slots, the new tokens' keys at their slots [position, position + T).
-    A position known while tracing to be 0 (a Python or NumPy int) reads no cache slot.
+
+class MultiHeadAttention(nn.Module):
+    """Scaled dot-product attention over n_heads query heads; causal unless `causal=False`.
+
+    Query head h reads key/value head h // (n_heads // n_kv_heads) (GQA; MQA at 1). With
+    `positions="rope"` q and k are rotated at their tokens' positions before the cache write.
+    With `sliding_window` W a query at p sees keys k with p - W < k <= p.
+
+    With a cache the T new keys are written first and the call attends to the cache's
+    max_seq_len slots as they hold after the write (static shapes; `mask` covers those slots).
+    A position known while tracing to be 0 (a Python or NumPy int) reads no cache slot: the
+    keys are the T new ones, rounded to the cache's dtype as the cache holds them.
     """
 
     d_model: int
@@ -40,6 +52,14 @@ class MultiHeadAttention(nn.Module):
     causal: bool = True
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    qkv_bias: bool = True
+    out_bias: bool = True
+    positions: str = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
 
     @nn.compact
     def __call__(
@@ -49,64 +69,74 @@ class MultiHeadAttention(nn.Module):
         kv_cache: KVCache | None = None,
         cache_position: jax.Array | int | None = None,
         deterministic: bool = True,
+        positions: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """Attend x (B, T, d_model) to itself and to the cache; returns (out, new cache)."""
-        if self.n_heads < 1 or self.d_model % self.n_heads != 0:
+        """Attend x (B, T, d_model) to itself and to the cache; returns (out, new cache).
+
+        `positions` (B|1, T) are the rope positions (default: cache position + arange(T)).
+        """
+        if self.n_heads < 1 or (self.head_dim is None and self.d_model % self.n_heads != 0):
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), "
                 "n_heads >= 1"
             )
         B, T, _ = x.shape
-        H, D = self.n_heads, self.d_model // self.n_heads
+        H = self.n_heads
+        KV = H if self.n_kv_heads is None else self.n_kv_heads
+        D = self.d_model // H if self.head_dim is None else self.head_dim
+        G = H // KV
         start = 0
         S = T
         if kv_cache is not None:
             start = kv_cache.position if cache_position is None else cache_position
-            kv_cache.check_write(B, H, D, start, T)
             S = kv_cache.max_seq_len
         if mask is not None:
             check_mask(mask, (B, H, T, S))
 
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q = nn.Dense(self.d_model, name="q_proj", **dense)(x).reshape(B, T, H, D)
-        k = nn.Dense(self.d_model, name="k_proj", **dense)(x).reshape(B, T, H, D)
-        v = nn.Dense(self.d_model, name="v_proj", **dense)(x).reshape(B, T, H, D)
-        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # (B, H, T, D)
+        q = nn.Dense(H * D, use_bias=self.qkv_bias, name="q_proj", **dense)(x)
+        k = nn.Dense(KV * D, use_bias=self.qkv_bias, name="k_proj", **dense)(x)
+        v = nn.Dense(KV * D, use_bias=self.qkv_bias, name="v_proj", **dense)(x)
+        q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, KV, D), v.reshape(B, T, KV, D)
+        if self.positions == "rope":
+            if positions is None:
+                positions = start + jnp.arange(T)[None, :]  # (1, T)
+            inv_freq = inv_frequencies(D, self.rope_theta, self.rope_scaling)  # (D/2,)
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, KV, T, D)
 
-        # Keys: the cache's slots [0, start) as they were before this write, then the T new
-        # keys. The written cache is only returned, so XLA updates it in place with no copy.
-        # A start known to be 0 while tracing (a Python or NumPy 0) has no cached keys to read.
-        query_pos = start + jnp.arange(T)  # (T,): also the slots of the new keys
-        q = q.astype(jnp.float32)
-        scores = jnp.einsum("bhtd,bhsd->bhts", q, k.astype(jnp.float32))  # (B, H, T, T)
-        allowed = jnp.ones((T, T), bool)  # (T, T): query t may see new key j
-        if self.causal:
-            allowed = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]
-        new_cache, read_cache = None, False
+        query_pos = start + jnp.arange(T)  # (T,)
+        key_pos = jnp.arange(T)  # slots of the keys attended to
+        keys, values, new_cache = k, v, None
         if kv_cache is not None:
-            new_cache = kv_cache.write(k, v, start)
-            allowed = allowed & ((start >= 0) & (query_pos < S))  # new keys the write kept
-            read_cache = isinstance(start, jax.core.Tracer) or int(start) != 0
-        if read_cache:
-            cached_k = kv_cache.k_cache[:B].astype(jnp.float32)  # (B, H, S, D)
-            cached_scores = jnp.einsum("bhtd,bhsd->bhts", q, cached_k)  # (B, H, T, S)
-            scores = jnp.concatenate([cached_scores, scores], axis=-1)  # (B, H, T, S + T)
-            cached = jnp.broadcast_to(jnp.arange(S) < start, (T, S))  # (T, S)
-            allowed = jnp.concatenate([cached, allowed], axis=-1)  # (T, S + T)
-        if mask is not None:
-            mask = jnp.atleast_1d(mask.astype(bool))
-            if kv_cache is not None:  # the mask covers the S slots; new key j is at slot start + j
-                new_keys = jnp.take(mask, jnp.clip(query_pos, 0, mask.shape[-1] - 1), axis=-1)
-                mask = jnp.concatenate([mask, new_keys], axis=-1) if read_cache else new_keys
-            allowed = allowed & mask  # (B, H, T, [S +] T) after broadcasting
+            new_cache = kv_cache.write(k, v, start)  # checks the write
+            if is_static_zero(start):
+                keys, values = k.astype(kv_cache.k_cache.dtype), v.astype(kv_cache.v_cache.dtype)
+                if mask is not None and mask.ndim and mask.shape[-1] > 1:
+                    mask = mask[..., :T]
+            else:
+                keys, values = new_cache.k_cache[:B], new_cache.v_cache[:B]  # (B, KV, S, D)
+                key_pos = jnp.arange(S)
 
-        scores = scores * D**-0.5
+        allowed = jnp.ones((T, key_pos.size), bool)  # (T, S'): query t may see key slot s
+        if self.causal:
+            allowed = allowed & (key_pos[None, :] <= query_pos[:, None])
+        if self.sliding_window is not None:
+            allowed = allowed & (key_pos[None, :] > query_pos[:, None] - self.sliding_window)
+        if kv_cache is not None:  # slots this call or earlier ones wrote
+            allowed = allowed & (key_pos[None, :] < start + T) & (start >= 0)
+        if mask is not None:
+            allowed = allowed & mask.astype(bool)  # (B, H, T, S') after broadcasting
+
+        grouped_q = q.reshape(B, T, KV, G, D).astype(jnp.float32)  # query head h = kv * G + g
+        scores = jnp.einsum("btkgd,bksd->bkgts", grouped_q, keys.astype(jnp.float32))
+        scores = scores.reshape(B, H, T, key_pos.size) * D**-0.5  # (B, H, T, S')
         scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1) * allowed  # a row with no allowed key is zeros
         probs = nn.Dropout(self.dropout)(probs.astype(self.dtype), deterministic=deterministic)
-        out = jnp.einsum("bhts,bhsd->bhtd", probs[..., -T:], v)  # (B, H, T, D)
-        if read_cache:
-            cached_v = kv_cache.v_cache[:B].astype(self.dtype)  # (B, H, S, D)
-            out = out + jnp.einsum("bhts,bhsd->bhtd", probs[..., :S], cached_v)
-        out = out.transpose(0, 2, 1, 3).reshape(B, T, H * D)  # (B, T, d_model)
-        return nn.Dense(self.d_model, name="out_proj", **dense)(out), new_cache
+        probs = probs.reshape(B, KV, G, T, key_pos.size)
+        out = jnp.einsum("bkgts,bksd->btkgd", probs, values.astype(self.dtype))
+        out = out.reshape(B, T, H * D)  # (B, T, H * D)
+        return nn.Dense(self.d_model, use_bias=self.out_bias, name="out_proj", **dense)(
+            out
+        ), new_cache

@@ -1,25 +1,42 @@
-"""The position-wise feed-forward network: fc1 -> exact GELU -> dropout -> fc2."""
+"""The position-wise feed-forward network: fc1 -> activation [* fc3] -> dropout -> fc2."""
 
 from __future__ import annotations
+
+from functools import partial
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+ACTIVATIONS = {
+    "gelu": partial(jax.nn.gelu, approximate=False),  # exact (erf)
+    "gelu_tanh": partial(jax.nn.gelu, approximate=True),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
 
 class FeedForward(nn.Module):
-    """Two linear layers with an exact (erf) GELU between them."""
+    """fc2(dropout(act(fc1(x)))), or with `gated` fc2(dropout(act(fc1(x)) * fc3(x))) (SwiGLU).
+
+    The default is the original project's: exact GELU, not gated, with biases.
+    """
 
     d_model: int
     d_ff: int
     dropout: float = 0.1
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    activation: str = "gelu"
+    gated: bool = False
+    bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         """x (..., d_model) -> (..., d_model)."""
-        dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = jax.nn.gelu(nn.Dense(self.d_ff, name="fc1", **dense)(x), approximate=False)
+        dense = dict(use_bias=self.bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = ACTIVATIONS[self.activation](nn.Dense(self.d_ff, name="fc1", **dense)(x))
+        if self.gated:
+            h = h * nn.Dense(self.d_ff, name="fc3", **dense)(x)
         h = nn.Dropout(self.dropout)(h, deterministic=deterministic)
         return nn.Dense(self.d_model, name="fc2", **dense)(h)

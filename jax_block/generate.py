@@ -3,91 +3,16 @@
 from __future__ import annotations
 
 from functools import partial
-from numbers import Integral
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from twin_core import check_prompt, check_sampling, prompt_bucket
+
 from .cache import IN_PLACE_CACHE_OPTIONS, KVCache
 from .lm import TransformerLM
-from .sampling import check_sampling, sample_next_token
-
-MIN_PROMPT_BUCKET = 16
-
-
-def prompt_bucket(length: int) -> int:
-    """The length prompts are left-padded to: the next power of two >= length, at least 16."""
-    return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
-
-
-def _check_token_id(name: str, value: int | None, vocab_size: int, optional: bool) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, Integral) or not 0 <= value < vocab_size:
-        allowed = "None or an int" if optional else "an int"
-        raise ValueError(f"{name} must be {allowed} in [0, vocab_size={vocab_size}), got {value!r}")
-
-
-def check_prompt(
-    input_ids: jax.Array | np.ndarray,
-    attention_mask: jax.Array | np.ndarray | None,
-    *,
-    vocab_size: int,
-    max_seq_len: int,
-    max_new_tokens: int,
-    eos_token_id: int | None,
-    pad_token_id: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Raise ValueError unless the prompts fit the model; returns (ids, mask) (B, L) as int32.
-
-    Prompts are left-padded: each mask row is 0s then 1s, with at least one 1.
-    """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, Integral):
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens}")
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2:
-        raise ValueError(f"input_ids must be (batch, prompt_len), got shape {tuple(ids.shape)}")
-    B, L = ids.shape
-    if B == 0 or L == 0:
-        raise ValueError(f"empty prompt: input_ids has shape {(B, L)}")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(
-            f"token ids must be in [0, vocab_size={vocab_size}), got values in [{low}, {high}]"
-        )
-    if L + max_new_tokens > max_seq_len:
-        raise ValueError(
-            f"prompt length {L} + max_new_tokens {max_new_tokens} = {L + max_new_tokens} "
-            f"exceeds max_seq_len={max_seq_len}"
-        )
-    _check_token_id("pad_token_id", pad_token_id, vocab_size, optional=False)
-    _check_token_id("eos_token_id", eos_token_id, vocab_size, optional=True)
-    if attention_mask is None:
-        return ids.astype(np.int32), np.ones((B, L), np.int32)
-    if not hasattr(attention_mask, "shape") or tuple(attention_mask.shape) != (B, L):
-        shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else None
-        raise ValueError(f"attention_mask must have the shape of input_ids {(B, L)}, got {shape}")
-    given = np.asarray(attention_mask)
-    if np.any((given != 0) & (given != 1)):
-        raise ValueError("attention_mask must hold only 0 and 1 (or False and True)")
-    mask = given.astype(np.int32)  # (B, L)
-    right_padded = (mask[:, 1:] < mask[:, :-1]).any(axis=1)  # a 0 after a 1
-    if right_padded.any():
-        rows = np.flatnonzero(right_padded).tolist()
-        raise ValueError(
-            f"attention_mask rows {rows} have padding on the right (a 0 after a 1); "
-            "prompts must be left-padded"
-        )
-    empty = mask.sum(axis=1) == 0
-    if empty.any():
-        rows = np.flatnonzero(empty).tolist()
-        raise ValueError(f"empty prompt: attention_mask rows {rows} have no real token")
-    return ids.astype(np.int32), mask
+from .sampling import sample_next_token
 
 
 @partial(
@@ -148,6 +73,7 @@ def generate(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
+    ids, mask = ids.astype(np.int32), mask.astype(np.int32)
     if temperature > 0 and rng is None:
         raise ValueError(f"sampling at temperature {temperature} needs rng (a jax.random key)")
     B, L = ids.shape

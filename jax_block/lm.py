@@ -1,26 +1,19 @@
-"""A decoder-only language model in the layout of GPT-2, built on TransformerBlock."""
+"""A decoder-only language model (GPT-2's layout by default), built on TransformerBlock."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .block import TransformerBlock
+from twin_core import LMConfig, RopeScaling
+
+from .block import TransformerBlock, config_of
 from .cache import KVCache
-from .moe import check_moe_config
-
-
-def check_lm_config(vocab_size: int, max_seq_len: int, n_layers: int) -> None:
-    """Raise ValueError unless the vocabulary, context length and depth are positive ints."""
-    for name, value in (
-        ("vocab_size", vocab_size),
-        ("max_seq_len", max_seq_len),
-        ("n_layers", n_layers),
-    ):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"TransformerLM: {name} must be a positive int, got {value!r}")
+from .norm import make_norm
 
 
 def position_ids(attention_mask: jax.Array | None, start: jax.Array, length: int) -> jax.Array:
@@ -36,10 +29,12 @@ def position_ids(attention_mask: jax.Array | None, start: jax.Array, length: int
 
 
 class TransformerLM(nn.Module):
-    """Token + position embedding -> dropout -> blocks -> LayerNorm -> LM head (GPT-2 layout).
+    """Token embedding [+ learned positions] -> dropout -> blocks -> norm -> LM head.
 
-    The blocks are the submodules `blocks_0` ... `blocks_{n_layers-1}`. With `tie_embeddings`
-    the head is the token embedding matrix (`token_embedding.attend`) and there is no `lm_head`.
+    The fields are those of `twin_core.LMConfig` (read back as `.config`), plus the compute
+    and parameter dtypes; the defaults are GPT-2's layout. The blocks are the submodules
+    `blocks_0` ... `blocks_{n_layers-1}`. With `tie_embeddings` the head is the token embedding
+    matrix (`token_embedding.attend`) and there is no `lm_head`.
     """
 
     vocab_size: int
@@ -57,25 +52,49 @@ class TransformerLM(nn.Module):
     router_z_loss_coef: float = 0.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    qkv_bias: bool = True
+    out_bias: bool = True
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "gelu"
+    gated_ffn: bool = False
+    ffn_bias: bool = True
+    positions: str = "learned"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    sliding_window: int | None = None
+    norm_topk_prob: bool = True
+    shared_expert_d_ff: int | None = None
+    shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
-        check_lm_config(self.vocab_size, self.max_seq_len, self.n_layers)
-        if self.n_heads < 1 or self.d_model % self.n_heads != 0:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), "
-                "n_heads >= 1"
-            )
-        if self.use_moe:
-            check_moe_config(self.num_experts, self.top_k_experts, self.expert_capacity_factor)
+        config_of(self, LMConfig)  # raises ValueError on a field that cannot work
         super().__post_init__()
+
+    @property
+    def config(self) -> LMConfig:
+        """The framework-free configuration of this language model."""
+        return config_of(self, LMConfig)
+
+    @classmethod
+    def from_config(cls, config: LMConfig, **module_args: Any) -> TransformerLM:
+        """The language model that `config` describes; `module_args`: dtype, param_dtype, ..."""
+        return cls(**config.kwargs(), **module_args)
 
     def create_kv_cache(
         self, max_batch_size: int, max_seq_len: int, dtype: jnp.dtype = jnp.float32
     ) -> tuple[KVCache, ...]:
         """One empty cache per block, each with `max_seq_len` slots."""
+        config = self.config
         return tuple(
             KVCache.create(
-                max_batch_size, max_seq_len, self.n_heads, self.d_model // self.n_heads, dtype
+                max_batch_size,
+                max_seq_len,
+                config.resolved_n_kv_heads,
+                config.resolved_head_dim,
+                dtype,
             )
             for _ in range(self.n_layers)
         )
@@ -144,39 +163,26 @@ class TransformerLM(nn.Module):
             embedding_init=nn.initializers.normal(stddev=0.02),
         )
         token_embedding = nn.Embed(self.vocab_size, self.d_model, name="token_embedding", **embed)
-        position_embedding = nn.Embed(
-            self.max_seq_len, self.d_model, name="position_embedding", **embed
-        )
-        x = token_embedding(input_ids) + position_embedding(positions)  # (B, T, d_model)
+        x = token_embedding(input_ids)  # (B, T, d_model)
+        if self.positions == "learned":
+            x = x + nn.Embed(self.max_seq_len, self.d_model, name="position_embedding", **embed)(
+                positions
+            )
         x = nn.Dropout(self.dropout, name="dropout")(x, deterministic=deterministic)
         key_mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
         aux = jnp.zeros((), jnp.float32)
+        block = self.config.block()
         new_cache = []
         for i in range(self.n_layers):
             layer_cache = None if kv_cache is None else kv_cache[i]
-            x, layer_cache, block_aux = TransformerBlock(
-                self.d_model,
-                self.n_heads,
-                self.d_ff,
-                self.dropout,
-                self.use_moe,
-                self.num_experts,
-                self.top_k_experts,
-                expert_capacity_factor=self.expert_capacity_factor,
-                router_z_loss_coef=self.router_z_loss_coef,
-                dtype=self.dtype,
-                param_dtype=self.param_dtype,
-                name=f"blocks_{i}",
-            )(x, key_mask, layer_cache, None, deterministic, return_aux_loss)
+            x, layer_cache, block_aux = TransformerBlock.from_config(
+                block, dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}"
+            )(x, key_mask, layer_cache, None, deterministic, return_aux_loss, positions)
             new_cache.append(layer_cache)
             if block_aux is not None:
                 aux = aux + block_aux
-        norm = nn.LayerNorm(
-            epsilon=1e-5,
-            use_fast_variance=False,  # the two-pass variance, as torch computes it
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="norm",
+        norm = make_norm(
+            self.norm, self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
         )
         x = norm(x)  # (B, T, d_model)
         if self.tie_embeddings:

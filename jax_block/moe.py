@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from twin_core import check_moe_config, expert_capacity
+
 from .feed_forward import FeedForward
 
 
@@ -17,24 +19,21 @@ class Routing(NamedTuple):
 
     probs: jax.Array  # (N, E) float32 router probabilities
     expert: jax.Array  # (k*N,) chosen expert
-    weight: jax.Array  # (k*N,) renormalised gate weight
+    weight: jax.Array  # (k*N,) gate weight (renormalised over the k, unless told not to)
     rank: jax.Array  # (k*N,) place in its expert's queue; kept when rank < capacity
     counts: jax.Array  # (E,) assignments per expert before dropping
 
 
-def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float | None) -> int:
-    """Assignments each expert may take: max(1, ceil(c * N * k / E)), or N when dropless."""
-    if factor is None:
-        return num_tokens
-    return max(1, math.ceil(factor * num_tokens * top_k / num_experts))
+def route(logits: jax.Array, top_k: int, norm_topk_prob: bool = True) -> Routing:
+    """Top-k routing of N tokens with float32 `logits` (N, E); ties go to the lower expert.
 
-
-def route(logits: jax.Array, top_k: int) -> Routing:
-    """Top-k routing of N tokens with float32 `logits` (N, E); ties go to the lower expert."""
+    The k weights are the selected probabilities, renormalised to sum to 1 if `norm_topk_prob`.
+    """
     N, E = logits.shape
     probs = jax.nn.softmax(logits, axis=-1)  # (N, E)
     top_probs, top_experts = jax.lax.top_k(probs, top_k)  # (N, k), ties to the lower index
-    top_probs = top_probs / top_probs.sum(axis=-1, keepdims=True)
+    if norm_topk_prob:
+        top_probs = top_probs / top_probs.sum(axis=-1, keepdims=True)
 
     expert = top_experts.T.reshape(-1)  # (k*N,) slot-major: every first choice, then seconds
     weight = top_probs.T.reshape(-1)  # (k*N,)
@@ -66,20 +65,21 @@ def group_block_size(num_assignments: int, num_experts: int) -> int:
 
 
 def grouped_experts(
+    expert: FeedForward,
     params: dict,
     tokens: jax.Array,
     routing: Routing,
     block: int,
     dtype: jnp.dtype,
-    dropout: float,
     dropout_rng: jax.Array | None,
 ) -> jax.Array:
     """Every assignment through its expert, reading only the experts' weights that are used.
 
-    Each expert's assignments are padded to a whole number of `block`-row blocks; a scan over
-    the blocks applies one expert's weights to each, and skips the empty blocks after the used
-    ones (the static count is an upper bound). Cost grows with k * N, not E * N.
-    Returns (k*N, d_model) outputs, in assignment order.
+    `expert` is the (unbound) FeedForward of one expert and `params` the experts' stacked
+    parameters (E, ...). Each expert's assignments are padded to a whole number of
+    `block`-row blocks; a scan over the blocks applies one expert's weights to each, and skips
+    the empty blocks after the used ones (the static count is an upper bound). Cost grows with
+    k * N, not E * N. Returns (k*N, d_model) outputs, in assignment order.
     """
     A, (N, d_model) = routing.expert.size, tokens.shape
     E = routing.counts.size
@@ -103,12 +103,10 @@ def grouped_experts(
         x, e, key, i = args  # (block, d_model), (), key, ()
 
         def expert_ffn() -> jax.Array:
-            w = jax.tree_util.tree_map(lambda p: p[e].astype(dtype), params)
-            h = jax.nn.gelu(x @ w["fc1"]["kernel"] + w["fc1"]["bias"], approximate=False)
-            if dropout_rng is not None and dropout > 0:
-                keep = jax.random.bernoulli(key, 1.0 - dropout, h.shape)
-                h = jnp.where(keep, h / (1.0 - dropout), 0).astype(dtype)
-            return h @ w["fc2"]["kernel"] + w["fc2"]["bias"]  # (block, d_model)
+            weights = jax.tree_util.tree_map(lambda p: p[e], params)
+            if dropout_rng is None:
+                return expert.apply({"params": weights}, x)  # (block, d_model)
+            return expert.apply({"params": weights}, x, False, rngs={"dropout": key})
 
         return jax.lax.cond(i < used_blocks, expert_ffn, lambda: jnp.zeros_like(x))
 
@@ -120,7 +118,9 @@ def grouped_experts(
 class MixtureOfExperts(nn.Module):
     """Top-k gated experts with capacity-based dropping in training and a load-balancing loss.
 
-    The experts are one `nn.vmap`-ped FeedForward with stacked parameters (E, ...). Training
+    Every expert, and the optional shared expert (applied to every token, scaled by
+    sigmoid(x @ w) with `shared_expert_gate`), is a FeedForward of the given kind. The experts
+    are one `nn.vmap`-ped FeedForward with stacked parameters (E, ...). Training
     with a capacity factor dispatches tokens into per-expert buffers (E, C, d_model); dropless
     calls (eval, or factor None) use `grouped_experts`, whose cost grows with k * N.
     `dispatch` forces one of the two ("buffers" or "grouped"; default "auto").
@@ -136,6 +136,12 @@ class MixtureOfExperts(nn.Module):
     dispatch: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    norm_topk_prob: bool = True
+    activation: str = "gelu"
+    gated: bool = False
+    bias: bool = True
+    shared_expert_d_ff: int | None = None
+    shared_expert_gate: bool = False
 
     @nn.compact
     def __call__(
@@ -151,20 +157,24 @@ class MixtureOfExperts(nn.Module):
         logits = nn.Dense(
             E, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype, name="gate"
         )(tokens.astype(jnp.float32))  # (N, E)
-        routing = route(logits, k)
+        routing = route(logits, k, self.norm_topk_prob)
         factor = None if deterministic else self.expert_capacity_factor
         capacity = expert_capacity(N, k, E, factor)
         if not deterministic and self.is_mutable_collection("moe_stats"):
             counts = self.variable("moe_stats", "expert_counts", jnp.zeros, (E,), jnp.float32)
             counts.value += routing.counts.astype(jnp.float32)
 
+        ffn = dict(activation=self.activation, gated=self.gated, bias=self.bias)
+        expert = FeedForward(  # one expert, unbound: the grouped path applies it to each block
+            d_model, self.d_ff, self.dropout, self.dtype, self.param_dtype, **ffn, parent=None
+        )
         experts = nn.vmap(
             FeedForward,
             in_axes=(0, None),
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
             axis_size=E,
-        )(d_model, self.d_ff, self.dropout, self.dtype, self.param_dtype, name="experts")
+        )(d_model, self.d_ff, self.dropout, self.dtype, self.param_dtype, **ffn, name="experts")
         use_buffers = (
             self.dispatch == "buffers"
             or (self.dispatch == "auto" and factor is not None)
@@ -184,17 +194,29 @@ class MixtureOfExperts(nn.Module):
         else:
             dropout_rng = None if deterministic or not self.dropout else self.make_rng("dropout")
             assigned = grouped_experts(
+                expert,
                 experts.variables["params"],
                 tokens,
                 routing,
                 group_block_size(k * N, E),
                 self.dtype,
-                self.dropout,
                 dropout_rng,
             )
         weight = jnp.where(kept, routing.weight, 0.0)  # (k*N,); dropped assignments add nothing
         weighted = assigned * weight[:, None].astype(assigned.dtype)
         out = jnp.zeros((N, d_model), assigned.dtype).at[jnp.arange(k * N) % N].add(weighted)
+        if self.shared_expert_d_ff is not None:
+            shared = FeedForward(
+                d_model, self.shared_expert_d_ff, self.dropout, self.dtype, self.param_dtype,
+                **ffn, name="shared_expert",
+            )(tokens, deterministic)  # (N, d_model)
+            if self.shared_expert_gate:
+                gate = nn.Dense(
+                    1, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                    name="shared_expert_gate",
+                )(tokens)  # (N, 1)
+                shared = jax.nn.sigmoid(gate) * shared
+            out = out + shared.astype(out.dtype)
 
         aux = None
         if return_aux_loss:
@@ -202,18 +224,3 @@ class MixtureOfExperts(nn.Module):
             if self.router_z_loss_coef:
                 aux = aux + self.router_z_loss_coef * router_z_loss(logits)
         return out.reshape(B, T, d_model).astype(self.dtype), aux
-
-
-def check_moe_config(num_experts: int, top_k: int, expert_capacity_factor: float | None) -> None:
-    """Raise ValueError for an expert count, top-k or capacity factor that cannot work."""
-    for name, value in (("num_experts", num_experts), ("top_k", top_k)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-    if not 1 <= top_k <= num_experts:
-        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
-    if expert_capacity_factor is not None and not expert_capacity_factor > 0:
-        raise ValueError(
-            f"expert_capacity_factor must be > 0 or None, got {expert_capacity_factor}"
-        )

@@ -2,30 +2,8 @@
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
-
 import jax
 import jax.numpy as jnp
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ValueError unless temperature >= 0, top_k is None or >= 1, top_p None or in (0, 1]."""
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, Real)
-        or not math.isfinite(temperature)
-        or temperature < 0
-    ):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if top_k is not None and (
-        isinstance(top_k, bool) or not isinstance(top_k, Integral) or top_k < 1
-    ):
-        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and (
-        isinstance(top_p, bool) or not isinstance(top_p, Real) or not 0 < top_p <= 1
-    ):
-        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
 
 
 def filter_logits(logits: jax.Array, top_k: int | None, top_p: float | None) -> jax.Array:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +16,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 import jax_block
 import torch_block
+from twin_core import BlockConfig, LMConfig
 
 from .mapping import Row, block_table, lm_table
 
@@ -27,31 +27,34 @@ class Pair:
 
     torch_cls: type
     flax_cls: type
-    table: Callable[[dict], list[Row]]  # config -> rows
-    torch_buffers: Callable[[dict], dict[str, tuple[int, ...]]]  # config -> torch-only buffers
-    dummy_input: Callable[[dict], jax.Array]  # config -> an input that initialises the module
+    config_cls: type  # the twin_core dataclass both are built from
+    table: Callable[[Any], list[Row]]  # config -> rows
+    torch_buffers: Callable[[Any], dict[str, tuple[int, ...]]]  # config -> torch-only buffers
+    dummy_input: Callable[[Any], jax.Array]  # config -> an input that initialises the module
 
 
-def _block_buffers(config: dict) -> dict[str, tuple[int, ...]]:
-    return {"feed_forward.expert_counts": (config["num_experts"],)} if config["use_moe"] else {}
+def _block_buffers(config: BlockConfig) -> dict[str, tuple[int, ...]]:
+    return {"feed_forward.expert_counts": (config.num_experts,)} if config.use_moe else {}
 
 
 PAIRS: dict[str, Pair] = {
     "TransformerBlock": Pair(
         torch_block.TransformerBlock,
         jax_block.TransformerBlock,
-        lambda config: block_table(config["use_moe"]),
+        BlockConfig,
+        block_table,
         _block_buffers,
-        lambda config: jnp.zeros((1, 1, config["d_model"])),
+        lambda config: jnp.zeros((1, 1, config.d_model)),
     ),
     "TransformerLM": Pair(
         torch_block.TransformerLM,
         jax_block.TransformerLM,
+        LMConfig,
         lm_table,
         lambda config: {
-            f"blocks.{i}.feed_forward.expert_counts": (config["num_experts"],)
-            for i in range(config["n_layers"])
-            if config["use_moe"]
+            f"blocks.{i}.feed_forward.expert_counts": (config.num_experts,)
+            for i in range(config.n_layers)
+            if config.use_moe
         },
         lambda config: jnp.zeros((1, 1), jnp.int32),
     ),
@@ -68,21 +71,18 @@ def _pair_of(module: Any) -> Pair:
     )
 
 
-def config_of(module: Any) -> dict:
-    """The constructor arguments shared by both twins, read from either."""
-    pair = _pair_of(module)
-    if isinstance(module, nn.Module):
-        names = inspect.signature(pair.torch_cls.__init__).parameters
-        return {name: getattr(module, name) for name in names if name != "self"}
-    return dict(module.config)
+def config_of(module: Any) -> BlockConfig | LMConfig:
+    """The framework-free configuration of a module of either twin."""
+    _pair_of(module)
+    return module.config
 
 
-def _expanded(rows: list[Row], config: dict) -> list[tuple[Row, str, int | None]]:
+def _expanded(rows: list[Row], config: Any) -> list[tuple[Row, str, int | None]]:
     """(row, torch key, expert index or None) for every torch tensor the table names."""
     out = []
     for row in rows:
         if "{e}" in row.torch_key:
-            out += [(row, row.torch_key.format(e=e), e) for e in range(config["num_experts"])]
+            out += [(row, row.torch_key.format(e=e), e) for e in range(config.num_experts)]
         else:
             out.append((row, row.torch_key, None))
     return out
@@ -140,7 +140,7 @@ def torch_to_flax(state_dict: dict[str, torch.Tensor], flax_module: nn.Module) -
     flat = {}
     for row in pair.table(config):
         if "{e}" in row.torch_key:
-            experts = range(config["num_experts"])
+            experts = range(config.num_experts)
             array = np.stack([to_numpy(state_dict[row.torch_key.format(e=e)]) for e in experts])
         else:
             array = to_numpy(state_dict[row.torch_key])
@@ -181,14 +181,14 @@ def from_torch(torch_module: torch.nn.Module) -> tuple[nn.Module, dict]:
     """The matching Flax module and its params, from a torch_block module."""
     pair = _pair_of(torch_module)
     dtype = jnp.bfloat16 if _torch_dtype(torch_module) == torch.bfloat16 else jnp.float32
-    flax_module = pair.flax_cls(**config_of(torch_module), dtype=dtype, param_dtype=dtype)
+    flax_module = pair.flax_cls.from_config(config_of(torch_module), dtype=dtype, param_dtype=dtype)
     return flax_module, torch_to_flax(torch_module.state_dict(), flax_module)
 
 
 def to_torch(flax_module: nn.Module, params: dict) -> torch.nn.Module:
     """The matching torch_block module, in eval mode, with the Flax params loaded."""
     pair = _pair_of(flax_module)
-    torch_module = pair.torch_cls(**config_of(flax_module))
+    torch_module = pair.torch_cls.from_config(config_of(flax_module))
     if flax_module.param_dtype == jnp.bfloat16:
         torch_module = torch_module.to(torch.bfloat16)
     torch_module.load_state_dict(flax_to_torch(params, flax_module), strict=True)

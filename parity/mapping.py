@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import replace
+from typing import Any, NamedTuple
+
+from twin_core import BlockConfig
 
 
 class Row(NamedTuple):
@@ -31,45 +34,70 @@ def _norm(torch_prefix: str, flax_prefix: str) -> list[Row]:
     ]
 
 
-ATTENTION = [
-    row
-    for name in ("q_proj", "k_proj", "v_proj", "out_proj")
-    for row in _linear(f"attention.{name}", f"attention/{name}")
-]
-NORMS = _norm("norm1", "norm1") + _norm("norm2", "norm2")
-DENSE_FFN = _linear("feed_forward.fc1", "feed_forward/fc1") + _linear(
-    "feed_forward.fc2", "feed_forward/fc2"
-)
-MOE_FFN = (
-    _linear("feed_forward.gate", "feed_forward/gate", bias=False)
-    + _linear("feed_forward.experts.{e}.fc1", "feed_forward/experts/fc1")
-    + _linear("feed_forward.experts.{e}.fc2", "feed_forward/experts/fc2")
+def _norm_rows(torch_prefix: str, flax_prefix: str, kind: str) -> list[Row]:
+    rows = _norm(torch_prefix, flax_prefix)
+    return rows if kind == "layernorm" else rows[:1]
+
+
+def _ffn(torch_prefix: str, flax_prefix: str, gated: bool, bias: bool) -> list[Row]:
+    names = ("fc1", "fc3", "fc2") if gated else ("fc1", "fc2")
+    return [
+        row
+        for name in names
+        for row in _linear(f"{torch_prefix}.{name}", f"{flax_prefix}/{name}", bias)
+    ]
+
+
+SHARED_EXPERT_GATE = _linear(
+    "feed_forward.shared_expert_gate", "feed_forward/shared_expert_gate", bias=False
 )
 
 LM_EMBEDDINGS = [
     Row("token_embedding.weight", "token_embedding/embedding", False),
     Row("position_embedding.weight", "position_embedding/embedding", False),
 ]
-LM_NORM = _norm("norm", "norm")
 LM_HEAD = _linear("lm_head", "lm_head", bias=False)  # only when tie_embeddings=False
 
 # torch buffers that have no Flax parameter: written as zeros when converting to torch.
 TORCH_ONLY_BUFFERS = {"feed_forward.expert_counts"}
 
 
-def block_table(use_moe: bool) -> list[Row]:
-    """Rows of one TransformerBlock."""
-    return ATTENTION + NORMS + (MOE_FFN if use_moe else DENSE_FFN)
+def block_table(config: Any) -> list[Row]:
+    """Rows of one TransformerBlock of `config` (a BlockConfig or LMConfig)."""
+    rows = []
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        bias = config.out_bias if name == "out_proj" else config.qkv_bias
+        rows += _linear(f"attention.{name}", f"attention/{name}", bias)
+    rows += _norm_rows("norm1", "norm1", config.norm) + _norm_rows("norm2", "norm2", config.norm)
+    ffn = dict(gated=config.gated_ffn, bias=config.ffn_bias)
+    if not config.use_moe:
+        return rows + _ffn("feed_forward", "feed_forward", **ffn)
+    rows += _linear("feed_forward.gate", "feed_forward/gate", bias=False)
+    rows += _ffn("feed_forward.experts.{e}", "feed_forward/experts", **ffn)
+    if config.shared_expert_d_ff is not None:
+        rows += _ffn("feed_forward.shared_expert", "feed_forward/shared_expert", **ffn)
+        if config.shared_expert_gate:
+            rows += SHARED_EXPERT_GATE
+    return rows
 
 
 # Symbolic shapes for the README table, by the last part of the torch key.
 _TORCH_SHAPES = {
-    "proj.weight": ("(d_model, d_model)", "(d_model, d_model)"),
-    "proj.bias": ("(d_model,)", "(d_model,)"),
+    "q_proj.weight": ("(H*D, d_model)", "(d_model, H*D)"),
+    "q_proj.bias": ("(H*D,)", "(H*D,)"),
+    "k_proj.weight": ("(KV*D, d_model)", "(d_model, KV*D)"),
+    "k_proj.bias": ("(KV*D,)", "(KV*D,)"),
+    "v_proj.weight": ("(KV*D, d_model)", "(d_model, KV*D)"),
+    "v_proj.bias": ("(KV*D,)", "(KV*D,)"),
+    "out_proj.weight": ("(d_model, H*D)", "(H*D, d_model)"),
+    "out_proj.bias": ("(d_model,)", "(d_model,)"),
     "fc1.weight": ("(d_ff, d_model)", "(d_model, d_ff)"),
     "fc1.bias": ("(d_ff,)", "(d_ff,)"),
     "fc2.weight": ("(d_model, d_ff)", "(d_ff, d_model)"),
     "fc2.bias": ("(d_model,)", "(d_model,)"),
+    "fc3.weight": ("(d_ff, d_model)", "(d_model, d_ff)"),
+    "fc3.bias": ("(d_ff,)", "(d_ff,)"),
+    "shared_expert_gate.weight": ("(1, d_model)", "(d_model, 1)"),
     "gate.weight": ("(E, d_model)", "(d_model, E)"),
     "lm_head.weight": ("(vocab, d_model)", "(d_model, vocab)"),
 }
@@ -97,17 +125,18 @@ def markdown_table() -> str:
         "| torch key | torch shape | Flax path | Flax shape | transform |",
         "|---|---|---|---|---|",
     ]
-    block_rows = ATTENTION + NORMS + DENSE_FFN + MOE_FFN
+    every_option = BlockConfig(d_model=2, n_heads=1, d_ff=2, gated_ffn=True)
+    moe_options = replace(every_option, use_moe=True, shared_expert_d_ff=2, shared_expert_gate=True)
+    block_rows = list(dict.fromkeys(block_table(every_option) + block_table(moe_options)))
     lm_rows = LM_EMBEDDINGS + [Row("blocks.{i}.<block key>", "blocks_{i}/<block path>", False)]
-    for row in block_rows + lm_rows + LM_NORM + LM_HEAD:
+    for row in block_rows + lm_rows + _norm("norm", "norm") + LM_HEAD:
         if "{e}" in row.torch_key:
             transform = "stack over e; transpose (in, out)" if row.transpose else "stack over e"
         elif "{i}" in row.torch_key:
             transform = "the block's row, for each layer i"
         else:
             transform = "transpose (out, in) -> (in, out)" if row.transpose else "copy"
-        if row in LM_HEAD:
-            transform += " (untied head only)"
+        transform += _CONDITIONS.get(row.torch_key, "")
         torch_shape, flax_shape = _shapes(row)
         lines.append(
             f"| `{row.torch_key}` | {torch_shape} | `{row.flax_path}` | {flax_shape} "
@@ -118,15 +147,36 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
-def lm_table(config: dict) -> list[Row]:
+def lm_table(config: Any) -> list[Row]:
     """Rows of one TransformerLM: embeddings, every block under its prefix, norm, untied head."""
-    rows = list(LM_EMBEDDINGS)
-    for i in range(config["n_layers"]):
+    rows = list(LM_EMBEDDINGS if config.positions == "learned" else LM_EMBEDDINGS[:1])
+    for i in range(config.n_layers):
         rows += [
             Row(f"blocks.{i}.{row.torch_key}", f"blocks_{i}/{row.flax_path}", row.transpose)
-            for row in block_table(config["use_moe"])
+            for row in block_table(config)
         ]
-    rows += LM_NORM
-    if not config["tie_embeddings"]:
+    rows += _norm_rows("norm", "norm", config.norm)
+    if not config.tie_embeddings:
         rows += LM_HEAD
     return rows
+
+
+# When a row exists, for rows that depend on the configuration (README's table).
+_CONDITIONS = {
+    "lm_head.weight": " (untied head only)",
+    "position_embedding.weight": " (positions='learned' only)",
+    **{f"{n}.bias": " (layernorm only)" for n in ("norm1", "norm2", "norm")},
+    **{f"attention.{n}_proj.bias": " (qkv_bias only)" for n in "qkv"},
+    "attention.out_proj.bias": " (out_bias only)",
+    **{
+        f"feed_forward.{p}fc3.{w}": " (gated_ffn only)"
+        for p in ("", "experts.{e}.", "shared_expert.")
+        for w in ("weight", "bias")
+    },
+    **{
+        f"feed_forward.shared_expert.fc{n}.{w}": " (shared_expert_d_ff only)"
+        for n in "12"
+        for w in ("weight", "bias")
+    },
+    "feed_forward.shared_expert_gate.weight": " (shared_expert_gate only)",
+}
