@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+import torch_block
+
 from .common import Panel, Result, Target, block, compare_times, main
 from .models import MEDIUM, cache_bytes, prompts, tree_bytes, twin_lms
 
@@ -75,7 +77,7 @@ def measure_variant(batch: int, dtype: str, new_tokens: int, repeats: int) -> di
     runs = {}
     for n in (1, new_tokens):
         runs[f"jax {n}"] = lambda n=n: block(generate(flax_lm, params, ids, max_new_tokens=n))
-        runs[f"torch {n}"] = lambda n=n: torch_lm.generate(torch_ids, max_new_tokens=n)
+        runs[f"torch {n}"] = lambda n=n: torch_block.generate(torch_lm, torch_ids, max_new_tokens=n)
     times = compare_times(runs, repeats, warmup=1)
     itemsize = 2 if dtype == "bfloat16" else 4
     position_table = MEDIUM["max_seq_len"] * MEDIUM["d_model"] * itemsize  # one row read per token

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+import torch_block
+
 from .common import Panel, Result, Target, block, compare_times, main
 from .models import SMALL, prompts, twin_lms
 
@@ -65,7 +67,9 @@ def run(quick: bool) -> Result:
     runs = {
         "jax cached": lambda: block(generate(flax_lm, params, ids, max_new_tokens=new_tokens)),
         "jax recompute": lambda: jax_recompute(flax_lm, params, ids, new_tokens),
-        "torch cached": lambda: torch_lm.generate(torch_ids, max_new_tokens=new_tokens),
+        "torch cached": lambda: torch_block.generate(
+            torch_lm, torch_ids, max_new_tokens=new_tokens
+        ),
         "torch recompute": lambda: torch_recompute(torch_lm, torch_ids, new_tokens),
     }
     times = compare_times(runs, repeats, warmup=1)

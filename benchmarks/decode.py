@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+import torch_block
+
 from .common import CompileLog, Panel, Result, Target, block, compare_times, main
 from .models import SMALL, prompts, twin_lms
 
@@ -31,7 +33,7 @@ def measure_variant(batch: int, dtype: str, new_tokens: int, repeats: int) -> di
         return block(generate(flax_lm, params, ids, max_new_tokens=new_tokens))
 
     def run_torch():
-        return torch_lm.generate(torch_ids, max_new_tokens=new_tokens)
+        return torch_block.generate(torch_lm, torch_ids, max_new_tokens=new_tokens)
 
     with CompileLog() as log:
         start = time.perf_counter()

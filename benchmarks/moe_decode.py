@@ -9,6 +9,8 @@ out.
 
 from __future__ import annotations
 
+import torch_block
+
 from .common import Panel, Result, Target, block, compare_times, main
 from .models import SMALL, prompts, twin_lms
 
@@ -31,8 +33,8 @@ def run(quick: bool) -> Result:
             runs[f"jax {name} {n}"] = lambda lm=flax_lm, p=params, n=n: block(
                 generate(lm, p, ids, max_new_tokens=n)
             )
-            runs[f"torch {name} {n}"] = lambda lm=torch_lm, n=n: lm.generate(
-                torch_ids, max_new_tokens=n
+            runs[f"torch {name} {n}"] = lambda lm=torch_lm, n=n: torch_block.generate(
+                lm, torch_ids, max_new_tokens=n
             )
     times = compare_times(runs, repeats, warmup=1)
 

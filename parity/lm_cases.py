@@ -125,7 +125,7 @@ def generation_row(setup: Setup, twins: LMTwins, ids: torch.Tensor, mask: torch.
     """NEW_TOKENS greedy tokens after each left-padded prompt: `lm.generate` (torch) against
     `jax_block.generate`; passes only when every token is identical."""
     prompts, prompt_mask = ids[:, :PROMPT_LEN], mask[:, :PROMPT_LEN]  # (B, PROMPT_LEN)
-    expected = twins.torch_lm.generate(prompts, prompt_mask, max_new_tokens=NEW_TOKENS)
+    expected = torch_block.generate(twins.torch_lm, prompts, prompt_mask, max_new_tokens=NEW_TOKENS)
     actual = jax_block.generate(
         twins.flax_lm,
         twins.params,

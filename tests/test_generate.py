@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import jax_block.sampling as jax_sampling
+import torch_block
 import torch_block.sampling as torch_sampling
 from jax_block.generate import generate as jax_generate
 from jax_block.lm import TransformerLM as FlaxLM
@@ -163,8 +164,8 @@ def run_generate(framework, models, ids, mask, **kw) -> tuple[np.ndarray, int, i
         calls = []
         hook = lm.register_forward_hook(lambda *_: calls.append(1))
         try:
-            tokens, steps = lm.generate(
-                torch.tensor(ids), torch.tensor(mask), return_num_steps=True, **kw
+            tokens, steps = torch_block.generate(
+                lm, torch.tensor(ids), torch.tensor(mask), return_num_steps=True, **kw
             )
         finally:
             hook.remove()
@@ -266,7 +267,9 @@ def test_bad_input_raises_before_any_computation(framework, case, models):
         hook = lm.register_forward_hook(lambda *_: calls.append(1))
         try:
             with pytest.raises(ValueError, match=message):
-                lm.generate(torch.tensor(ids), None if mask is None else torch.tensor(mask), **kw)
+                torch_block.generate(
+                    lm, torch.tensor(ids), None if mask is None else torch.tensor(mask), **kw
+                )
         finally:
             hook.remove()
         assert calls == [] and not lm.training
@@ -307,7 +310,7 @@ def test_cli_checkpoint_ids_both_frameworks(models, tmp_path, capsys):
     path = tmp_path / "lm.safetensors"
     save(path, lm)
     ids = [int(t) for t in left_padded([7])[0][0]]
-    want = lm.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS)[0].tolist()
+    want = torch_block.generate(lm, torch.tensor([ids]), max_new_tokens=NEW_TOKENS)[0].tolist()
     for framework in FRAMEWORKS:
         argv = ["--framework", framework, "--checkpoint", str(path), "--max-new-tokens", "64"]
         assert cli(*argv, "--ids", ",".join(map(str, ids))) == 0

@@ -9,6 +9,7 @@ import pytest
 import torch
 from flax.traverse_util import flatten_dict
 
+import torch_block
 from jax_block.generate import cached_forward
 from jax_block.generate import generate as jax_generate
 from parity.checkpoint import load, save
@@ -97,7 +98,9 @@ def test_cached_decode_logits_at_every_step(twins):
 
 def test_greedy_generation_is_token_identical(twins):
     ids, mask = left_padded(PROMPT_LENGTHS)
-    want = twins.torch_lm.generate(torch.tensor(ids), torch.tensor(mask), max_new_tokens=NEW_TOKENS)
+    want = torch_block.generate(
+        twins.torch_lm, torch.tensor(ids), torch.tensor(mask), max_new_tokens=NEW_TOKENS
+    )
     got = jax_generate(twins.flax_lm, twins.params, ids, mask, max_new_tokens=NEW_TOKENS)
     assert want.shape == (4, NEW_TOKENS)
     np.testing.assert_array_equal(np.asarray(got), want.numpy())

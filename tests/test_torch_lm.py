@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+import torch_block
 from torch_block.block import TransformerBlock
 from torch_block.cache import KVCache
 from torch_block.lm import TransformerLM
+from twin_core import LMConfig
 
 VOCAB, MAX_LEN, D_MODEL, N_LAYERS, N_HEADS, D_FF = 64, 128, 32, 2, 4, 64
 ATOL = 1e-5
@@ -86,7 +88,7 @@ def greedy_reference(lm: TransformerLM, ids, mask, n: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- structure
 def test_config_and_state_dict_names():
     tied, untied = make_lm(), make_lm(tie_embeddings=False)
-    assert tied.config == dict(
+    assert tied.config == LMConfig(
         vocab_size=VOCAB, max_seq_len=MAX_LEN, d_model=D_MODEL, n_layers=N_LAYERS,
         n_heads=N_HEADS, d_ff=D_FF, dropout=0.0, use_moe=False, num_experts=4,
         top_k_experts=2, expert_capacity_factor=1.25, tie_embeddings=True,
@@ -173,7 +175,7 @@ def test_cached_decode_logits_equal_full_forward_at_every_step(use_moe):
 def test_greedy_generation_equals_full_forward_argmax_loop():
     lm = make_lm()
     ids, mask = left_padded([8, 3])
-    got = lm.generate(ids, mask, max_new_tokens=12)
+    got = torch_block.generate(lm, ids, mask, max_new_tokens=12)
     assert got.shape == (2, 12) and got.dtype == torch.long
     assert torch.equal(got, greedy_reference(lm, ids, mask, 12))
 
@@ -183,18 +185,18 @@ def test_left_padded_batch_equals_each_prompt_alone(use_moe):
     lm = make_lm(use_moe)
     lengths = [10, 3, 6]
     ids, mask = left_padded(lengths)
-    batch = lm.generate(ids, mask, max_new_tokens=16)
+    batch = torch_block.generate(lm, ids, mask, max_new_tokens=16)
     for row, n in enumerate(lengths):
-        alone = lm.generate(ids[row : row + 1, -n:], max_new_tokens=16)
+        alone = torch_block.generate(lm, ids[row : row + 1, -n:], max_new_tokens=16)
         assert torch.equal(batch[row], alone[0]), f"row {row}"
 
 
 def test_generate_runs_in_eval_mode_and_restores_the_mode():
     lm = TransformerLM(VOCAB, MAX_LEN, D_MODEL, N_LAYERS, N_HEADS, D_FF, dropout=0.5).train()
     ids, mask = left_padded([4, 2])
-    first = lm.generate(ids, mask, max_new_tokens=6)
+    first = torch_block.generate(lm, ids, mask, max_new_tokens=6)
     assert lm.training and all(m.training for m in lm.modules())
-    assert torch.equal(first, lm.generate(ids, mask, max_new_tokens=6))  # no dropout
+    assert torch.equal(first, torch_block.generate(lm, ids, mask, max_new_tokens=6))  # no dropout
     lm.eval()
     assert torch.equal(first, greedy_reference(lm, ids, mask, 6))
 
