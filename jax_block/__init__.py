@@ -9,16 +9,7 @@ from .generate import cached_forward, generate
 from .lm import TransformerLM
 from .moe import MixtureOfExperts
 from .sampling import sample_next_token
-from .train import (
-    TrainConfig,
-    TrainState,
-    create_train_state,
-    load_train_state,
-    loss_and_grads,
-    save_model,
-    save_train_state,
-    train_step,
-)
+from .sharding import shard_params
 
 __all__ = [
     "FeedForward",
@@ -26,17 +17,10 @@ __all__ = [
     "MixtureOfExperts",
     "MultiHeadAttention",
     "TransformerBlock",
-    "TrainConfig",
-    "TrainState",
     "TransformerLM",
     "cached_forward",
     "decode_step",
     "generate",
-    "create_train_state",
-    "load_train_state",
-    "loss_and_grads",
     "sample_next_token",
-    "save_model",
-    "save_train_state",
-    "train_step",
+    "shard_params",
 ]

@@ -1,160 +1,59 @@
-"""Training a byte-level TransformerLM with optax: the jitted step, checkpoints and the CLI.
+"""Training TransformerLM with optax: the optimizer, the jitted step and the checkpoint tensors.
 
-`python -m jax_block.train --help` trains on a text file (default: data/tinyshakespeare.txt).
-The torch twin, `torch_block/train.py`, has the same names in the same order; both take the same
-batches and learning rates step for step, so the same initial weights give the same trajectory.
+`python -m jax_block.train --help` trains a byte-level model on a text file; the command
+itself (flags, run files, the loop's bookkeeping) is `twin_core.train_cli`, shared with the
+torch twin `torch_block/train.py`, which has the same names in the same order. Both take the
+same batches and learning rates step for step, so the same initial weights give the same
+trajectory. Files hold Flax names (metadata "naming": "flax"), so jax_block never imports torch.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import functools
-import hashlib
-import importlib.util
-import json
-import math
 import os
-import secrets
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import safetensors
 import safetensors.numpy
 from flax.training import train_state
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from .generate import generate
-from .lm import TransformerLM
-
-FRAMEWORK = "flax"
-DEFAULT_TEXT = Path(__file__).resolve().parent.parent / "data" / "tinyshakespeare.txt"
-VOCAB_SIZE = 256  # bytes
-MODEL_FORMAT = "twin-block/1"  # the checkpoint format of parity.checkpoint
-TRAIN_FORMAT = "twin-block-train/1"
-# TransformerLM's constructor arguments shared with torch_block (a checkpoint's "config")
-MODEL_FIELDS = (
-    "vocab_size",
-    "max_seq_len",
-    "d_model",
-    "n_layers",
-    "n_heads",
-    "d_ff",
-    "dropout",
-    "use_moe",
-    "num_experts",
-    "top_k_experts",
-    "expert_capacity_factor",
-    "tie_embeddings",
-    "router_z_loss_coef",
+from twin_core import LMConfig, TrainConfig, atomic_write, train_cli
+from twin_core.data import batch_windows, check_model_fits
+from twin_core.run_files import (
+    NAMINGS,
+    TRAIN_GROUPS,
+    RunPaths,
+    check_shapes,
+    model_metadata,
+    read_train_state,
+    train_state_metadata,
 )
 
+from .generate import generate
+from .lm import TransformerLM
+from .sharding import (
+    check_batch,
+    check_mesh,
+    check_rules,
+    constrain,
+    place_on_mesh,
+    shard_params,
+    use_mesh,
+)
 
-# --------------------------------------------------------------------------- configuration
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything about a run except the model: batches, optimizer, schedule, seed.
-
-    `seq_len` is the model's input length; each batch row holds seq_len + 1 bytes (the targets
-    are the inputs shifted by one). The learning rate rises linearly from 0 over `warmup_steps`
-    steps, then follows a cosine down to `lr * min_lr_ratio` at step `steps`.
-    """
-
-    steps: int = 400
-    batch_size: int = 16
-    seq_len: int = 128
-    lr: float = 2e-3
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    max_grad_norm: float = 1.0
-    aux_loss_coef: float = 0.01
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "warmup_steps", "seed"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-        for name in ("steps", "batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(
-                f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps}"
-            )
-        floats = ("lr", "min_lr_ratio", "weight_decay", "beta1", "beta2", "eps", "max_grad_norm")
-        for name in (*floats, "aux_loss_coef"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        checks = (
-            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
-            ("weight_decay", self.weight_decay >= 0, ">= 0"),
-            ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
-            ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"),
-            ("eps", self.eps > 0, "> 0"),
-            ("max_grad_norm", self.max_grad_norm > 0, "> 0"),
-            ("aux_loss_coef", self.aux_loss_coef >= 0, ">= 0"),
-        )
-        for name, ok, wanted in checks:
-            if not ok:
-                raise ValueError(f"{name} must be {wanted}, got {getattr(self, name)}")
-
-
-def check_model_fits(config: TrainConfig, max_seq_len: int) -> None:
-    """Raise ValueError unless rows of `config.seq_len` tokens fit a model's context."""
-    if config.seq_len > max_seq_len:
-        raise ValueError(
-            f"seq_len {config.seq_len} exceeds the model's max_seq_len {max_seq_len} (each row "
-            f"feeds seq_len tokens and predicts the next seq_len)"
-        )
-
-
-# --------------------------------------------------------------------------- data
-def load_text(path: str | os.PathLike) -> np.ndarray:
-    """The bytes of a text file as uint8 token ids (N,)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no text file at {path}")
-    return np.frombuffer(path.read_bytes(), dtype=np.uint8)
-
-
-def check_data(data: np.ndarray, config: TrainConfig, vocab_size: int, name: str) -> None:
-    """Raise ValueError if `data` (named `name`) is shorter than one batch (batch_size * seq_len
-    + 1 bytes) or holds a token id >= vocab_size."""
-    needed = config.batch_size * config.seq_len + 1
-    if data.size < needed:
-        raise ValueError(
-            f"{name} has {data.size} bytes, shorter than one batch: batch_size "
-            f"{config.batch_size} x seq_len {config.seq_len} + 1 = {needed} bytes needed"
-        )
-    if int(data.max()) >= vocab_size:
-        raise ValueError(f"{name} holds token id {int(data.max())} >= vocab_size {vocab_size}")
+FRAMEWORK = "jax"
+DESCRIPTION = "optax AdamW, warmup + cosine schedule and global-norm clipping (jitted step)"
 
 
 def get_batch(data: np.ndarray, step: int, config: TrainConfig) -> jax.Array:
-    """Batch `step` of a run: (batch_size, seq_len + 1) int32 windows at random offsets.
-
-    The offsets depend only on (seed, step), so a resumed run, or the twin framework, sees the
-    same batches.
-    """
-    rng = np.random.default_rng([config.seed, step])
-    starts = rng.integers(0, data.size - config.seq_len, size=config.batch_size)  # (B,)
-    return jnp.asarray(data[starts[:, None] + np.arange(config.seq_len + 1)], jnp.int32)
+    """Batch `step` of a run: (batch_size, seq_len + 1) int32 windows of `data`."""
+    return jnp.asarray(batch_windows(data, step, config), jnp.int32)
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -170,7 +69,7 @@ def lr_schedule(config: TrainConfig) -> optax.Schedule:
 
 
 def weight_decay_mask(params: dict) -> dict:
-    """True for the kernels of Dense layers; biases, LayerNorm and embeddings are not decayed."""
+    """True for the kernels of Dense layers; biases, norms and embeddings are not decayed."""
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
@@ -197,6 +96,8 @@ class TrainState(train_state.TrainState):
     """Flax's TrainState (step, params, optimizer state) with the run's configuration."""
 
     config: TrainConfig = flax.struct.field(pytree_node=False, default=TrainConfig())
+    mesh: jax.sharding.Mesh | None = flax.struct.field(pytree_node=False, default=None)
+    rules: tuple | None = flax.struct.field(pytree_node=False, default=None)
 
 
 @functools.cache
@@ -215,13 +116,34 @@ def init_params(lm: TransformerLM, rng: jax.Array) -> dict:
     return lm.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
-def create_train_state(lm: TransformerLM, params: dict, config: TrainConfig) -> TrainState:
-    """Step 0 of training `lm` from `params`: fresh Adam moments."""
+def create_train_state(
+    lm: TransformerLM,
+    params: dict,
+    config: TrainConfig,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: tuple | None = None,
+) -> TrainState:
+    """Step 0 of training `lm` from `params`: fresh Adam moments.
+
+    With `mesh` the params are placed by `jax_block.shard_params` (`rules`: a tuple of pairs,
+    default `jax_block.sharding.DEFAULT_RULES`), the moments like them, and `train_step` runs
+    sharded (batch over data, gradients reduced by the partitioner).
+    """
     check_model_fits(config, lm.max_seq_len)
+    if mesh is not None:
+        mesh, rules = check_mesh(mesh), check_rules(rules)
+        check_batch(config.batch_size, mesh, rules)
+        params = shard_params(lm, params, mesh, rules)
     state = TrainState.create(
-        apply_fn=apply_fn_of(lm), params=params, tx=create_optimizer(config), config=config
+        apply_fn=apply_fn_of(lm),
+        params=params,
+        tx=create_optimizer(config),
+        config=config,
+        mesh=mesh,
+        rules=rules,
     )
-    return state.replace(step=jnp.zeros((), jnp.int32))
+    state = state.replace(step=jnp.zeros((), jnp.int32))
+    return state if mesh is None else place_on_mesh(state, mesh)  # counters too: one compile
 
 
 # --------------------------------------------------------------------------- the step
@@ -257,9 +179,13 @@ def loss_and_grads(
     """
     dropout_rng = jax.random.fold_in(rng, state.step)
     grad_fn = jax.value_and_grad(next_token_loss, has_aux=True)
-    (_, metrics), grads = grad_fn(
-        state.params, state.apply_fn, batch, dropout_rng, state.config.aux_loss_coef
-    )
+    if state.mesh is not None:
+        check_batch(batch.shape[0], state.mesh, state.rules)
+    with use_mesh(state.mesh, state.rules):
+        batch = constrain(batch, ("batch", "length"))
+        (_, metrics), grads = grad_fn(
+            state.params, state.apply_fn, batch, dropout_rng, state.config.aux_loss_coef
+        )
     return metrics, grads
 
 
@@ -280,37 +206,6 @@ def train_step(
 
 
 # --------------------------------------------------------------------------- checkpoints
-def model_config(lm: TransformerLM) -> dict[str, Any]:
-    """The constructor arguments shared with torch_block's TransformerLM."""
-    return {name: getattr(lm, name) for name in MODEL_FIELDS}
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` through a temporary file and a rename: `path` is old or new, never partial."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def digest(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 over names, shapes and bytes, as parity.checkpoint computes it."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        raw = np.ascontiguousarray(arrays[name]).reshape(-1).view(np.uint8)
-        h.update(f"{name} {tuple(arrays[name].shape)} {raw.size}\n".encode())
-        h.update(raw)
-    return h.hexdigest()
-
-
 def _flat(tree: dict) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in flatten_dict(tree, sep="/").items()}
 
@@ -321,13 +216,7 @@ def save_model(path: str | os.PathLike, lm: TransformerLM, params: dict) -> None
     `python -m parity convert` rewrites it with torch names.
     """
     tensors = _flat(params)
-    metadata = {
-        "format": MODEL_FORMAT,
-        "module": "TransformerLM",
-        "config": json.dumps(model_config(lm)),
-        "sha256": digest(tensors),
-        "naming": FRAMEWORK,
-    }
+    metadata = model_metadata(NAMINGS[FRAMEWORK], lm.config, tensors)
     atomic_write(path, safetensors.numpy.save(tensors, metadata))
 
 
@@ -345,62 +234,34 @@ def save_train_state(
         "exp_avg_sq": optax.tree_utils.tree_get(state.opt_state, "nu"),
     }
     tensors = {f"{group}/{k}": v for group, tree in groups.items() for k, v in _flat(tree).items()}
-    metadata = {
-        "format": TRAIN_FORMAT,
-        "naming": FRAMEWORK,
-        "module": "TransformerLM",
-        "config": json.dumps(model_config(lm)),
-        "train_config": json.dumps(dataclasses.asdict(state.config)),
-        "step": str(int(state.step)),
-        "data_sha256": data_sha256,
-        "sha256": digest(tensors),
-    }
+    metadata = train_state_metadata(
+        NAMINGS[FRAMEWORK], lm.config, state.config, int(state.step), data_sha256, tensors
+    )
     atomic_write(path, safetensors.numpy.save(tensors, metadata))
 
 
-def load_train_state(path: str | os.PathLike) -> tuple[TransformerLM, TrainState, dict]:
-    """(lm, state at the saved step, metadata) from a `save_train_state` file with Flax names."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no training state file at {path}")
-    try:
-        with safetensors.safe_open(path, framework="np") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
-    if metadata.get("format") != TRAIN_FORMAT:
-        raise ValueError(
-            f"{path}: expected a training state ({TRAIN_FORMAT!r}), got format "
-            f"{metadata.get('format')!r}"
-        )
-    if metadata.get("naming") != FRAMEWORK:
-        raise ValueError(
-            f"{path} holds {metadata.get('naming')} names; convert it for JAX with "
-            f"parity.train_cases.convert_train_state(src, dst, to='flax')"
-        )
-    if digest(tensors) != metadata.get("sha256"):
-        raise ValueError(f"{path} is corrupt: its tensors do not match their stored sha256")
-    try:
-        lm = TransformerLM(**json.loads(metadata["config"]))
-        config = TrainConfig(**json.loads(metadata["train_config"]))
-        step = jnp.asarray(int(metadata["step"]), jnp.int32)
-    except (KeyError, TypeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path}: malformed metadata: {type(err).__name__}: {err}") from err
-    groups: dict[str, dict] = {"params": {}, "exp_avg": {}, "exp_avg_sq": {}}
-    for key, value in tensors.items():
-        group, name = key.split("/", 1) if "/" in key else (key, "")
-        if group not in groups:
-            raise ValueError(f"{path}: unexpected tensor {key!r}; expected {sorted(groups)}/...")
-        groups[group][name] = jnp.asarray(value)
-    params, mu, nu = (unflatten_dict(groups[g], sep="/") for g in groups)
-    check_params(lm, params, str(path))
-    for tree in (mu, nu):
+def load_train_state(
+    path: str | os.PathLike, steps: int | None = None
+) -> tuple[TransformerLM, TrainState, dict]:
+    """(lm, state at the saved step, metadata) from a `save_train_state` file with Flax names.
+
+    `steps` extends the run to that many steps (the schedule of the new total).
+    """
+    saved = read_train_state(path, safetensors.numpy.load_file, FRAMEWORK, steps)
+    lm = TransformerLM.from_config(saved.lm_config)
+    trees = [
+        unflatten_dict({k: jnp.asarray(v) for k, v in saved.groups[g].items()}, sep="/")
+        for g in TRAIN_GROUPS
+    ]
+    check_params(lm, trees[0], str(path))
+    for tree in trees[1:]:
         check_params(lm, tree, f"{path} (Adam moments)")
-    state = create_train_state(lm, params, config)
+    params, mu, nu = trees
+    state = create_train_state(lm, params, saved.config)
+    step = jnp.asarray(saved.step, jnp.int32)
     opt_state = optax.tree_utils.tree_set(state.opt_state, mu=mu, nu=nu, count=step)
     state = state.replace(step=step, opt_state=opt_state)
-    return lm, jax.tree.map(jnp.copy, state), metadata  # one buffer per leaf: donatable
+    return lm, jax.tree.map(jnp.copy, state), saved.metadata  # one buffer per leaf: donatable
 
 
 def check_params(lm: TransformerLM, params: dict, name: str) -> None:
@@ -409,327 +270,67 @@ def check_params(lm: TransformerLM, params: dict, name: str) -> None:
     wanted = jax.eval_shape(lambda: lm.init(jax.random.PRNGKey(0), dummy))["params"]
     wanted = {k: tuple(v.shape) for k, v in flatten_dict(wanted, sep="/").items()}
     given = {k: tuple(v.shape) for k, v in flatten_dict(params, sep="/").items()}
-    problems = [f"missing {k}" for k in wanted if k not in given]
-    problems += [f"unexpected {k}" for k in given if k not in wanted]
-    problems += [
-        f"{k}: shape {given[k]}, expected {v}" for k, v in wanted.items() if given.get(k, v) != v
-    ]
-    if problems:
-        raise ValueError(f"{name} does not match the model: {'; '.join(problems)}")
+    check_shapes(wanted, given, name)
 
 
-# --------------------------------------------------------------------------- history and plot
-def save_history(
-    path: str | os.PathLike, history: list[dict], lm: TransformerLM, config: TrainConfig
+# --------------------------------------------------------------------------- the command's hooks
+def new_state(lm_config: LMConfig, config: TrainConfig) -> tuple[TransformerLM, TrainState]:
+    """(lm, step-0 state): the weights drawn from the run's seed."""
+    lm = TransformerLM.from_config(lm_config)
+    params = init_params(lm, jax.random.PRNGKey(config.seed))
+    return lm, create_train_state(lm, params, config)
+
+
+@functools.cache
+def dropout_key(seed: int) -> jax.Array:
+    """The key of a run's dropout masks, folded with the step in `loss_and_grads`."""
+    return jax.random.PRNGKey(seed + 1)
+
+
+def run_step(state: TrainState, data: np.ndarray, step: int) -> tuple[TrainState, dict]:
+    """(state, metrics as floats) after update `step` on batch `step` of `data`."""
+    batch = get_batch(data, step, state.config)
+    state, metrics = train_step(state, batch, dropout_key(state.config.seed))
+    return state, {k: float(v) for k, v in metrics.items()}
+
+
+def save_checkpoint(
+    paths: RunPaths, lm: TransformerLM, state: TrainState, data_sha256: str
 ) -> None:
-    """The loss history (one record per step) as JSON, written atomically."""
-    record = {
-        "framework": FRAMEWORK,
-        "config": model_config(lm),
-        "train_config": dataclasses.asdict(config),
-        "history": history,
-    }
-    atomic_write(path, json.dumps(record, indent=1).encode())
+    """The training state, then the model checkpoint."""
+    save_train_state(paths.train_state, lm, state, data_sha256)
+    save_model(paths.checkpoint, lm, state.params)
 
 
-def plot_histories(path: str | os.PathLike, runs: list[tuple[str, list[dict]]]) -> None:
-    """A PNG of the loss curves of (label, history) runs (matplotlib, imported here)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4), dpi=120)
-    ax = fig.subplots()
-    for label, history in runs:
-        ax.plot([r["step"] for r in history], [r["loss"] for r in history], label=label, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats per byte)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+def count_params(state: TrainState) -> int:
+    """The number of trained parameters."""
+    return sum(x.size for x in jax.tree.leaves(state.params))
 
 
-# --------------------------------------------------------------------------- CLI
-RUN_FLAGS = (  # TrainConfig fields set from flags of the same names
-    "steps",
-    "batch_size",
-    "seq_len",
-    "lr",
-    "warmup_steps",
-    "min_lr_ratio",
-    "weight_decay",
-    "beta1",
-    "beta2",
-    "max_grad_norm",
-    "aux_loss_coef",
-    "seed",
-)
-MODEL_DEFAULTS = dict(
-    d_model=128,
-    n_layers=4,
-    n_heads=4,
-    d_ff=None,  # 4 * d_model
-    max_seq_len=None,  # seq_len
-    dropout=0.0,
-    moe=False,
-    num_experts=4,
-    top_k_experts=2,
-    capacity_factor=1.25,
-)
-LABELS = {"flax": "JAX / optax", "torch": "PyTorch / torch.optim"}
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The parsed flags; run and model flags not given are None (see `fill_defaults`)."""
-    p = argparse.ArgumentParser(
-        prog=f"python -m {__name__}" if __name__ != "__main__" else "python -m jax_block.train",
-        description="Train a byte-level TransformerLM (vocabulary 256) on a text file with "
-        "optax AdamW, warmup + cosine schedule and global-norm clipping.",
-    )
-    p.add_argument(
-        "--data", type=Path, default=DEFAULT_TEXT, help="text file (default: %(default)s)"
-    )
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=Path(f"runs/{FRAMEWORK}.safetensors"),
-        help="model checkpoint (safetensors, read by `parity`); the training state and loss "
-        "history go next to it as <out>.train.safetensors and <out>.history.json "
-        "(default: %(default)s)",
-    )
-    p.add_argument(
-        "--resume",
-        type=Path,
-        help="training state to continue from; the run and model settings come from it",
-    )
-    defaults = TrainConfig()
-    run = p.add_argument_group("run (default in brackets)")
-    for name in RUN_FLAGS:
-        value = getattr(defaults, name)
-        flag = "--" + name.replace("_", "-")
-        run.add_argument(flag, type=type(value), help=f"[{value}]")
-    model = p.add_argument_group("model (default in brackets)")
-    for name, value in MODEL_DEFAULTS.items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            model.add_argument(flag, action="store_true", default=None, help="Mixture of Experts")
-        else:
-            kind = float if name in ("dropout", "capacity_factor") else int
-            model.add_argument(flag, type=kind, help=f"[{value}]")
-    out = p.add_argument_group("output")
-    out.add_argument("--checkpoint-every", type=int, default=100, help="[%(default)s] steps")
-    out.add_argument("--log-every", type=int, default=25, help="[%(default)s] steps")
-    out.add_argument("--plot", type=Path, help="write a PNG of the loss curve here")
-    out.add_argument(
-        "--plot-with",
-        type=Path,
-        action="append",
-        default=[],
-        help="another run's <out>.history.json to draw on the same plot (repeatable)",
-    )
-    out.add_argument("--sample-tokens", type=int, default=0, help="bytes to generate at the end")
-    out.add_argument("--prompt", default="\n", help="prompt of the sample [newline]")
-    out.add_argument("--temperature", type=float, default=0.8, help="[%(default)s]")
-    out.add_argument("--top-k", type=int, help="sample from the k most likely bytes only")
-    return p.parse_args(argv)
-
-
-def given_run_flags(args: argparse.Namespace) -> list[str]:
-    """The run and model flags given on the command line."""
-    names = (*RUN_FLAGS, *MODEL_DEFAULTS)
-    return ["--" + n.replace("_", "-") for n in names if getattr(args, n) is not None]
-
-
-@dataclasses.dataclass
-class Run:
-    """A checked run, ready to train: nothing has been trained or written yet."""
-
-    lm: TransformerLM
-    state: TrainState
-    data: np.ndarray
-    data_sha256: str
-    history: list[dict]
-    out: Path
-    rng: jax.Array
-
-
-def train_state_path(out: Path) -> Path:
-    """Where the training state of checkpoint `out` goes."""
-    return out.with_suffix(".train.safetensors")
-
-
-def history_path(out: Path) -> Path:
-    """Where the loss history of checkpoint `out` goes."""
-    return out.with_suffix(".history.json")
-
-
-def checkpoint_of(train_state_file: Path) -> Path:
-    """The checkpoint whose training state is `train_state_file` (inverse of train_state_path)."""
-    name = train_state_file.name.removesuffix(".train.safetensors")
-    return train_state_file.with_name(name + ".safetensors")
-
-
-def model_and_config(args: argparse.Namespace) -> tuple[TransformerLM, TrainConfig]:
-    """The model (not initialised) and run configuration the flags ask for."""
-    defaults = {**dataclasses.asdict(TrainConfig()), **MODEL_DEFAULTS}
-    flags = {
-        n: defaults[n] if getattr(args, n) is None else getattr(args, n)
-        for n in (*RUN_FLAGS, *MODEL_DEFAULTS)
-    }
-    config = TrainConfig(**{n: flags[n] for n in RUN_FLAGS})
-    lm = TransformerLM(
-        vocab_size=VOCAB_SIZE,
-        max_seq_len=flags["max_seq_len"] or config.seq_len,
-        d_model=flags["d_model"],
-        n_layers=flags["n_layers"],
-        n_heads=flags["n_heads"],
-        d_ff=flags["d_ff"] or 4 * flags["d_model"],
-        dropout=flags["dropout"],
-        use_moe=flags["moe"],
-        num_experts=flags["num_experts"],
-        top_k_experts=flags["top_k_experts"],
-        expert_capacity_factor=flags["capacity_factor"],
-    )
-    check_model_fits(config, lm.max_seq_len)
-    return lm, config
-
-
-def prepare(args: argparse.Namespace) -> Run:
-    """Check every flag and the text, then build or resume the model; raises on bad input."""
-    for name in ("checkpoint_every", "log_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.sample_tokens < 0:
-        raise ValueError(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
-    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
-        raise ValueError("--plot needs matplotlib (pip install matplotlib, or the dev extra)")
-    for path in args.plot_with:
-        if not path.is_file():
-            raise FileNotFoundError(f"no history file at {path}")
-    data = load_text(args.data)
-    data_sha256 = hashlib.sha256(data.tobytes()).hexdigest()
-    if args.resume is not None:
-        if given_run_flags(args):
-            raise ValueError(
-                f"--resume continues the saved run with its own settings; drop "
-                f"{' '.join(given_run_flags(args))}"
-            )
-        lm, state, metadata = load_train_state(args.resume)
-        config = state.config
-        if metadata.get("data_sha256") not in ("", data_sha256):
-            raise ValueError(f"{args.resume} was trained on another text than {args.data}")
-    else:
-        lm, config = model_and_config(args)
-    check_data(data, config, lm.vocab_size, str(args.data))
-    prompt_len = len(args.prompt.encode())
-    if args.sample_tokens and prompt_len + args.sample_tokens > lm.max_seq_len:
-        raise ValueError(
-            f"prompt ({prompt_len} bytes) + --sample-tokens {args.sample_tokens} exceeds the "
-            f"model's max_seq_len {lm.max_seq_len}"
-        )
-    history: list[dict] = []
-    if args.resume is not None:
-        saved = history_path(checkpoint_of(args.resume))
-        if saved.is_file():
-            history = json.loads(saved.read_text())["history"][: int(state.step)]
-    else:
-        state = create_train_state(lm, init_params(lm, jax.random.PRNGKey(config.seed)), config)
-    rng = jax.random.PRNGKey(config.seed + 1)  # dropout, folded with the step
-    return Run(lm, state, data, data_sha256, history, args.out, rng)
-
-
-def save_checkpoint(run: Run) -> None:
-    """Training state, model, then history: each file atomic and complete on its own."""
-    save_train_state(train_state_path(run.out), run.lm, run.state, run.data_sha256)
-    save_model(run.out, run.lm, run.state.params)
-    save_history(history_path(run.out), run.history, run.lm, run.state.config)
-
-
-def train(run: Run, args: argparse.Namespace) -> None:
-    """Train to the run's last step: a progress line, a log line and a checkpoint every N steps."""
-    config = run.state.config
-    start = int(run.state.step)
-    tokens_per_step = config.batch_size * config.seq_len
-    num_params = sum(x.size for x in jax.tree.leaves(run.state.params))
-    print(f"{LABELS[FRAMEWORK]}: {num_params:,} params, {run.data.size:,} bytes of text")
-    if start >= config.steps:
-        print(f"nothing to train: the run is at its last step, {config.steps}")
-        return
-    show_bar = sys.stderr.isatty()
-    began = time.perf_counter()
-    logged = (start, began)  # (step, time) of the last log line
-    first_done = began  # end of the first step (which compiles, in JAX)
-    for step in range(start, config.steps):
-        run.state, metrics = train_step(run.state, get_batch(run.data, step, config), run.rng)
-        now = time.perf_counter()
-        first_done = now if step == start else first_done
-        record = {"step": step + 1, **{k: float(v) for k, v in metrics.items()}}
-        run.history.append({**record, "elapsed_s": now - began})
-        if show_bar:
-            rate = tokens_per_step * (step + 1 - start) / (now - began)
-            line = f"step {step + 1}/{config.steps} loss {record['loss']:.4f} {rate:,.0f} tok/s"
-            print(f"\r{line}", end="", file=sys.stderr, flush=True)
-        if (step + 1) % args.log_every == 0 or step + 1 == config.steps:
-            rate = tokens_per_step * (step + 1 - logged[0]) / (now - logged[1])
-            logged = (step + 1, now)
-            if show_bar:
-                print("\r\033[K", end="", file=sys.stderr, flush=True)
-            print(
-                f"step {step + 1:>5} loss {record['loss']:.4f} ce {record['ce']:.4f} "
-                f"aux {record['aux']:.4f} lr {record['lr']:.2e} "
-                f"grad norm {record['grad_norm']:.3f} {rate:,.0f} tok/s",
-                flush=True,
-            )
-        if (step + 1) % args.checkpoint_every == 0 or step + 1 == config.steps:
-            save_checkpoint(run)
-    end = time.perf_counter()
-    steady = tokens_per_step * (config.steps - start - 1) / max(end - first_done, 1e-9)
-    print(
-        f"done: {end - began:.1f} s ({first_done - began:.1f} s first step, then "
-        f"{steady:,.0f} tok/s); checkpoint {run.out}",
-        flush=True,
-    )
-
-
-def sample(run: Run, args: argparse.Namespace) -> str:
-    """`--sample-tokens` bytes generated after `--prompt` by the trained model."""
-    prompt = np.frombuffer(args.prompt.encode(), np.uint8).astype(np.int32)[None, :]  # (1, L)
+def sample(
+    lm: TransformerLM,
+    state: TrainState,
+    prompt: bytes,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+) -> bytes:
+    """`max_new_tokens` bytes after `prompt`, drawn with the run's seed."""
     tokens = generate(
-        run.lm,
-        run.state.params,
-        prompt,
-        max_new_tokens=args.sample_tokens,
-        rng=jax.random.PRNGKey(run.state.config.seed),
-        temperature=args.temperature,
-        top_k=args.top_k,
-    )  # (1, sample_tokens)
-    return bytes(np.asarray(tokens[0]).astype(np.uint8)).decode("utf-8", errors="replace")
+        lm,
+        state.params,
+        np.frombuffer(prompt, np.uint8).astype(np.int32)[None, :],  # (1, L)
+        max_new_tokens=max_new_tokens,
+        rng=jax.random.PRNGKey(state.config.seed),
+        temperature=temperature,
+        top_k=top_k,
+    )  # (1, max_new_tokens)
+    return bytes(np.asarray(tokens[0]).astype(np.uint8))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The CLI: 0 done, 2 bad input (nothing trained or written), 130 interrupted."""
-    args = parse_args(argv)
-    try:
-        run = prepare(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    try:
-        train(run, args)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; last complete checkpoint: {run.out}", file=sys.stderr)
-        return 130
-    if args.plot is not None:
-        runs = [(LABELS[FRAMEWORK], run.history)]
-        for path in args.plot_with:
-            other = json.loads(path.read_text())
-            runs.append((LABELS.get(other["framework"], other["framework"]), other["history"]))
-        plot_histories(args.plot, runs)
-        print(f"plot: {args.plot}")
-    if args.sample_tokens:
-        print(f"--- {args.sample_tokens} bytes after {args.prompt!r} ---")
-        print(args.prompt + sample(run, args))
-    return 0
+    """The training command (`twin_core.train_cli`) with JAX: returns the exit status."""
+    return train_cli.main(sys.modules[__name__], argv)
 
 
 if __name__ == "__main__":

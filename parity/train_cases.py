@@ -4,7 +4,8 @@ frameworks from the same weights, and training-state files converted between the
 `gradient_case` and `trajectory_case` are report cases (registered with `parity.cases.case`,
 configs "dense" and "moe", float32); listing this module in `parity.report.CASE_MODULES` puts
 them in the report. `convert_train_state` rewrites a training state saved by
-`torch_block.train` for `jax_block.train`, or back, so a run continues in the other framework.
+`torch_block.train` for `jax_block.train`, or back, so a run continues in the other framework
+(`--resume` of either training command calls it for the other framework's files).
 
 One parameter is left out of the error and reported apart: the attention key bias
 (`attention.k_proj.bias`). Adding the same vector to every key adds q . b to every score of a
@@ -32,8 +33,10 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 import jax_block.lm
 import jax_block.train as jax_train
 import torch_block.lm
-import torch_block.moe
 import torch_block.train as torch_train
+from twin_core import LMConfig, TrainConfig, atomic_write, digest, expert_capacity
+from twin_core.data import DEFAULT_TEXT, load_text
+from twin_core.run_files import NAMINGS, TRAIN_FORMAT
 
 from .cases import Setup, case
 from .compare import Row, Tolerance, compare
@@ -62,7 +65,7 @@ LM_CONFIGS: dict[str, dict[str, Any]] = {
 TRAIN_KWARGS: dict[str, Any] = dict(
     steps=50, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=5, max_grad_norm=1.0
 )
-GRADIENT_TOLERANCE = Tolerance("rel", 1e-4)  # DESIGN.md section 7
+GRADIENT_TOLERANCE = Tolerance("rel", 1e-4)  # docs/design.md section 7
 LOSS_TOLERANCE = Tolerance("abs", 1e-4)  # issue 6: losses at every step
 WEIGHT_TOLERANCE = Tolerance("rel", 1e-4)  # issue 6: final weights
 ZERO_GRADIENT = 1e-6  # |gradient| / gradient scale below which a gradient is rounding noise
@@ -76,7 +79,7 @@ def is_shift_invariant(torch_key: str) -> bool:
 
 def training_text(vocab_size: int, size: int = 20_000) -> np.ndarray:
     """The start of the default text with every byte taken modulo `vocab_size` (N,) uint8."""
-    return (torch_train.load_text(torch_train.DEFAULT_TEXT)[:size] % vocab_size).astype(np.uint8)
+    return (load_text(DEFAULT_TEXT)[:size] % vocab_size).astype(np.uint8)
 
 
 def build(config: str, seed: int) -> tuple[torch_block.lm.TransformerLM, Any, dict]:
@@ -88,10 +91,9 @@ def build(config: str, seed: int) -> tuple[torch_block.lm.TransformerLM, Any, di
     return model, flax_lm, params
 
 
-def train_configs(seed: int, **overrides: Any) -> tuple[Any, Any]:
-    """The same TrainConfig in both frameworks."""
-    kwargs = {**TRAIN_KWARGS, "seed": seed, **overrides}
-    return torch_train.TrainConfig(**kwargs), jax_train.TrainConfig(**kwargs)
+def train_config(seed: int, **overrides: Any) -> TrainConfig:
+    """The run of both frameworks: TRAIN_KWARGS with `seed` and `overrides`."""
+    return TrainConfig(**{**TRAIN_KWARGS, "seed": seed, **overrides})
 
 
 def _split_errors(
@@ -127,18 +129,18 @@ class GradientComparison:
 def compare_gradients(config: str, seed: int = 0) -> GradientComparison:
     """Gradients of one training-mode step (dropout 0; MoE with capacity dropping)."""
     model, flax_lm, params = build(config, seed)
-    torch_config, jax_config = train_configs(seed)
+    run = train_config(seed)
     data = training_text(model.vocab_size)
-    torch_state = torch_train.create_train_state(model, torch_config)
-    jax_state = jax_train.create_train_state(flax_lm, params, jax_config)
+    torch_state = torch_train.create_train_state(model, run)
+    jax_state = jax_train.create_train_state(flax_lm, params, run)
     counts = _reset_expert_counts(model)
     torch_metrics, torch_grads = torch_train.loss_and_grads(
-        torch_state, torch_train.get_batch(data, 0, torch_config)
+        torch_state, torch_train.get_batch(data, 0, run)
     )
     jax_metrics, jax_grads = jax_train.loss_and_grads(
-        jax_state, jax_train.get_batch(data, 0, jax_config), jax.random.PRNGKey(seed)
+        jax_state, jax_train.get_batch(data, 0, run), jax.random.PRNGKey(seed)
     )
-    dropped, assignments = _dropped(model, counts, torch_config)
+    dropped, assignments = _dropped(model, counts, run)
     abs_err, rel_err, scale = _split_errors(torch_grads, flax_lm, jax_grads)
     jax_as_torch = flax_to_torch(jax_grads, flax_lm)
     grad_scale = max(scale.values())
@@ -170,18 +172,16 @@ def _reset_expert_counts(model: torch_block.lm.TransformerLM) -> list[torch.Tens
 
 
 def _dropped(
-    model: torch_block.lm.TransformerLM, counters: list[torch.Tensor], config: Any
+    model: torch_block.lm.TransformerLM, counters: list[torch.Tensor], config: TrainConfig
 ) -> tuple[int, int]:
     """(assignments past capacity, all assignments) of one training forward pass."""
     if not counters:
         return 0, 0
     c = model.config
     tokens = config.batch_size * config.seq_len
-    capacity = torch_block.moe.expert_capacity(
-        tokens, c["top_k_experts"], c["num_experts"], c["expert_capacity_factor"]
-    )
+    capacity = expert_capacity(tokens, c.top_k_experts, c.num_experts, c.expert_capacity_factor)
     dropped = sum(int((counts - capacity).clamp(min=0).sum()) for counts in counters)
-    return dropped, len(counters) * tokens * c["top_k_experts"]
+    return dropped, len(counters) * tokens * c.top_k_experts
 
 
 @case("train gradients")
@@ -229,18 +229,18 @@ class TrajectoryComparison:
 def compare_trajectories(config: str, seed: int = 0, steps: int = 50) -> TrajectoryComparison:
     """`steps` updates from the same weights on the same batches in both frameworks."""
     model, flax_lm, params = build(config, seed)
-    torch_config, jax_config = train_configs(seed, steps=steps)
+    run = train_config(seed, steps=steps)
     data = training_text(model.vocab_size)
-    torch_state = torch_train.create_train_state(model, torch_config)
-    jax_state = jax_train.create_train_state(flax_lm, params, jax_config)
+    torch_state = torch_train.create_train_state(model, run)
+    jax_state = jax_train.create_train_state(flax_lm, params, run)
     rng = jax.random.PRNGKey(seed)
     torch_log, jax_log = [], []
     for step in range(steps):
         torch_log.append(
-            torch_train.train_step(torch_state, torch_train.get_batch(data, step, torch_config))
+            torch_train.train_step(torch_state, torch_train.get_batch(data, step, run))
         )
         jax_state, metrics = jax_train.train_step(
-            jax_state, jax_train.get_batch(data, step, jax_config), rng
+            jax_state, jax_train.get_batch(data, step, run), rng
         )
         jax_log.append(metrics)
     torch_losses = [float(m["loss"]) for m in torch_log]
@@ -255,14 +255,17 @@ def compare_trajectories(config: str, seed: int = 0, steps: int = 50) -> Traject
         weight_abs_error=max(abs_err[k] for k in compared),
         weight_rel_error=rel_err[worst],
         worst=worst,
-        clipped_steps=sum(float(m["grad_norm"]) > torch_config.max_grad_norm for m in torch_log),
+        clipped_steps=sum(float(m["grad_norm"]) > run.max_grad_norm for m in torch_log),
         lr_abs_error=max(
             abs(float(t["lr"]) - float(j["lr"])) for t, j in zip(torch_log, jax_log, strict=True)
         ),
     )
 
 
-@case(f"train {TRAIN_KWARGS['steps']} steps")
+@case(
+    f"train {TRAIN_KWARGS['steps']} steps",
+    rows=tuple(f"train {TRAIN_KWARGS['steps']} steps: {part}" for part in ("losses", "weights")),
+)
 def trajectory_case(setup: Setup) -> list[Row]:
     """Report case: 50 AdamW steps (warmup, cosine, clipping, weight decay) in both."""
     result = compare_trajectories(setup.config, setup.seed)
@@ -292,35 +295,39 @@ def trajectory_case(setup: Setup) -> list[Row]:
 
 # --------------------------------------------------------------------------- files
 def convert_train_state(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> None:
-    """Rewrite a training state file (`*.train.safetensors`) with `to`'s names ("torch" or
-    "flax"): weights and both Adam moments go through the mapping table.
+    """Rewrite a training state file (`*.train.safetensors`) for framework `to` ("torch" or
+    "jax"; "flax" is the same): weights and both Adam moments go through the mapping table.
 
     The MoE expert counters (a torch statistics buffer) do not survive a trip through Flax:
     they come back as zeros.
     """
-    if to not in ("torch", "flax"):
-        raise ValueError(f"to must be 'torch' or 'flax', got {to!r}")
+    if to not in ("torch", "jax", "flax"):
+        raise ValueError(f"to must be 'torch' or 'jax' (or 'flax'), got {to!r}")
+    naming = NAMINGS["jax" if to == "flax" else to]
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise FileNotFoundError(f"no training state file at {src}")
     with safetensors.safe_open(src, framework="np") as f:
         metadata = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if metadata.get("format") != jax_train.TRAIN_FORMAT:
+    if metadata.get("format") != TRAIN_FORMAT:
         raise ValueError(
-            f"{src}: expected a training state ({jax_train.TRAIN_FORMAT!r}), got format "
+            f"{src}: expected a training state ({TRAIN_FORMAT!r}), got format "
             f"{metadata.get('format')!r}"
         )
-    if metadata.get("naming") == to:
-        raise ValueError(f"{src} already holds {to} names")
-    flax_lm = jax_block.lm.TransformerLM(**json.loads(metadata["config"]))
+    if metadata.get("naming") == naming:
+        raise ValueError(f"{src} already holds {naming} names")
+    if digest(tensors) != metadata.get("sha256"):
+        raise ValueError(f"{src} is corrupt: its tensors do not match their stored sha256")
+    config = LMConfig.from_dict(json.loads(metadata["config"]))
+    flax_lm = jax_block.lm.TransformerLM.from_config(config)
     groups: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         group, name = key.split("/", 1)
         groups.setdefault(group, {})[name] = value
     converted = {}
     for group, arrays in groups.items():
-        if to == "flax":
+        if naming == "flax":
             tree = torch_to_flax({k: torch.from_numpy(v) for k, v in arrays.items()}, flax_lm)
             flat = {k: np.asarray(v) for k, v in flatten_dict(tree, sep="/").items()}
         else:
@@ -329,8 +336,8 @@ def convert_train_state(src: str | os.PathLike, dst: str | os.PathLike, to: str)
             if group != "params":  # moments exist for parameters only, not buffers
                 flat = {k: v for k, v in flat.items() if not _is_torch_buffer(k)}
         converted.update({f"{group}/{k}": v for k, v in flat.items()})
-    metadata.update(naming=to, sha256=jax_train.digest(converted))
-    jax_train.atomic_write(dst, safetensors.numpy.save(converted, metadata))
+    metadata.update(naming=naming, sha256=digest(converted))
+    atomic_write(dst, safetensors.numpy.save(converted, metadata))
 
 
 def _is_torch_buffer(torch_key: str) -> bool:

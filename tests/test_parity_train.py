@@ -29,10 +29,11 @@ from parity.checkpoint import load
 from parity.convert import flax_to_torch, from_torch, torch_to_flax
 from parity.mapping import lm_table
 from torch_block.lm import TransformerLM
+from twin_core import LMConfig, TrainConfig
 
 CONFIGS = ("dense", "moe")
 STEPS = tc.TRAIN_KWARGS["steps"]
-GRAD_RTOL = 1e-4  # DESIGN.md section 7
+GRAD_RTOL = 1e-4  # docs/design.md section 7
 LOSS_ATOL = 1e-4  # issue 6, every step
 WEIGHT_RTOL = 1e-4  # issue 6, final weights
 NOISE = 1e-6  # a gradient below this fraction of the largest one is rounding noise
@@ -55,10 +56,10 @@ def data() -> np.ndarray:
 def states(config: str, seed: int = 0):
     """(torch state, JAX state, torch model, flax module): the same weights, step 0."""
     model, flax_lm, params = tc.build(config, seed)
-    torch_config, jax_config = tc.train_configs(seed)
+    run = tc.train_config(seed)
     return (
-        tt.create_train_state(model, torch_config),
-        jt.create_train_state(flax_lm, params, jax_config),
+        tt.create_train_state(model, run),
+        jt.create_train_state(flax_lm, params, run),
         model,
         flax_lm,
     )
@@ -82,11 +83,11 @@ def is_key_bias(key: str) -> bool:
     return key.endswith("attention.k_proj.bias")
 
 
-def expand(rows, config: dict) -> dict[str, bool]:
+def expand(rows, config: LMConfig) -> dict[str, bool]:
     """torch key -> transpose flag of every row (experts expanded)."""
     out = {}
     for row in rows:
-        keys = [row.torch_key.format(e=e) for e in range(config.get("num_experts", 0))]
+        keys = [row.torch_key.format(e=e) for e in range(config.num_experts)]
         for key in keys if "{e}" in row.torch_key else [row.torch_key]:
             out[key] = row.transpose
     return out
@@ -100,13 +101,13 @@ def test_weight_decay_groups_are_the_linear_weights_in_both(overrides):
     config = {**tc.LM_CONFIGS["dense"], **overrides}
     model = TransformerLM(**config)
     flax_lm, params = from_torch(model)
-    table = lm_table({**model.config})
+    table = lm_table(model.config)
     expected_torch = expand(table, model.config)
     expected_flax = {row.flax_path: row.transpose for row in table}
 
     assert tt.weight_decay_mask(model) == expected_torch
     assert flatten_dict(jt.weight_decay_mask(params), sep="/") == expected_flax
-    if not model.config["tie_embeddings"]:
+    if not model.config.tie_embeddings:
         assert expected_torch["lm_head.weight"]
     assert not expected_torch["token_embedding.weight"]
 
@@ -130,8 +131,8 @@ def reference_lr(count: int, lr: float, warmup: int, steps: int, ratio: float) -
 def test_update_t_uses_the_same_learning_rate_in_both(kwargs):
     """optax evaluates its schedule at the count of updates before this one; LambdaLR, stepped
     after each update, must hand the optimizer exactly that value, in both param groups."""
-    torch_config = tt.TrainConfig(**kwargs)
-    jax_schedule = jt.lr_schedule(jt.TrainConfig(**kwargs))
+    torch_config = TrainConfig(**kwargs)
+    jax_schedule = jt.lr_schedule(TrainConfig(**kwargs))
     model = torch.nn.Linear(3, 3)  # one decayed and one not-decayed parameter
     optimizer, scheduler = tt.create_optimizer(model, torch_config)
     lr, warmup, steps, ratio = (kwargs[k] for k in ("lr", "warmup_steps", "steps", "min_lr_ratio"))
@@ -146,7 +147,7 @@ def test_update_t_uses_the_same_learning_rate_in_both(kwargs):
 
 
 def test_resumed_torch_optimizer_starts_at_the_saved_step():
-    config = tt.TrainConfig(**tc.TRAIN_KWARGS)
+    config = TrainConfig(**tc.TRAIN_KWARGS)
     optimizer, _ = tt.create_optimizer(torch.nn.Linear(2, 2), config, step=17)
     want = reference_lr(17, config.lr, config.warmup_steps, config.steps, config.min_lr_ratio)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([want, want], rel=1e-12)
@@ -361,7 +362,7 @@ def test_torch_run_continues_in_jax_with_the_same_losses(config, tmp_path):
     continue_torch(torch_state, 0, 10)
     src, dst = tmp_path / "t.train.safetensors", tmp_path / "j.train.safetensors"
     tt.save_train_state(src, torch_state)
-    tc.convert_train_state(src, dst, "flax")
+    tc.convert_train_state(src, dst, "jax")
     lm, jax_state, _ = jt.load_train_state(dst)
     assert int(jax_state.step) == 10
 
@@ -417,9 +418,14 @@ def test_convert_train_state_rejects_bad_requests(tmp_path):
     with pytest.raises(ValueError, match="already holds torch"):
         tc.convert_train_state(path, tmp_path / "x", "torch")
     with pytest.raises(FileNotFoundError):
-        tc.convert_train_state(tmp_path / "missing", tmp_path / "x", "flax")
-    with pytest.raises(ValueError, match="convert it for JAX"):
+        tc.convert_train_state(tmp_path / "missing", tmp_path / "x", "jax")
+    with pytest.raises(ValueError, match="holds torch names, not flax.*--resume` converts it"):
         jt.load_train_state(path)
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    (tmp_path / "bad.train.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="corrupt"):
+        tc.convert_train_state(tmp_path / "bad.train.safetensors", tmp_path / "x", "jax")
     assert not (tmp_path / "x").exists()
 
 
@@ -438,3 +444,5 @@ def test_model_files_of_both_trainers_load_through_parity(tmp_path):
     got = {k: v.double().numpy() for k, v in loaded.state_dict().items() if k in want}
     assert set(got) == set(want) and rel_errors(want, got) == dict.fromkeys(want, 0.0)
     assert loaded.config == model.config
+    with safetensors.safe_open(tmp_path / "j.safetensors", "np") as f:
+        assert f.metadata()["naming"] == "flax"  # the names, not the framework

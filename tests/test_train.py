@@ -1,5 +1,5 @@
-"""Training in each framework alone: batches, loss, AdamW steps against a NumPy reference, the
-CLI (checkpoints, history, plot, interruption and resume) and bad input.
+"""Training in each framework alone: the run configuration, batches, loss, AdamW steps against
+a NumPy reference, checkpoint files and bad input. The training command: tests/test_train_cli.py.
 
 The tiny model and run are those of `parity.train_cases` (dense), so that the jitted JAX step
 compiles once for this file and tests/test_parity_train.py.
@@ -8,18 +8,15 @@ compiles once for this file and tests/test_parity_train.py.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import safetensors
 import torch
 from flax.traverse_util import flatten_dict
 
@@ -27,15 +24,15 @@ import jax_block.lm
 import jax_block.train as jt
 import torch_block.lm
 import torch_block.train as tt
+import twin_core.files
+from twin_core import TrainConfig
+from twin_core.data import DEFAULT_TEXT, check_data, check_model_fits, load_text
 
 FRAMEWORKS = ("torch", "jax")
 MODULES = {"torch": tt, "jax": jt}
 LM = dict(vocab_size=64, max_seq_len=16, d_model=32, n_layers=2, n_heads=2, d_ff=64, dropout=0.0)
 RUN = dict(steps=50, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=5, max_grad_norm=1.0)
 RNG = jax.random.PRNGKey(0)
-CLI_MODEL = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64"]
-CLI_RUN = ["--steps", "12", "--warmup-steps", "2", "--batch-size", "4", "--seq-len", "16"]
-CLI_OUT = ["--checkpoint-every", "4", "--log-every", "4"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,7 +47,7 @@ def one_torch_thread():
 @functools.cache
 def text(vocab_size: int = 64) -> np.ndarray:
     """The default text, every byte modulo vocab_size."""
-    return (tt.load_text(tt.DEFAULT_TEXT)[:20_000] % vocab_size).astype(np.uint8)
+    return (load_text(DEFAULT_TEXT)[:20_000] % vocab_size).astype(np.uint8)
 
 
 def new_state(framework: str, seed: int = 0, **lm_overrides):
@@ -58,9 +55,9 @@ def new_state(framework: str, seed: int = 0, **lm_overrides):
     config = {**LM, **lm_overrides}
     if framework == "torch":
         torch.manual_seed(seed)
-        return tt.create_train_state(torch_block.lm.TransformerLM(**config), tt.TrainConfig(**RUN))
+        return tt.create_train_state(torch_block.lm.TransformerLM(**config), TrainConfig(**RUN))
     lm = jax_block.lm.TransformerLM(**config)
-    return jt.create_train_state(lm, numpy_params(lm, seed), jt.TrainConfig(**RUN))
+    return jt.create_train_state(lm, numpy_params(lm, seed), TrainConfig(**RUN))
 
 
 def numpy_params(lm: jax_block.lm.TransformerLM, seed: int) -> dict:
@@ -136,6 +133,24 @@ def test_each_trainer_imports_without_the_other_framework(module, refused):
     assert result.returncode == 0, result.stderr
 
 
+TRAINING_ONLY = ("optax", "safetensors", "matplotlib", "torch_block.train", "jax_block.train")
+
+
+@pytest.mark.parametrize("package", ["torch_block", "jax_block"])
+def test_importing_a_package_loads_no_training_module(package):
+    code = (
+        f"import sys, {package}\n"
+        f"print(sorted(m for m in {TRAINING_ONLY!r} if m in sys.modules))\n"
+        f"import {package}.train\n"
+        f"print(sorted(m for m in {TRAINING_ONLY!r} if m in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    before, after = result.stdout.splitlines()
+    assert before == "[]"
+    assert f"{package}.train" in after and "safetensors" in after  # the probe can see them
+
+
 # --------------------------------------------------------------------------- configuration
 BAD_CONFIGS = [
     (dict(lr=0.0), ValueError, "lr must be"),
@@ -156,31 +171,44 @@ BAD_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
 @pytest.mark.parametrize("overrides, error, message", BAD_CONFIGS)
-def test_train_config_rejects_bad_values(framework, overrides, error, message):
+def test_train_config_rejects_bad_values(overrides, error, message):
     with pytest.raises(error, match=message):
-        MODULES[framework].TrainConfig(**{**RUN, **overrides})
+        TrainConfig(**{**RUN, **overrides})
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_model_must_fit_the_rows(framework):
-    module = MODULES[framework]
+@pytest.mark.parametrize(
+    "steps, warmup", [(400, 100), (1000, 100), (50, 12), (7, 1), (3, 0), (1, 0)]
+)
+def test_default_warmup_is_a_quarter_of_the_run_at_most_100(steps, warmup):
+    assert TrainConfig(steps=steps).warmup_steps == warmup
+    assert TrainConfig(steps=steps, warmup_steps=0).warmup_steps == 0  # given: kept
+    with pytest.raises(ValueError, match=f"warmup_steps must be in \\[0, steps={steps}\\)"):
+        TrainConfig(steps=steps, warmup_steps=steps)  # given and invalid: still an error
+
+
+def test_train_config_round_trips_through_a_dict():
+    config = TrainConfig(steps=50, lr=1e-3, seed=3)
+    assert config.to_dict()["warmup_steps"] == 12
+    assert TrainConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"unknown keys \['lrate'\]"):
+        TrainConfig.from_dict({**config.to_dict(), "lrate": 1.0})
+
+
+def test_model_must_fit_the_rows():
     with pytest.raises(ValueError, match="seq_len 32 exceeds the model's max_seq_len 16"):
-        module.check_model_fits(module.TrainConfig(**{**RUN, "seq_len": 32}), 16)
+        check_model_fits(TrainConfig(**{**RUN, "seq_len": 32}), 16)
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_text_must_hold_one_batch_of_known_tokens(framework):
-    module = MODULES[framework]
-    config = module.TrainConfig(**RUN)  # one batch: 4 x 16 + 1 = 65 bytes
-    module.check_data(np.zeros(65, np.uint8), config, 64, "t")
+def test_text_must_hold_one_batch_of_known_tokens():
+    config = TrainConfig(**RUN)  # one batch: 4 x 16 + 1 = 65 bytes
+    check_data(np.zeros(65, np.uint8), config, 64, "t")
     with pytest.raises(ValueError, match="t has 64 bytes, shorter than one batch.*65 bytes"):
-        module.check_data(np.zeros(64, np.uint8), config, 64, "t")
+        check_data(np.zeros(64, np.uint8), config, 64, "t")
     with pytest.raises(ValueError, match="token id 64 >= vocab_size 64"):
-        module.check_data(np.full(65, 64, np.uint8), config, 64, "t")
+        check_data(np.full(65, 64, np.uint8), config, 64, "t")
     with pytest.raises(FileNotFoundError, match="no text file at"):
-        module.load_text("/nonexistent/text.txt")
+        load_text("/nonexistent/text.txt")
 
 
 # --------------------------------------------------------------------------- data and loss
@@ -188,7 +216,7 @@ def test_text_must_hold_one_batch_of_known_tokens(framework):
 def test_batches_are_windows_of_the_text_fixed_by_seed_and_step(framework):
     module = MODULES[framework]
     data = np.random.default_rng(1).integers(0, 64, 3000).astype(np.uint8)
-    config = module.TrainConfig(**RUN)
+    config = TrainConfig(**RUN)
     windows = np.lib.stride_tricks.sliding_window_view(data, config.seq_len + 1)  # (N-T, T+1)
     batch = np.asarray(module.get_batch(data, 3, config))
     assert batch.shape == (config.batch_size, config.seq_len + 1)
@@ -196,7 +224,7 @@ def test_batches_are_windows_of_the_text_fixed_by_seed_and_step(framework):
         assert np.sum(np.all(windows == row, axis=1)) == 1  # one window of the text, exactly
     assert np.array_equal(batch, np.asarray(module.get_batch(data, 3, config)))
     assert not np.array_equal(batch, np.asarray(module.get_batch(data, 4, config)))
-    other_seed = module.TrainConfig(**{**RUN, "seed": 1})
+    other_seed = TrainConfig(**{**RUN, "seed": 1})
     assert not np.array_equal(batch, np.asarray(module.get_batch(data, 3, other_seed)))
 
 
@@ -353,92 +381,9 @@ def test_torch_expert_without_tokens_still_decays_and_advances_its_moments():
     assert torch.allclose(expert.detach(), before - metrics["lr"] * update, atol=1e-7)
 
 
-# --------------------------------------------------------------------------- CLI
-def run_cli(framework: str, *args: str) -> int:
-    return MODULES[framework].main([*map(str, args)])
-
-
-@functools.cache
-def finished_run(framework: str, root: Path) -> Path:
-    """An uninterrupted 12-step CLI run; returns its checkpoint path."""
-    out = root / framework / "full.safetensors"
-    assert run_cli(framework, *CLI_MODEL, *CLI_RUN, *CLI_OUT, "--out", out) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def cli_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cli")
-
-
-def history(out: Path) -> list[dict]:
-    return json.loads(MODULES["torch"].history_path(out).read_text())["history"]
-
-
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_cli_writes_checkpoint_state_history_plot_and_sample(framework, cli_root, capsys):
-    out = cli_root / framework / "plotted.safetensors"
-    plot = cli_root / framework / "loss.png"
-    other = finished_run(framework, cli_root)
-    capsys.readouterr()
-    args = [*CLI_MODEL, *CLI_RUN, *CLI_OUT, "--out", out, "--plot", plot]
-    args += ["--plot-with", MODULES[framework].history_path(other)]
-    assert run_cli(framework, *args, "--sample-tokens", 8, "--prompt", "AB") == 0
-    stdout = capsys.readouterr().out
-    assert "step    12 loss" in stdout and "--- 8 bytes after 'AB' ---" in stdout
-
-    records = history(out)
-    assert [r["step"] for r in records] == list(range(1, 13))
-    assert records[-1]["loss"] < records[0]["loss"]
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with safetensors.safe_open(out, "np") as f:
-        meta = f.metadata()
-        names = set(f.keys())
-    assert meta["format"] == "twin-block/1" and meta["module"] == "TransformerLM"
-    config = json.loads(meta["config"])
-    assert config["vocab_size"] == 256 and config["d_model"] == 32 and config["max_seq_len"] == 16
-    embedding = {"torch": "token_embedding.weight", "jax": "token_embedding/embedding"}
-    assert embedding[framework] in names
-    with safetensors.safe_open(MODULES[framework].train_state_path(out), "np") as f:
-        assert f.metadata()["step"] == "12"
-
-
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_interrupted_run_keeps_its_last_checkpoint_and_resumes_identically(
-    framework, cli_root, monkeypatch
-):
-    module = MODULES[framework]
-    full = finished_run(framework, cli_root)
-    out = cli_root / framework / "interrupted.safetensors"
-    real_step, calls = module.train_step, []
-
-    def interrupted_step(*args):
-        calls.append(1)
-        if len(calls) == 7:  # during update 7: the last checkpoint is at step 4
-            raise KeyboardInterrupt
-        return real_step(*args)
-
-    monkeypatch.setattr(module, "train_step", interrupted_step)
-    assert run_cli(framework, *CLI_MODEL, *CLI_RUN, *CLI_OUT, "--out", out) == 130
-    monkeypatch.setattr(module, "train_step", real_step)
-    state_file = module.train_state_path(out)
-    with safetensors.safe_open(state_file, "np") as f:
-        assert f.metadata()["step"] == "4"
-    assert len(history(out)) == 4
-
-    assert run_cli(framework, "--resume", state_file, "--out", out, *CLI_OUT) == 0
-    resumed, uninterrupted = history(out), history(full)
-    assert [r["step"] for r in resumed] == list(range(1, 13))
-    for a, b in zip(resumed, uninterrupted, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6), a["step"]
-    with safetensors.safe_open(out, "np") as a, safetensors.safe_open(full, "np") as b:
-        for key in b.keys():
-            assert np.max(np.abs(a.get_tensor(key) - b.get_tensor(key))) <= 1e-6, key
-
-
+# --------------------------------------------------------------------------- checkpoint files
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_failed_checkpoint_write_leaves_the_previous_file(framework, tmp_path, monkeypatch):
-    module = MODULES[framework]
     state = new_state(framework)
     path = tmp_path / "m.safetensors"
     save = {
@@ -452,7 +397,7 @@ def test_failed_checkpoint_write_leaves_the_previous_file(framework, tmp_path, m
     def no_rename(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(module.os, "replace", no_rename)
+    monkeypatch.setattr(twin_core.files.os, "replace", no_rename)
     with pytest.raises(OSError, match="disk full"):
         save()
     monkeypatch.undo()
@@ -460,15 +405,19 @@ def test_failed_checkpoint_write_leaves_the_previous_file(framework, tmp_path, m
     assert os.listdir(tmp_path) == ["m.safetensors"]  # no temporary file left
 
 
+def save_state(framework: str, state, path) -> None:
+    if framework == "torch":
+        tt.save_train_state(path, state)
+    else:
+        jt.save_train_state(path, lm_of(state), state)
+
+
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_damaged_training_state_is_refused(framework, tmp_path):
     module = MODULES[framework]
     state = new_state(framework)
     path = tmp_path / "s.train.safetensors"
-    if framework == "torch":
-        tt.save_train_state(path, state)
-    else:
-        jt.save_train_state(path, lm_of(state), state)
+    save_state(framework, state, path)
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF  # flip bits in the last tensor
     path.write_bytes(bytes(raw))
@@ -479,34 +428,27 @@ def test_damaged_training_state_is_refused(framework, tmp_path):
         module.load_train_state(path)
 
 
-def short_text(tmp_path: Path) -> Path:
-    path = tmp_path / "short.txt"
-    path.write_bytes(b"x" * 64)  # one batch of 4 x 16 needs 65
-    return path
-
-
-BAD_CLI = [  # (extra flags, message); "--resume" runs take no run flags
-    (lambda tmp: ["--data", tmp / "missing.txt"], "no text file at"),
-    (lambda tmp: ["--data", short_text(tmp)], "shorter than one batch"),
-    (lambda tmp: ["--seq-len", "32", "--max-seq-len", "16"], "exceeds the model's max_seq_len"),
-    (lambda tmp: ["--lr", "0"], "lr must be a finite number > 0"),
-    (lambda tmp: ["--lr", "-0.1"], "lr must be a finite number > 0"),
-    (lambda tmp: ["--lr", "nan"], "lr must be a finite number > 0"),
-    (lambda tmp: ["--batch-size", "0"], "batch_size must be >= 1"),
-    (lambda tmp: ["--steps", "2"], "warmup_steps must be in [0, steps=2)"),
-    (lambda tmp: ["--sample-tokens", "20"], "exceeds the model's max_seq_len"),
-    (lambda tmp: ["--n-heads", "3"], "divisible by n_heads"),
-    (lambda tmp: ["--resume", tmp / "x.train.safetensors", "--steps", "5"], "drop --steps"),
-    (lambda tmp: ["--resume", tmp / "x.train.safetensors"], "no training state file"),
-]
-
-
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-@pytest.mark.parametrize("make_args, message", BAD_CLI)
-def test_cli_rejects_bad_input_before_any_work(framework, make_args, message, tmp_path, capsys):
-    out = tmp_path / "out" / "m.safetensors"
-    extra = make_args(tmp_path)
-    base = [] if "--resume" in extra else [*CLI_MODEL, *CLI_RUN]
-    assert run_cli(framework, *base, *extra, "--out", out) == 2
-    assert message in capsys.readouterr().err
-    assert not out.parent.exists()  # nothing written
+def test_training_state_round_trips_and_extends(framework, tmp_path):
+    """Saved and loaded: the same weights, moments and step; `steps` sets a longer run whose
+    schedule is that of the new total, and refuses a length the run has already reached."""
+    state = new_state(framework, seed=2)
+    for t in range(3):
+        state, _ = step(framework, state, t)
+    path = tmp_path / "s.train.safetensors"
+    save_state(framework, state, path)
+    lm, loaded, metadata = MODULES[framework].load_train_state(path)
+    assert int(loaded.step) == 3 and metadata["step"] == "3"
+    assert {k: lm.config.to_dict()[k] for k in LM} == LM
+    for k, v in params_of(framework, state).items():
+        assert np.array_equal(params_of(framework, loaded)[k], v), k
+    _, after = step(framework, loaded, 3)
+    _, expected = step(framework, state, 3)
+    assert after["loss"] == pytest.approx(expected["loss"], abs=1e-6)
+
+    _, longer, _ = MODULES[framework].load_train_state(path, steps=80)
+    assert longer.config == TrainConfig(**{**RUN, "steps": 80})
+    _, metrics = step(framework, longer, 3)
+    assert metrics["lr"] == pytest.approx(reference_lr(3, longer.config), rel=1e-6)
+    with pytest.raises(ValueError, match="--steps 3 does not extend .* done 3 steps"):
+        MODULES[framework].load_train_state(path, steps=3)

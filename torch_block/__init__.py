@@ -8,16 +8,6 @@ from .generate import generate
 from .lm import TransformerLM
 from .moe import MixtureOfExperts
 from .sampling import sample_next_token
-from .train import (
-    TrainConfig,
-    TrainState,
-    create_train_state,
-    load_train_state,
-    loss_and_grads,
-    save_model,
-    save_train_state,
-    train_step,
-)
 
 __all__ = [
     "FeedForward",
@@ -25,15 +15,7 @@ __all__ = [
     "MixtureOfExperts",
     "MultiHeadAttention",
     "TransformerBlock",
-    "TrainConfig",
-    "TrainState",
     "TransformerLM",
     "generate",
-    "create_train_state",
-    "load_train_state",
-    "loss_and_grads",
     "sample_next_token",
-    "save_model",
-    "save_train_state",
-    "train_step",
 ]

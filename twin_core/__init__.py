@@ -4,7 +4,7 @@ Imports only the standard library and NumPy.
 """
 
 from .checks import check_prompt, check_sampling, check_token_id, expert_capacity, prompt_bucket
-from .config import BlockConfig, LMConfig, RopeScaling, check_moe_config
+from .config import BlockConfig, LMConfig, RopeScaling, TrainConfig, check_moe_config
 from .files import atomic_write, digest
 from .rope import inv_frequencies
 
@@ -12,6 +12,7 @@ __all__ = [
     "BlockConfig",
     "LMConfig",
     "RopeScaling",
+    "TrainConfig",
     "atomic_write",
     "check_moe_config",
     "check_prompt",
