@@ -1,0 +1,309 @@
+"""Hugging Face checkpoints in and out: `from_hf` and `to_hf` for the six families.
+
+Reading checks config.json, every file header, every tensor name and shape before the model is
+allocated, then copies one tensor at a time into it: the torch model directly, the Flax params
+row by row of `parity.mapping`'s table, so converting N bytes of weights needs about N bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+import jax_block
+import torch_block
+from twin_core import LMConfig, atomic_write
+
+from .convert import flax_to_torch
+from .hf_config import (
+    CHECKPOINT_DTYPES,
+    HFConfig,
+    family_of,
+    hf_config_from_lm,
+    lm_config_from_hf,
+)
+from .hf_files import (
+    CONFIG,
+    SAFETENSORS,
+    SAFETENSORS_INDEX,
+    WeightFiles,
+    parse_size,
+    read_json,
+    remove_stale,
+    shard_names,
+    write_safetensors,
+)
+from .hf_mapping import HFRow, expand, expected_hf_shapes, hf_from_ours, hf_rows, ours_from_hf
+from .mapping import lm_table
+
+FRAMEWORKS = ("torch", "jax", "flax")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# names that old checkpoints carry and transformers ignores: GPT-2's mask buffers, rope tables
+IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|(^|\.)rotary_emb\.inv_freq$")
+BASE_PREFIX = {"gpt2": "transformer."}  # the others: "model."
+
+
+class HFCheckpoint:
+    """An opened HF directory whose config, names and shapes have been checked against each
+    other: `hf` (family, LMConfig, dtype, token ids), `dtype` (what the model will hold) and
+    `entries` (our key, HF name, row) in reading order. Nothing large is read until `torch()`
+    or `flax()`."""
+
+    def __init__(self, path: str | Path, dtype: Any = None):
+        directory = Path(path)
+        if not directory.is_dir():
+            raise ValueError(f"{path}: not a directory (a Hugging Face checkpoint is a folder)")
+        self.directory = directory
+        self.hf: HFConfig = lm_config_from_hf(read_json(directory / CONFIG, "the model config"))
+        self.dtype = resolve_dtype(self.hf.dtype, dtype)
+        self.files = WeightFiles(directory)
+        config = self.hf.config
+        with torch.device("meta"):
+            meta = torch_block.TransformerLM.from_config(config)
+        self.our_shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+        self.entries = sorted(expand(hf_rows(self.hf.family, config), config), key=lambda e: e[1])
+        self.buffers = sorted(set(self.our_shapes) - {ours for ours, _, _ in self.entries})
+        self._names = self._check_names()
+
+    def _check_names(self) -> dict[str, str]:
+        """HF name -> name in the files (with or without the base model's prefix); ValueError
+        listing missing, unexpected and mis-shaped tensors."""
+        prefix = BASE_PREFIX.get(self.hf.family, "model.")
+        stored = list(self.files.shapes)
+        bare = not any(name.startswith(prefix) for name in stored)
+        names = {}
+        for name in stored:
+            canonical = prefix + name if bare and not name.startswith("lm_head.") else name
+            names[canonical] = name
+        expected = expected_hf_shapes(self.entries, self.our_shapes)
+        problems = [f"missing tensor {name!r}" for name in expected if name not in names]
+        for canonical, name in names.items():
+            if canonical in expected:
+                shape = self.files.shapes[name][0]
+                if shape != expected[canonical]:
+                    problems.append(
+                        f"{name!r}: the config says shape {expected[canonical]}, "
+                        f"the file holds {shape}"
+                    )
+            elif not (
+                IGNORED.search(name)
+                or (canonical == "lm_head.weight" and self.hf.config.tie_embeddings)
+            ):
+                problems.append(f"unexpected tensor {name!r}")
+        if problems:
+            shown = "\n  ".join(problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise ValueError(
+                f"{self.directory}: the weights ({self.files.kind}) do not match config.json "
+                f"({self.hf.family}): {len(problems)} problem(s)\n  {shown}{more}"
+            )
+        return names
+
+    def read(self, hf_name: str) -> torch.Tensor:
+        """One HF tensor from the files."""
+        return self.files.get(self._names[hf_name])
+
+    def torch(self) -> torch_block.TransformerLM:
+        """The torch_block LM in eval mode, built in the target dtype and filled in place."""
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(DTYPES[self.dtype])  # parameters made in the target dtype
+        try:
+            model = torch_block.TransformerLM.from_config(self.hf.config)
+        finally:
+            torch.set_default_dtype(previous)
+        state = model.state_dict()
+        last_name, tensor = None, None
+        with torch.no_grad():
+            for ours, hf_name, row in self.entries:
+                if hf_name != last_name:  # q, k, v of a fused c_attn share one read
+                    tensor = None  # one tensor in flight at a time
+                    last_name, tensor = hf_name, self.read(hf_name)
+                state[ours].copy_(ours_from_hf(row, tensor))
+            for key in self.buffers:
+                state[key].zero_()
+        return model.eval()
+
+    def flax(self) -> tuple[jax_block.TransformerLM, dict]:
+        """(Flax LM, params), built row by row of parity.mapping's table from the HF tensors."""
+        dtype = JAX_DTYPES[self.dtype]
+        lm = jax_block.TransformerLM.from_config(self.hf.config, dtype=dtype, param_dtype=dtype)
+        source = {ours: (hf_name, row) for ours, hf_name, row in self.entries}
+        config = self.hf.config
+        flat = {}
+        for row in lm_table(config):
+            if "{e}" in row.torch_key:
+                keys = [row.torch_key.format(e=e) for e in range(config.num_experts)]
+                array = np.stack([self._numpy(source[key]) for key in keys])
+            else:
+                array = self._numpy(source[row.torch_key])
+            if row.transpose:  # a contiguous copy, and the read buffer is let go before
+                array = np.ascontiguousarray(np.swapaxes(array, -1, -2))
+            flat[tuple(row.flax_path.split("/"))] = jnp.asarray(array)
+            del array
+        params = unflatten_dict(flat)
+        _check_flax_shapes(lm, params)
+        return lm, params
+
+    def _numpy(self, source: tuple[str, HFRow]) -> np.ndarray:
+        """Our tensor in the target dtype as NumPy, sharing the read buffer where it can."""
+        hf_name, row = source
+        tensor = ours_from_hf(row, self.read(hf_name)).to(DTYPES[self.dtype])
+        if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: the same bits, as JAX's
+            return tensor.view(torch.int16).numpy().view(jnp.bfloat16)
+        return tensor.numpy()
+
+
+def resolve_dtype(stored: str | None, requested: Any) -> str:
+    """The dtype the model will hold: `requested` if given, else the checkpoint's; float32 when
+    the checkpoint says nothing, and for float16 checkpoints (an exact widening)."""
+    if requested is not None:
+        if isinstance(requested, torch.dtype):
+            name = str(requested).removeprefix("torch.")
+        elif isinstance(requested, str):
+            name = requested
+        else:
+            try:
+                name = np.dtype(requested).name
+            except TypeError:
+                name = None
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {requested!r}")
+        return name
+    if stored is None or stored == "float16":
+        return "float32"
+    if stored not in CHECKPOINT_DTYPES:
+        raise ValueError(
+            f"config.json: dtype {stored!r} is not supported; pass dtype='float32' or "
+            "'bfloat16' to cast"
+        )
+    return stored
+
+
+def _check_flax_shapes(lm: jax_block.TransformerLM, params: dict) -> None:
+    variables = jax.eval_shape(lambda: lm.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), int)))
+    want = {k: tuple(v.shape) for k, v in flatten_dict(variables["params"]).items()}
+    got = {k: tuple(v.shape) for k, v in flatten_dict(params).items()}
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:5]
+        raise ValueError(f"internal: Flax params do not match the module: {diff}")
+
+
+def from_hf(path: str | Path, framework: str = "torch", *, dtype: Any = None):
+    """A Hugging Face checkpoint directory as a torch_block TransformerLM in eval mode
+    (framework="torch"), or as `(jax_block.TransformerLM, params)` (framework="jax" or "flax").
+
+    `dtype` ("float32" or "bfloat16", or the torch/JAX dtype) casts the weights; by default they
+    keep the checkpoint's dtype (float32 when config.json names none, or float16). Everything is
+    checked before any large allocation; a ValueError names what is wrong or unsupported.
+    """
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
+    checkpoint = HFCheckpoint(path, dtype)
+    return checkpoint.torch() if framework == "torch" else checkpoint.flax()
+
+
+# --------------------------------------------------------------------------- writing
+def _state_dict_of(model: Any) -> tuple[LMConfig, dict[str, torch.Tensor]]:
+    if isinstance(model, torch_block.TransformerLM):
+        return model.config, {k: v.detach() for k, v in model.state_dict().items()}
+    if (
+        isinstance(model, tuple)
+        and len(model) == 2
+        and isinstance(model[0], jax_block.TransformerLM)
+    ):
+        return model[0].config, flax_to_torch(model[1], model[0])
+    raise TypeError(
+        "model must be a torch_block.TransformerLM or a (jax_block.TransformerLM, params) "
+        f"pair, got {type(model).__name__}"
+    )
+
+
+def to_hf(
+    model: Any,
+    path: str | Path,
+    *,
+    max_shard_size: int | str = "5GB",
+    token_ids: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `model` (a torch_block TransformerLM or a `(flax_lm, params)` pair) as a Hugging Face
+    checkpoint directory: config.json, model.safetensors (or shards of at most
+    `max_shard_size` with model.safetensors.index.json) and generation_config.json.
+
+    The family is the one whose layout the model's config fits (ValueError otherwise, naming for
+    each family the field that rules it out). `token_ids` may give bos_token_id, eos_token_id
+    and pad_token_id. Each file is written atomically; weight files of an earlier save in the
+    folder are replaced. Returns the folder.
+    """
+    config, state = _state_dict_of(model)
+    family = family_of(config)
+    limit = parse_size(max_shard_size)
+    unknown = sorted(set(token_ids or {}) - {"bos_token_id", "eos_token_id", "pad_token_id"})
+    if unknown:
+        raise ValueError(f"token_ids: unknown keys {unknown}")
+    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in names:
+        raise ValueError(f"the weights must all be float32 or all bfloat16, got {dtypes}")
+    dtype = next(iter(dtypes))
+    hf_config = hf_config_from_lm(config, names[dtype], token_ids)
+
+    grouped: dict[str, list[tuple[str, HFRow]]] = {}
+    entries = expand(hf_rows(family, config), config)
+    for ours, hf_name, row in entries:
+        grouped.setdefault(hf_name, []).append((ours, row))
+    missing = sorted({ours for ours, _, _ in entries} - set(state))
+    if missing:
+        raise ValueError(f"the model's state_dict lacks {missing[:5]}")
+    shapes = expected_hf_shapes(entries, {k: tuple(v.shape) for k, v in state.items()})
+    tensors = [
+        (
+            hf_name,
+            lambda group=group: hf_from_ours([r for _, r in group], [state[k] for k, _ in group]),
+            shapes[hf_name],
+            dtype,
+        )
+        for hf_name, group in grouped.items()
+    ]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = [int(np.prod(shape)) * itemsize for _, _, shape, _ in tensors]
+    shard_of = list(shard_names(sizes, limit))
+    count = shard_of[-1] + 1
+
+    directory = Path(path)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{path} exists and is not a directory")
+    directory.mkdir(exist_ok=True)
+    files = [
+        SAFETENSORS if count == 1 else f"model-{s + 1:05d}-of-{count:05d}.safetensors"
+        for s in range(count)
+    ]
+    for s, name in enumerate(files):
+        write_safetensors(
+            directory / name, [t for t, k in zip(tensors, shard_of, strict=True) if k == s]
+        )
+    if count > 1:
+        index = {
+            "metadata": {"total_size": sum(sizes)},
+            "weight_map": {t[0]: files[k] for t, k in zip(tensors, shard_of, strict=True)},
+        }
+        atomic_write(directory / SAFETENSORS_INDEX, _json(index))
+        files.append(SAFETENSORS_INDEX)
+    remove_stale(directory, set(files))
+    generation = {k: v for k, v in hf_config.items() if k.endswith("_token_id") and v is not None}
+    atomic_write(directory / "generation_config.json", _json(generation))
+    atomic_write(directory / CONFIG, _json(hf_config))
+    return directory
+
+
+def _json(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()

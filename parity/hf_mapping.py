@@ -1,0 +1,303 @@
+"""One table per Hugging Face family: our torch key, the HF name, both shapes and the transform.
+
+The HF names are those `save_pretrained` writes (transformers' legacy on-disk layout, which
+transformers 5 still writes and reads): GPT-2's Conv1D weights are (in, out) and its q/k/v are
+fused in `c_attn`; Mixtral's experts are `block_sparse_moe.experts.{e}.w1/w2/w3`; Qwen2-MoE
+has `mlp.experts.{e}.*`, `mlp.shared_expert.*` and `mlp.shared_expert_gate`. `{i}` stands for
+the layer, `{e}` for the expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+
+from twin_core import LMConfig
+
+from .hf_config import FAMILIES
+
+COPY, TRANSPOSE, FUSED_QKV = "copy", "transpose", "fused_qkv"
+PREFIXES = {"gpt2": "transformer."}  # the others: "model."
+
+
+class HFRow(NamedTuple):
+    """One weight: our torch key and shape, the HF name and shape, and how one becomes the other.
+
+    `part` is 0, 1 or 2 for q, k, v inside GPT-2's fused `c_attn` (FUSED_QKV), else None.
+    """
+
+    ours: str
+    ours_shape: str
+    hf: str
+    hf_shape: str
+    transform: str
+    part: int | None = None
+
+
+def _linear(ours: str, hf: str, out: str, inp: str, bias: bool, conv1d: bool = False):
+    """A Linear layer: torch (out, in); HF the same, or (in, out) for GPT-2's Conv1D."""
+    hf_shape = f"({inp}, {out})" if conv1d else f"({out}, {inp})"
+    rows = [
+        HFRow(
+            f"{ours}.weight",
+            f"({out}, {inp})",
+            f"{hf}.weight",
+            hf_shape,
+            TRANSPOSE if conv1d else COPY,
+        )
+    ]
+    if bias:
+        rows.append(HFRow(f"{ours}.bias", f"({out},)", f"{hf}.bias", f"({out},)", COPY))
+    return rows
+
+
+def _norm(ours: str, hf: str, layernorm: bool) -> list[HFRow]:
+    rows = [HFRow(f"{ours}.weight", "(d_model,)", f"{hf}.weight", "(d_model,)", COPY)]
+    if layernorm:
+        rows.append(HFRow(f"{ours}.bias", "(d_model,)", f"{hf}.bias", "(d_model,)", COPY))
+    return rows
+
+
+def _gpt2_block() -> list[HFRow]:
+    b, h = "blocks.{i}", "transformer.h.{i}"
+    rows = _norm(f"{b}.norm1", f"{h}.ln_1", True)
+    for part, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        rows += [
+            HFRow(
+                f"{b}.attention.{name}.weight",
+                "(d_model, d_model)",
+                f"{h}.attn.c_attn.weight",
+                "(d_model, 3 d_model)",
+                FUSED_QKV,
+                part,
+            ),
+            HFRow(
+                f"{b}.attention.{name}.bias",
+                "(d_model,)",
+                f"{h}.attn.c_attn.bias",
+                "(3 d_model,)",
+                FUSED_QKV,
+                part,
+            ),
+        ]
+    rows += _linear(f"{b}.attention.out_proj", f"{h}.attn.c_proj", "d_model", "d_model", True, True)
+    rows += _norm(f"{b}.norm2", f"{h}.ln_2", True)
+    rows += _linear(f"{b}.feed_forward.fc1", f"{h}.mlp.c_fc", "d_ff", "d_model", True, True)
+    rows += _linear(f"{b}.feed_forward.fc2", f"{h}.mlp.c_proj", "d_model", "d_ff", True, True)
+    return rows
+
+
+def _gated(ours: str, hf: str, names: tuple[str, str, str], d_ff: str, bias: bool):
+    """fc1 (the activated projection), fc3 (multiplied in) and fc2 (down) of a gated FFN."""
+    fc1, fc3, fc2 = names
+    return (
+        _linear(f"{ours}.fc1", f"{hf}.{fc1}", d_ff, "d_model", bias)
+        + _linear(f"{ours}.fc3", f"{hf}.{fc3}", d_ff, "d_model", bias)
+        + _linear(f"{ours}.fc2", f"{hf}.{fc2}", "d_model", d_ff, bias)
+    )
+
+
+LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
+MIXTRAL_EXPERT = ("w1", "w3", "w2")
+
+
+def _rope_block(family: str, config: LMConfig) -> list[HFRow]:
+    b, h = "blocks.{i}", "model.layers.{i}"
+    rows = _norm(f"{b}.norm1", f"{h}.input_layernorm", False)
+    for name, hf_name, out in (
+        ("q_proj", "q_proj", "H*D"),
+        ("k_proj", "k_proj", "KV*D"),
+        ("v_proj", "v_proj", "KV*D"),
+    ):
+        rows += _linear(
+            f"{b}.attention.{name}", f"{h}.self_attn.{hf_name}", out, "d_model", config.qkv_bias
+        )
+    rows += _linear(
+        f"{b}.attention.out_proj", f"{h}.self_attn.o_proj", "d_model", "H*D", config.out_bias
+    )
+    rows += _norm(f"{b}.norm2", f"{h}.post_attention_layernorm", False)
+    ffn = f"{b}.feed_forward"
+    if family == "mixtral":
+        moe = f"{h}.block_sparse_moe"
+        rows += _linear(f"{ffn}.gate", f"{moe}.gate", "E", "d_model", False)
+        rows += _gated(
+            f"{ffn}.experts.{{e}}", f"{moe}.experts.{{e}}", MIXTRAL_EXPERT, "d_ff", False
+        )
+    elif family == "qwen2_moe":
+        rows += _linear(f"{ffn}.gate", f"{h}.mlp.gate", "E", "d_model", False)
+        rows += _gated(f"{ffn}.experts.{{e}}", f"{h}.mlp.experts.{{e}}", LLAMA_MLP, "d_ff", False)
+        rows += _gated(
+            f"{ffn}.shared_expert", f"{h}.mlp.shared_expert", LLAMA_MLP, "shared_d_ff", False
+        )
+        rows += _linear(
+            f"{ffn}.shared_expert_gate", f"{h}.mlp.shared_expert_gate", "1", "d_model", False
+        )
+    else:
+        rows += _gated(ffn, f"{h}.mlp", LLAMA_MLP, "d_ff", config.ffn_bias)
+    return rows
+
+
+def hf_rows(family: str, config: LMConfig) -> list[HFRow]:
+    """Every weight of an LM of `family` with `config`, symbolic in {i} and {e}."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family == "gpt2":
+        rows = [
+            HFRow(
+                "token_embedding.weight",
+                "(vocab, d_model)",
+                "transformer.wte.weight",
+                "(vocab, d_model)",
+                COPY,
+            ),
+            HFRow(
+                "position_embedding.weight",
+                "(max_seq_len, d_model)",
+                "transformer.wpe.weight",
+                "(n_positions, d_model)",
+                COPY,
+            ),
+            *_gpt2_block(),
+            *_norm("norm", "transformer.ln_f", True),
+        ]
+    else:
+        rows = [
+            HFRow(
+                "token_embedding.weight",
+                "(vocab, d_model)",
+                "model.embed_tokens.weight",
+                "(vocab, d_model)",
+                COPY,
+            ),
+            *_rope_block(family, config),
+            *_norm("norm", "model.norm", False),
+        ]
+    if not config.tie_embeddings:
+        rows.append(
+            HFRow("lm_head.weight", "(vocab, d_model)", "lm_head.weight", "(vocab, d_model)", COPY)
+        )
+    return rows
+
+
+def expand(rows: list[HFRow], config: LMConfig) -> list[tuple[str, str, HFRow]]:
+    """(our key, HF name, row) for every layer i and expert e."""
+    out = []
+    for row in rows:
+        layers = range(config.n_layers) if "{i}" in row.ours else [None]
+        experts = range(config.num_experts) if "{e}" in row.ours else [None]
+        for i in layers:
+            for e in experts:
+                out.append((row.ours.format(i=i, e=e), row.hf.format(i=i, e=e), row))
+    return out
+
+
+def expected_hf_shapes(
+    entries: list[tuple[str, str, HFRow]], our_shapes: Mapping[str, tuple[int, ...]]
+) -> dict[str, tuple[int, ...]]:
+    """HF name -> shape, from the shapes of our tensors."""
+    shapes = {}
+    for ours, hf, row in entries:
+        shape = tuple(our_shapes[ours])
+        if row.transform == TRANSPOSE:
+            shape = shape[::-1]
+        elif row.transform == FUSED_QKV:
+            shape = (shape[1], 3 * shape[0]) if len(shape) == 2 else (3 * shape[0],)
+        shapes[hf] = shape
+    return shapes
+
+
+def ours_from_hf(row: HFRow, tensor: torch.Tensor) -> torch.Tensor:
+    """Our tensor (a view where possible) from the HF tensor the row names."""
+    if row.transform == TRANSPOSE:
+        return tensor.t()
+    if row.transform == FUSED_QKV:
+        width = tensor.shape[-1] // 3
+        piece = tensor[..., row.part * width : (row.part + 1) * width]
+        return piece.t() if tensor.dim() == 2 else piece
+    return tensor
+
+
+def hf_from_ours(rows: list[HFRow], tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The HF tensor of one name from the rows (one, or q/k/v for c_attn) and our tensors."""
+    if rows[0].transform == FUSED_QKV:
+        ordered = [t for _, t in sorted(zip((r.part for r in rows), tensors, strict=True))]
+        if ordered[0].dim() == 2:
+            return torch.cat([t.t() for t in ordered], dim=1).contiguous()  # (in, 3 out)
+        return torch.cat(ordered).contiguous()
+    if rows[0].transform == TRANSPOSE:
+        return tensors[0].t().contiguous()
+    return tensors[0].contiguous()
+
+
+_TRANSFORM_TEXT = {
+    COPY: "copy",
+    TRANSPOSE: "transpose (Conv1D is (in, out))",
+}
+
+
+def _transform_text(row: HFRow) -> str:
+    if row.transform == FUSED_QKV:
+        span = ("[0, d)", "[d, 2d)", "[2d, 3d)")[row.part]
+        if row.ours.endswith("weight"):
+            return f"columns {span} of c_attn, transposed"
+        return f"entries {span} of c_attn.bias"
+    return _TRANSFORM_TEXT[row.transform]
+
+
+def markdown_tables() -> str:
+    """The tables for README.md: GPT-2's and Llama's in full (every option on: biases where the
+    family can have them, an untied head); Mistral and Qwen2 as Llama's; Mixtral's and
+    Qwen2-MoE's feed-forward rows (the rest as Llama's)."""
+    base = dict(vocab_size=8, max_seq_len=8, d_model=8, n_layers=1, n_heads=2, d_ff=8)
+    rope = dict(
+        norm="rmsnorm",
+        positions="rope",
+        gated_ffn=True,
+        qkv_bias=False,
+        out_bias=False,
+        ffn_bias=False,
+        tie_embeddings=False,
+    )
+    moe = dict(use_moe=True, num_experts=2)
+    tables = [
+        ("gpt2", LMConfig(**base, tie_embeddings=False), "", "always"),
+        (
+            "llama",
+            LMConfig(**base, **{**rope, "qkv_bias": True, "out_bias": True, "ffn_bias": True}),
+            "",
+            "with attention_bias (q/k/v and o_proj) and mlp_bias; mistral: the same rows, no "
+            "biases; qwen2: the same rows, q/k/v biases only",
+        ),
+        ("mixtral", LMConfig(**base, **rope, **moe), ".feed_forward.", "none"),
+        (
+            "qwen2_moe",
+            LMConfig(
+                **base,
+                **{**rope, "qkv_bias": True},
+                **moe,
+                shared_expert_d_ff=8,
+                shared_expert_gate=True,
+            ),
+            ".feed_forward.",
+            "q/k/v with qkv_bias; attention and the rest as llama",
+        ),
+    ]
+    parts = []
+    for family, config, only, biases in tables:
+        parts += [
+            f"**{family}** (biases: {biases}; `lm_head` only when untied; `{{i}}` layer, "
+            "`{e}` expert)",
+            "",
+            "| our torch key | our shape | HF name | HF shape | transform |",
+            "|---|---|---|---|---|",
+        ]
+        for row in hf_rows(family, config):
+            if only in row.ours:
+                parts.append(
+                    f"| `{row.ours}` | {row.ours_shape} | `{row.hf}` | {row.hf_shape} "
+                    f"| {_transform_text(row)} |"
+                )
+        parts.append("")
+    return "\n".join(parts).rstrip() + "\n"
