@@ -7,17 +7,26 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from twin_core import check_prompt, check_sampling, prompt_bucket
 
 from .cache import IN_PLACE_CACHE_OPTIONS, KVCache
 from .lm import TransformerLM
 from .sampling import sample_next_token
+from .sharding import (
+    check_batch,
+    check_mesh,
+    check_model,
+    check_rules,
+    named_sharding,
+    use_mesh,
+)
 
 
 @partial(
     jax.jit,
-    static_argnames=("lm",),
+    static_argnames=("lm", "mesh", "rules"),
     donate_argnames=("kv_cache",),
     compiler_options=IN_PLACE_CACHE_OPTIONS,
 )
@@ -27,14 +36,25 @@ def cached_forward(
     input_ids: jax.Array,
     attention_mask: jax.Array | None,
     kv_cache: tuple[KVCache, ...],
+    mesh: Mesh | None = None,
+    rules: tuple | None = None,
 ) -> tuple[jax.Array, tuple[KVCache, ...]]:
     """(logits (B, T, V), new cache): `lm` in eval mode on input_ids (B, T) at the caches'
     position, attention_mask (B, S) covering every cache slot.
 
     The position is traced, so one compilation serves every step of a given shape. The cache is
     donated: its buffers are reused for the returned cache and the argument is deleted.
+
+    With `mesh` (static; `rules` a hashable tuple of pairs, default
+    `jax_block.sharding.DEFAULT_RULES`) the call runs sharded: params from
+    `jax_block.shard_params`, the cache from `lm.create_kv_cache(..., mesh=mesh)`.
     """
-    return lm.apply({"params": params}, input_ids, attention_mask, kv_cache=kv_cache)
+    if mesh is not None:
+        mesh = check_mesh(mesh)
+        check_model(lm.config, mesh, rules)
+        check_batch(input_ids.shape[0], mesh, rules)
+    with use_mesh(mesh, rules):
+        return lm.apply({"params": params}, input_ids, attention_mask, kv_cache=kv_cache)
 
 
 def generate(
@@ -51,6 +71,8 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     return_num_steps: bool = False,
+    mesh: Mesh | None = None,
+    rules: tuple | None = None,
 ) -> jax.Array | tuple[jax.Array, int]:
     """The new tokens (B, max_new_tokens) int32 that follow left-padded prompts (B, L).
 
@@ -60,6 +82,12 @@ def generate(
     finished: its later tokens are `pad_token_id`. Generation stops once every row is
     finished; `num_steps` counts the model calls (prefill included), which is the number of
     token positions generated. Sampling (temperature > 0) needs `rng`.
+
+    With `mesh` the whole loop runs sharded over it: `params` placed by
+    `jax_block.shard_params` (same `rules`, a tuple of pairs; default
+    `jax_block.sharding.DEFAULT_RULES`), the prompts' batch split over `data`, the cache
+    created on the mesh. ValueError before compiling when the batch or the model does not
+    split evenly.
     """
     if not isinstance(lm, TransformerLM):
         raise TypeError(f"lm must be a jax_block.TransformerLM, got {type(lm).__name__}")
@@ -77,14 +105,20 @@ def generate(
     if temperature > 0 and rng is None:
         raise ValueError(f"sampling at temperature {temperature} needs rng (a jax.random key)")
     B, L = ids.shape
+    if mesh is not None:
+        mesh = check_mesh(mesh)
+        rules = check_rules(rules)
+        check_model(lm.config, mesh, rules)
+        check_batch(B, mesh, rules)
     pad = prompt_bucket(L) - L
     ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=pad_token_id)  # (B, bucket)
     mask = np.pad(mask, ((0, 0), (pad, 0)))  # (B, bucket)
+    prompt = None if mesh is None else named_sharding(mesh, ("batch", "length"), rules)
     tokens, num_steps = generate_tokens(
         lm,
         params,
-        jnp.asarray(ids),
-        jnp.asarray(mask),
+        jax.device_put(ids, prompt),
+        jax.device_put(mask, prompt),
         jax.random.PRNGKey(0) if rng is None else rng,
         max_new_tokens=int(max_new_tokens),
         temperature=float(temperature),
@@ -92,8 +126,14 @@ def generate(
         top_p=None if top_p is None else float(top_p),
         eos_token_id=None if eos_token_id is None else int(eos_token_id),
         pad_token_id=int(pad_token_id),
+        mesh=mesh,
+        rules=rules,
     )
     return (tokens, int(num_steps)) if return_num_steps else tokens
+
+
+LONG_PROMPT = 1024  # longer prompts are prefilled in chunks of PREFILL_CHUNK tokens
+PREFILL_CHUNK = 512
 
 
 @partial(
@@ -106,6 +146,8 @@ def generate(
         "top_p",
         "eos_token_id",
         "pad_token_id",
+        "mesh",
+        "rules",
     ),
     compiler_options=IN_PLACE_CACHE_OPTIONS,
 )
@@ -122,24 +164,51 @@ def generate_tokens(
     top_p: float | None,
     eos_token_id: int | None,
     pad_token_id: int,
+    mesh: Mesh | None = None,
+    rules: tuple | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Prefill left-padded, already checked prompts (B, P), then decode in a `lax.while_loop`.
 
+    A prompt longer than LONG_PROMPT is prefilled in chunks of PREFILL_CHUNK tokens, so that
+    its activations stay small next to the cache.
+
     Returns (tokens (B, max_new_tokens) int32, number of model calls () int32). The cache is
     created here and carried through the loop, so XLA updates it in place; no step returns to
-    the host.
+    the host. With `mesh` (already checked) everything is traced under `use_mesh(mesh, rules)`.
     """
+    with use_mesh(mesh, rules):
+        return _generate_tokens(
+            lm, params, input_ids, attention_mask, rng, max_new_tokens, temperature, top_k,
+            top_p, eos_token_id, pad_token_id,
+        )
+
+
+def _generate_tokens(
+    lm, params, input_ids, attention_mask, rng, max_new_tokens, temperature, top_k, top_p,
+    eos_token_id, pad_token_id,
+) -> tuple[jax.Array, jax.Array]:
     B, P = input_ids.shape
     variables = {"params": params}
     key_mask = jnp.concatenate(
         [attention_mask, jnp.ones((B, max_new_tokens), attention_mask.dtype)], axis=1
     )  # (B, P + n): prompt slots, then one slot per new token
     cache = lm.create_kv_cache(B, P + max_new_tokens, lm.dtype)
-    # Position 0 known while tracing: the prefill reads no cache slot (none is written yet).
-    cache = tuple(layer.replace(position=np.zeros((), np.int32)) for layer in cache)
-    logits, cache = lm.apply(variables, input_ids, key_mask, kv_cache=cache)  # (B, P, V)
+    # Position 0 known while tracing: the first chunk reads no cache slot (none is written yet).
+    cache = tuple(layer.replace(position=np.zeros((), np.int32)).constrained() for layer in cache)
+    chunk = P if P <= LONG_PROMPT else PREFILL_CHUNK  # P is a power of two: chunks divide it
+    logits, cache = lm.apply(variables, input_ids[:, :chunk], key_mask, kv_cache=cache)
+    last_logits = logits[:, -1]  # (B, V)
+
+    def prefill_chunk(i, carry):
+        _, cache = carry
+        ids = jax.lax.dynamic_slice_in_dim(input_ids, i * chunk, chunk, axis=1)  # (B, chunk)
+        logits, cache = lm.apply(variables, ids, key_mask, kv_cache=cache)
+        return logits[:, -1], cache
+
+    if P > chunk:
+        last_logits, cache = jax.lax.fori_loop(1, P // chunk, prefill_chunk, (last_logits, cache))
     rng, step_rng = jax.random.split(rng)
-    first = sample_next_token(logits[:, -1], temperature, top_k, top_p, step_rng)  # (B,)
+    first = sample_next_token(last_logits, temperature, top_k, top_p, step_rng)  # (B,)
     tokens = jnp.full((B, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(first)
     finished = jnp.zeros((B,), bool) if eos_token_id is None else first == eos_token_id
 

@@ -79,12 +79,12 @@ class TransformerLM(nn.Module):
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
         self.tie_embeddings = tie_embeddings
+        learned = config.positions == "learned"
         self.token_embedding = nn.Embedding(vocab_size, d_model)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        self.position_embedding = None
-        if config.positions == "learned":
-            self.position_embedding = nn.Embedding(max_seq_len, d_model)
-            nn.init.normal_(self.position_embedding.weight, std=0.02)
+        self.position_embedding = nn.Embedding(max_seq_len, d_model) if learned else None
+        for embedding in (self.token_embedding, self.position_embedding):
+            if embedding is not None:  # drawn in this order: the original project's weights
+                nn.init.normal_(embedding.weight, std=0.02)
         self.dropout = nn.Dropout(dropout)
         block = config.block()
         self.blocks = nn.ModuleList([TransformerBlock.from_config(block) for _ in range(n_layers)])
@@ -160,6 +160,24 @@ class TransformerLM(nn.Module):
         of the blocks' MoE losses (0 for dense blocks).
         """
         self.check_inputs(input_ids, attention_mask, kv_cache)
+        x, aux = self.hidden_states(input_ids, attention_mask, kv_cache, return_aux_loss)
+        logits = self.logits(x)  # (B, T, vocab_size)
+        outputs = [logits]
+        if return_aux_loss:
+            outputs.append(aux)
+        if kv_cache is not None:
+            outputs.append(kv_cache)
+        return logits if len(outputs) == 1 else tuple(outputs)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        kv_cache: list[KVCache] | None = None,
+        return_aux_loss: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` up to the final norm, without its input checks, for callers that made them
+        (generate): (x (B, T, d_model), aux), the caches written as `forward` writes them."""
         start = 0 if kv_cache is None else kv_cache[0].cache_position
         T = input_ids.shape[1]
         positions = position_ids(attention_mask, start, T).to(input_ids.device)  # (B|1, T)
@@ -181,15 +199,12 @@ class TransformerLM(nn.Module):
             )
             if block_aux is not None:
                 aux = aux + block_aux
-        x = self.norm(x)  # (B, T, d_model)
+        return self.norm(x), aux  # (B, T, d_model), ()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The LM head: x (..., d_model) -> logits (..., vocab_size)."""
         head = self.token_embedding.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head)  # (B, T, vocab_size)
-        outputs = [logits]
-        if return_aux_loss:
-            outputs.append(aux)
-        if kv_cache is not None:
-            outputs.append(kv_cache)
-        return logits if len(outputs) == 1 else tuple(outputs)
+        return F.linear(x, head)
 
 
 def _describe(value) -> str:

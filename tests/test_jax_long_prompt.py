@@ -1,0 +1,152 @@
+"""Attention over blocks (long inputs) equals the full softmax, and long prefills stay small."""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_block.attention as attention_module
+from jax_block import KVCache, MultiHeadAttention, TransformerLM
+from jax_block.generate import generate_tokens
+
+D_MODEL, T = 32, 500  # T spans several query and key blocks, with a ragged end
+
+
+def reference(q, k, v, allowed):
+    """float64 NumPy attention: q (B, H, T, D), k/v (B, H, S, D), allowed (B, H, T, S)."""
+    scores = np.einsum("bhtd,bhsd->bhts", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(allowed, scores, -np.inf)
+    top = np.max(scores, axis=-1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0)
+    e = np.where(allowed, np.exp(scores - top), 0)
+    total = e.sum(-1, keepdims=True)
+    return np.einsum("bhts,bhsd->bhtd", e / np.where(total > 0, total, 1), v)
+
+
+def projections(module, params, x):
+    """q, k, v (B, H, T, D) in float64, computed from the module's own weights."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    H, KV = module.n_heads, module.n_kv_heads or module.n_heads
+    D = D_MODEL // H
+    out = []
+    for name, heads in (("q_proj", H), ("k_proj", KV), ("v_proj", KV)):
+        y = np.asarray(x, np.float64) @ p[name]["kernel"] + p[name]["bias"]
+        y = y.reshape(*x.shape[:2], heads, D).transpose(0, 2, 1, 3)
+        out.append(np.repeat(y, H // heads, axis=1))  # query head h reads kv head h // G
+    return out, p
+
+
+@pytest.mark.parametrize(
+    "causal, window, n_kv_heads, padded",
+    [(True, None, None, False), (True, 300, 2, True), (False, None, 1, True)],
+)
+def test_blocked_attention_equals_a_float64_reference(causal, window, n_kv_heads, padded):
+    module = MultiHeadAttention(
+        D_MODEL, 4, 0.0, causal, n_kv_heads=n_kv_heads, sliding_window=window
+    )
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, T, D_MODEL))
+    params = module.init(jax.random.PRNGKey(0), x[:, :4])["params"]
+    key_mask = np.ones((2, T), bool)
+    if padded:
+        key_mask[1, :37] = False  # a left-padded row
+    mask = jnp.asarray(key_mask)[:, None, None, :]
+    assert T * T < attention_module.BLOCKED_MIN_SCORES  # the full path, then blocks forced
+    full = np.asarray(module.apply({"params": params}, x, mask)[0])
+    old = attention_module.BLOCKED_MIN_SCORES
+    attention_module.BLOCKED_MIN_SCORES = 1
+    try:
+        blocked = np.asarray(module.apply({"params": params}, x, mask)[0])
+    finally:
+        attention_module.BLOCKED_MIN_SCORES = old
+
+    (q, k, v), p = projections(module, params, x)
+    pos = np.arange(T)
+    allowed = np.ones((T, T), bool)
+    if causal:
+        allowed &= pos[None, :] <= pos[:, None]
+    if window is not None:
+        allowed &= pos[None, :] > pos[:, None] - window
+    allowed = allowed[None, None] & key_mask[:, None, None, :]
+    heads = reference(q, k, v, allowed).transpose(0, 2, 1, 3).reshape(2, T, D_MODEL)
+    want = heads @ p["out_proj"]["kernel"] + p["out_proj"]["bias"]
+    np.testing.assert_allclose(blocked, want, atol=1e-5)
+    np.testing.assert_allclose(full, want, atol=1e-5)
+
+
+def test_blocked_attention_over_a_cache_at_a_traced_position():
+    """A long chunk written at a traced position attends to the cache over blocks."""
+    module = MultiHeadAttention(D_MODEL, 4, 0.0, n_kv_heads=2)
+    x = jax.random.normal(jax.random.PRNGKey(2), (1, 2 * T, D_MODEL))
+    params = module.init(jax.random.PRNGKey(0), x[:, :4])["params"]
+    full = np.asarray(module.apply({"params": params}, x)[0])
+
+    def chunked(x):
+        kv = KVCache.create(1, 2 * T, 2, D_MODEL // 4)  # its position is traced under jit
+        first, kv = module.apply({"params": params}, x[:, :T], None, kv)
+        second, kv = module.apply({"params": params}, x[:, T:], None, kv)
+        return jnp.concatenate([first, second], axis=1)
+
+    old = attention_module.BLOCKED_MIN_SCORES
+    attention_module.BLOCKED_MIN_SCORES = 1
+    try:
+        got = np.asarray(jax.jit(chunked)(x))
+    finally:
+        attention_module.BLOCKED_MIN_SCORES = old
+    np.testing.assert_allclose(got, full, atol=1e-5)
+
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    lm = TransformerLM(64, 2080, D_MODEL, 2, 4, 64, dropout=0.0, positions="rope", n_kv_heads=2)
+    return lm, lm.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def test_chunked_prefill_gives_the_tokens_of_a_full_forward_loop(tiny_lm, monkeypatch):
+    """A prompt longer than LONG_PROMPT is prefilled chunk by chunk, through the cache.
+
+    (`jax_block.generate` is the function; the module is reached by its import path.)
+    """
+    generate_module = importlib.import_module("jax_block.generate")
+    monkeypatch.setattr(generate_module, "LONG_PROMPT", 16)
+    monkeypatch.setattr(generate_module, "PREFILL_CHUNK", 16)
+    lm, params = tiny_lm
+    ids = np.random.default_rng(0).integers(0, 64, (2, 64))
+    mask = np.ones((2, 64), np.int32)
+    mask[1, :9] = 0  # a left-padded row
+    got = np.asarray(generate_module.generate(lm, params, ids, mask, max_new_tokens=4))
+    seq, full_mask = ids, mask
+    for _ in range(4):  # reference: the whole sequence through the model, no cache
+        logits = lm.apply({"params": params}, jnp.asarray(seq), jnp.asarray(full_mask))
+        token = np.asarray(logits[:, -1].argmax(-1))
+        seq = np.concatenate([seq, token[:, None]], 1)
+        full_mask = np.concatenate([full_mask, np.ones((2, 1), np.int32)], 1)
+    np.testing.assert_array_equal(got, seq[:, 64:])
+
+
+def test_a_long_prefill_needs_no_score_matrix(tiny_lm):
+    """generate's XLA temp memory for a 2048-token prompt: the cache plus small blocks, far
+    below one layer's (heads, T, T) float32 scores."""
+    lm, params = tiny_lm
+    P, new = 2048, 16
+    compiled = generate_tokens.lower(
+        lm,
+        params,
+        jnp.ones((1, P), jnp.int32),
+        jnp.ones((1, P), jnp.int32),
+        jax.random.PRNGKey(0),
+        max_new_tokens=new,
+        temperature=0.0,
+        top_k=None,
+        top_p=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    ).compile()
+    cache_bytes = 2 * 2 * (P + new) * 2 * (D_MODEL // 4) * 4  # k and v, layers, slots, KV * D
+    scores_bytes = 4 * P * P * 4
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert cache_bytes <= temp < cache_bytes + scores_bytes / 16, (temp, cache_bytes)
