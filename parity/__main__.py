@@ -4,4 +4,8 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+try:
+    sys.exit(main())
+except KeyboardInterrupt:  # Ctrl-C: a one-line message, not a traceback
+    print("python -m parity: interrupted", file=sys.stderr)
+    sys.exit(130)

@@ -3,22 +3,25 @@
 Every format holds one module: its name, its configuration and its weights, so that one file
 rebuilds the module in either framework. safetensors metadata (string -> string):
 `format` ("twin-block/1"), `module` (a key of `parity.convert.PAIRS`), `config` (JSON of the
-constructor arguments), `sha256` (checksum of the weights) and, for Flax names only, `naming`.
+module's `twin_core` config, `BlockConfig.to_dict()` or `LMConfig.to_dict()`), `sha256`
+(`twin_core.files.digest` of the weights) and, for Flax parameter paths only, `naming: flax`.
+Files written before the family fields existed (13 config keys) load with the defaults.
+
+The framework is named "torch" or "jax"; "flax" is accepted for "jax" wherever one is named.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import inspect
+import contextvars
+import dataclasses
 import json
 import os
 import pickle
-import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,23 +33,37 @@ from flax import linen as nn
 from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from twin_core import BlockConfig, LMConfig
+from twin_core.files import atomic_write, digest
+
 from .convert import PAIRS, config_of, flax_to_torch, to_numpy, to_torch_tensor, torch_to_flax
 
 FORMAT = "twin-block/1"
 FORMATS = ("safetensors", "pt", "msgpack")
-FRAMEWORKS = ("torch", "flax")
-_SUFFIXES = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".msgpack": "msgpack"}
-_NATIVE_NAMING = {"safetensors": "torch", "pt": "torch", "msgpack": "flax"}
+FRAMEWORKS = ("torch", "jax")
+ALIASES = {"flax": "jax"}  # another name accepted for a framework
+SUFFIXES = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".msgpack": "msgpack"}
+_NATIVE_NAMING = {"safetensors": "torch", "pt": "torch", "msgpack": "jax"}
+_STORED_NAMING = {"torch": "torch", "jax": "flax"}  # metadata "naming": names of Flax paths
 _DTYPES = {"float32": (torch.float32, jnp.float32), "bfloat16": (torch.bfloat16, jnp.bfloat16)}
+
+Config = BlockConfig | LMConfig
+
+# The flags of the `python -m parity` command running (inside `command_line_errors()`), which
+# error messages name instead of the keyword arguments of the Python API (None).
+_FLAGS: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar(
+    "flags", default=None
+)
+_EXAMPLE_FIELDS = {"d_model": 64, "n_heads": 4, "d_ff": 128}
 
 
 @dataclass(frozen=True)
 class _Checkpoint:
-    """What every format holds: which module, its full configuration, its weights."""
+    """What every format holds: which module, its configuration, its weights."""
 
     module: str  # a key of PAIRS
-    config: dict
-    naming: str  # "torch": weights is a state_dict; "flax": weights is the nested Flax params
+    config: Config
+    naming: str  # "torch": weights is a state_dict; "jax": weights is the nested Flax params
     weights: dict
     from_module: bool = False  # weights read from a live torch module: consistent by construction
 
@@ -63,9 +80,9 @@ def save(
     """Write a module's configuration and weights to `path`, atomically.
 
     `obj` is a torch_block module, a `(flax_module, params)` tuple, or Flax params with
-    `flax_module`. The format comes from the suffix (.safetensors, .pt/.pth, .msgpack; any other
-    suffix: safetensors) or from `format` ("safetensors", "pt", "msgpack"). safetensors tensors
-    carry torch state_dict keys, or with `naming="flax"` Flax parameter paths joined by "/".
+    `flax_module`. The format comes from the suffix (.safetensors, .pt/.pth, .msgpack) or from
+    `format` ("safetensors", "pt", "msgpack"). safetensors tensors carry torch state_dict keys,
+    or with `naming="jax"` (or "flax") Flax parameter paths joined by "/".
     """
     path = Path(path)
     fmt = _format_of(path, format)
@@ -76,19 +93,21 @@ def load(
     path: str | os.PathLike,
     framework: str = "torch",
     *,
-    config: Mapping[str, Any] | None = None,
+    config: Config | Mapping[str, Any] | None = None,
     module: str | None = None,
     format: str | None = None,
 ) -> torch.nn.Module | tuple[nn.Module, dict]:
-    """A checkpoint file of any format as a torch module in eval mode, or `(flax_module, params)`.
+    """A checkpoint file of any format as a torch module in eval mode, or `(flax_module, params)`
+    for `framework="jax"` (or "flax").
 
-    `config` (constructor arguments) and `module` (e.g. "TransformerBlock") are needed only for
-    files that carry weights alone, such as a plain torch state_dict.
+    `config` (a BlockConfig/LMConfig, or its fields as a dict) and `module` (e.g.
+    "TransformerBlock"; by default told from the config's fields) are needed only for files that
+    carry weights alone, such as a plain torch state_dict; given for a file that has its own
+    configuration, they must agree with it.
     """
-    if framework not in FRAMEWORKS:
-        raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
+    framework = framework_name(framework, "framework")
     path = Path(path)
-    checkpoint = _read(path, _format_of(path, format), config, module)
+    checkpoint = _read(path, format, config, module)
     try:
         return _torch_module(checkpoint) if framework == "torch" else _flax_params(checkpoint)
     except ValueError as err:
@@ -100,43 +119,110 @@ def convert_file(
     dst: str | os.PathLike,
     to: str,
     *,
-    config: Mapping[str, Any] | None = None,
+    config: Config | Mapping[str, Any] | None = None,
     module: str | None = None,
 ) -> None:
     """Rewrite checkpoint `src` as `dst` with `to`'s names: "torch" writes .safetensors or .pt,
-    "flax" writes .msgpack or .safetensors (Flax paths). `config`/`module` as for `load`."""
-    if to not in FRAMEWORKS:
-        raise ValueError(f"to must be one of {FRAMEWORKS}, got {to!r}")
+    "jax" (or "flax") writes .msgpack or .safetensors (Flax paths). `config`/`module` as for
+    `load`."""
+    to = framework_name(to, "to")
     src, dst = Path(src), Path(dst)
-    fmt = _format_of(dst, None)
-    allowed = {"torch": ("safetensors", "pt"), "flax": ("msgpack", "safetensors")}[to]
+    fmt = _format_of(dst, None, format_argument=False)
+    allowed = {"torch": ("safetensors", "pt"), "jax": ("msgpack", "safetensors")}[to]
     if fmt not in allowed:
-        raise ValueError(f"to={to!r} writes a .{' or .'.join(allowed)} file, got {dst}")
-    checkpoint = _read(src, _format_of(src, None), config, module)
+        suffixes = " or ".join(f".{f}" for f in allowed)
+        raise ValueError(f"{_given('to', to)} writes a {suffixes} file, got {dst}")
+    checkpoint = _read(src, None, config, module, format_argument=False)
     try:
         _write(dst, fmt, to, checkpoint)
     except ValueError as err:
         raise ValueError(f"{src}: {err}") from err
 
 
+def framework_name(name: str, what: str = "framework") -> str:
+    """'torch' or 'jax' ('flax' is read as 'jax'); ValueError for anything else."""
+    name = ALIASES.get(name, name) if isinstance(name, str) else name
+    if name not in FRAMEWORKS:
+        raise ValueError(f"{what} must be one of {FRAMEWORKS} (or 'flax' for 'jax'), got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def command_line_errors(flags: Collection[str] = ("config", "module", "to")) -> Iterator[None]:
+    """Within this block, error messages name the flags of the `python -m parity` command that
+    runs (`flags`: those among --config, --module and --to it has) instead of the keyword
+    arguments of the Python API."""
+    token = _FLAGS.set(frozenset(flags))
+    try:
+        yield
+    finally:
+        _FLAGS.reset(token)
+
+
+def _command_line() -> bool:
+    return _FLAGS.get() is not None
+
+
+def _argument(name: str) -> str:
+    """How a message names an argument: "config=" in Python, "--config" on the command line."""
+    return f"--{name}" if _command_line() else f"{name}="
+
+
+def _given(name: str, value: str) -> str:
+    """An argument with its value: "to='jax'" in Python, "--to jax" on the command line."""
+    return f"--{name} {value}" if _command_line() else f"{name}={value!r}"
+
+
+def _needs_config(path: Path) -> ValueError:
+    """The error for a file of weights alone read without a configuration."""
+    what = f"{path} holds weights without a configuration"
+    flags = _FLAGS.get()
+    if flags is None:
+        fields = ", ".join(f"{k}={v}" for k, v in _EXAMPLE_FIELDS.items())
+        example = f"BlockConfig({fields}) or dict({fields})"
+        return ValueError(f"{what}: pass config= (the module's fields, e.g. {example}) to read it")
+    example = f"'{json.dumps(_EXAMPLE_FIELDS)}'"
+    if "config" in flags:
+        return ValueError(f"{what}: pass --config (its fields as JSON, e.g. {example}) to read it")
+    return ValueError(
+        f"{what}: write it with one first: python -m parity convert {path} OUT.safetensors "
+        f"--to torch --config {example}"
+    )
+
+
 # --------------------------------------------------------------------------- formats
-def _format_of(path: Path, format: str | None) -> str:
-    if format is None:
-        return _SUFFIXES.get(path.suffix.lower(), "safetensors")
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
-    return format
+def _format_of(path: Path, format: str | None, format_argument: bool = True) -> str:
+    """The format `format` names, or else the one of `path`'s suffix. `format_argument`: the
+    caller takes format= (the error for an unknown suffix then says so)."""
+    if format is not None:
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        return format
+    if path.suffix.lower() in SUFFIXES:
+        return SUFFIXES[path.suffix.lower()]
+    known = ", ".join(SUFFIXES)
+    hint = " (or pass format=)" if format_argument and not _command_line() else ""
+    suffix = f"unknown suffix {path.suffix!r}" if path.suffix else "no suffix"
+    raise ValueError(
+        f"{path}: {suffix}; a checkpoint file's suffix gives its format: {known}{hint}"
+    )
 
 
 def _naming_of(fmt: str, naming: str | None) -> str:
     native = _NATIVE_NAMING[fmt]
     if naming is None:
         return native
-    if naming not in FRAMEWORKS:
-        raise ValueError(f"naming must be one of {FRAMEWORKS}, got {naming!r}")
+    naming = framework_name(naming, "naming")
     if fmt != "safetensors" and naming != native:
         raise ValueError(f"{fmt} files hold {native} names; naming={naming!r} is for safetensors")
     return naming
+
+
+def _stored_naming(path: Path, value: str) -> str:
+    """The framework whose names a file's metadata "naming" says it holds."""
+    if value not in ("torch", "jax", "flax"):
+        raise ValueError(f"{path}: metadata naming must be 'torch' or 'flax', got {value!r}")
+    return framework_name(value)
 
 
 # --------------------------------------------------------------------------- writing
@@ -157,7 +243,7 @@ def _checkpoint_of(obj: Any, flax_module: nn.Module | None) -> _Checkpoint:
             f"{type(flax_module).__name__}"
         )
     params = obj["params"] if set(obj) == {"params"} else obj  # a variables dict is accepted
-    return _Checkpoint(name, config_of(flax_module), "flax", params)
+    return _Checkpoint(name, config_of(flax_module), "jax", params)
 
 
 def _write(path: Path, fmt: str, naming: str, checkpoint: _Checkpoint) -> None:
@@ -166,82 +252,50 @@ def _write(path: Path, fmt: str, naming: str, checkpoint: _Checkpoint) -> None:
         weights = _state_dict(checkpoint)
     else:
         weights = jax.tree.map(np.asarray, _flax_params(checkpoint)[1])
+    config = checkpoint.config.to_dict()
     header = {"format": FORMAT, "module": checkpoint.module}
     if fmt == "safetensors":
         if naming == "torch":
             tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
         else:
             tensors = {k: to_torch_tensor(v) for k, v in flatten_dict(weights, sep="/").items()}
-        metadata = {**header, "config": json.dumps(checkpoint.config), "sha256": _digest(tensors)}
-        if naming == "flax":
-            metadata["naming"] = "flax"
-        _atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata)))
+        metadata = {**header, "config": json.dumps(config), "sha256": digest(tensors)}
+        if naming == "jax":
+            metadata["naming"] = _STORED_NAMING["jax"]
+        atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata)))
     elif fmt == "pt":
-        state = {**header, "config": checkpoint.config, "sha256": _digest(weights)}
-        _atomic_write(path, lambda f: torch.save({**state, "state_dict": weights}, f))
+        state = {**header, "config": config, "sha256": digest(weights)}
+        atomic_write(path, lambda f: torch.save({**state, "state_dict": weights}, f))
     else:
-        digest = _digest(flatten_dict(weights, sep="/"))
-        state = {**header, "config": checkpoint.config, "sha256": digest, "params": weights}
-        _atomic_write(path, lambda f: f.write(serialization.msgpack_serialize(state)))
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """Write through a temporary file in the same directory, fsync, then rename over `path`.
-
-    On any error the temporary file is removed and `path` is left as it was.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    with contextlib.suppress(OSError, AttributeError):  # make the rename durable, where possible
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def _digest(arrays: Mapping[str, Any]) -> str:
-    """sha256 over names, shapes and raw bytes of torch tensors or numpy arrays."""
-    h = hashlib.sha256()
-    for name in sorted(arrays):
-        array = arrays[name]
-        if isinstance(array, torch.Tensor):
-            raw = array.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        else:
-            raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-        h.update(f"{name} {tuple(array.shape)} {raw.size}\n".encode())
-        h.update(raw)
-    return h.hexdigest()
+        state = {**header, "config": config, "sha256": digest(flatten_dict(weights, sep="/"))}
+        atomic_write(
+            path, lambda f: f.write(serialization.msgpack_serialize({**state, "params": weights}))
+        )
 
 
 # --------------------------------------------------------------------------- reading
 def _read(
-    path: Path, fmt: str, config: Mapping[str, Any] | None, module: str | None
+    path: Path,
+    format: str | None,
+    config: Config | Mapping[str, Any] | None,
+    module: str | None,
+    format_argument: bool = True,
 ) -> _Checkpoint:
-    """Parse `path` (checksum included) and settle its module and full configuration."""
+    """Parse `path` (checksum included) and settle its module and configuration."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; expected a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
+    fmt = _format_of(path, format, format_argument)
     reader = {"safetensors": _read_safetensors, "pt": _read_pt, "msgpack": _read_msgpack}[fmt]
     meta, naming, weights = reader(path)
+    if module is not None and module not in PAIRS:
+        raise ValueError(f"unknown module {module!r}: expected one of {sorted(PAIRS)}")
     if meta is None:
         if config is None:
-            raise ValueError(
-                f"{path} holds weights without a configuration: pass config= (the constructor "
-                f"arguments, e.g. dict(d_model=..., n_heads=..., d_ff=...)) to load it"
-            )
+            raise _needs_config(path)
         name = module if module is not None else _module_for(path, config)
-        if name not in PAIRS:
-            raise ValueError(f"module must be one of {sorted(PAIRS)}, got {name!r}")
-        return _Checkpoint(name, _full_config(path, name, config), naming, weights)
+        return _Checkpoint(name, _config_from(path, name, config), naming, weights)
 
     if meta["format"] != FORMAT:
         raise ValueError(f"{path}: expected format {FORMAT!r}, got {meta['format']!r}")
@@ -249,17 +303,76 @@ def _read(
     if name not in PAIRS:
         raise ValueError(f"{path}: expected a module of {sorted(PAIRS)}, got {name!r}")
     if module is not None and module != name:
-        raise ValueError(f"{path} holds a {name}, but module={module!r} was asked for")
-    stored = _full_config(path, name, meta["config"])
+        raise ValueError(f"{path} holds a {name}, but {_given('module', module)} asks for another")
+    stored = _config_from(path, name, meta["config"])
     if config is not None:
-        disagree = [
-            f"{k}: given {v!r}, file {stored.get(k, '(none)')!r}"
-            for k, v in config.items()
-            if k not in stored or stored[k] != v
-        ]
-        if disagree:
-            raise ValueError(f"{path}: config= disagrees with the file's: {'; '.join(disagree)}")
+        _check_agrees(path, stored, config)
     return _Checkpoint(name, stored, naming, weights)
+
+
+def _config_from(path: Path, name: str, config: Config | Mapping[str, Any] | Any) -> Config:
+    """`name`'s config class from a config or its fields; ValueError naming what is wrong."""
+    config_cls = PAIRS[name].config_cls
+    if isinstance(config, (BlockConfig, LMConfig)):
+        if not isinstance(config, config_cls):
+            raise ValueError(f"{path}: a {name} needs a {config_cls.__name__}, got {config}")
+        return config
+    try:
+        return config_cls.from_dict(config)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: config of the {name}: {err}") from err
+
+
+def _module_for(path: Path, config: Config | Mapping[str, Any]) -> str:
+    """The module a configuration is for, told by its fields (only an LMConfig has
+    vocab_size): the one of PAIRS whose config class has every given field and needs no
+    other."""
+    if isinstance(config, (BlockConfig, LMConfig)):
+        return next(n for n, p in PAIRS.items() if isinstance(config, p.config_cls))
+    if not isinstance(config, Mapping):
+        raise ValueError(
+            f"{_argument('config')} must be a BlockConfig, an LMConfig or a dict of their "
+            f"fields, got {type(config).__name__}"
+        )
+    fits = [name for name, pair in PAIRS.items() if _fits(pair.config_cls, config)]
+    if len(fits) == 1:
+        return fits[0]
+    if not fits:  # let the likelier class say which keys are wrong or missing
+        return "TransformerLM" if "vocab_size" in config else "TransformerBlock"
+    raise ValueError(
+        f"{path}: cannot tell which module config {dict(config)} is for (fits {fits}); "
+        f"pass {_argument('module')} one of {sorted(PAIRS)}"
+    )
+
+
+def _fits(config_cls: type, config: Mapping[str, Any]) -> bool:
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    required = {
+        name
+        for name, f in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    return required <= set(config) <= set(fields)
+
+
+def _check_agrees(path: Path, stored: Config, config: Config | Mapping[str, Any]) -> None:
+    """ValueError listing every field where the given config and the file's disagree."""
+    given = config.to_dict() if isinstance(config, (BlockConfig, LMConfig)) else config
+    if not isinstance(given, Mapping):
+        raise ValueError(
+            f"{_argument('config')} must be a BlockConfig, an LMConfig or a dict of their "
+            f"fields, got {type(config).__name__}"
+        )
+    fields = stored.to_dict()
+    disagree = [
+        f"{k}: given {v!r}, file {fields.get(k, '(no such field)')!r}"
+        for k, v in given.items()
+        if k not in fields or fields[k] != v
+    ]
+    if disagree:
+        raise ValueError(
+            f"{path}: {_argument('config')} disagrees with the file's: {'; '.join(disagree)}"
+        )
 
 
 def _read_safetensors(path: Path) -> tuple[dict | None, str, dict]:
@@ -272,15 +385,13 @@ def _read_safetensors(path: Path) -> tuple[dict | None, str, dict]:
     if "format" not in metadata:
         return None, "torch", tensors
     _check_digest(path, metadata.get("sha256"), tensors)
-    naming = metadata.get("naming", "torch")
-    if naming not in FRAMEWORKS:
-        raise ValueError(f"{path}: metadata naming must be one of {FRAMEWORKS}, got {naming!r}")
+    naming = _stored_naming(path, metadata.get("naming", "torch"))
     try:
         config = json.loads(metadata.get("config", "null"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: metadata config is not valid JSON: {err}") from err
     meta = {"format": metadata["format"], "module": metadata.get("module"), "config": config}
-    if naming == "flax":
+    if naming == "jax":
         return meta, naming, unflatten_dict({k: to_numpy(v) for k, v in tensors.items()}, sep="/")
     return meta, naming, tensors
 
@@ -328,63 +439,23 @@ def _read_msgpack(path: Path) -> tuple[dict | None, str, dict]:
             f"got {type(obj).__name__}"
         )
     if not ours:
-        return None, "flax", params
+        return None, "jax", params
     _check_digest(path, obj.get("sha256"), flat)
     meta = {"format": obj["format"], "module": obj.get("module"), "config": obj.get("config")}
-    return meta, "flax", params
+    return meta, "jax", params
 
 
 def _unreadable(path: Path, kind: str, err: Exception) -> ValueError:
     first = str(err).splitlines()[0] if str(err) else ""
     return ValueError(
-        f"{path} is not a readable {kind} file (truncated or corrupt?; the format comes from "
-        f"the suffix, pass format= for another): {type(err).__name__}: {first}"
+        f"{path} is not a readable {kind} file (truncated or corrupt? the format comes from "
+        f"the suffix): {type(err).__name__}: {first}"
     )
 
 
 def _check_digest(path: Path, expected: str | None, arrays: Mapping[str, Any]) -> None:
-    if expected is not None and _digest(arrays) != expected:
+    if expected is not None and digest(arrays) != expected:
         raise ValueError(f"{path} is corrupt: its weights do not match their stored sha256")
-
-
-def _signature(name: str) -> dict[str, inspect.Parameter]:
-    params = inspect.signature(PAIRS[name].torch_cls.__init__).parameters
-    return {k: p for k, p in params.items() if k != "self"}
-
-
-def _full_config(path: Path, name: str, config: Any) -> dict:
-    """`config` checked against `name`'s constructor, with defaults filled in."""
-    signature = _signature(name)
-    if not isinstance(config, Mapping):
-        raise ValueError(
-            f"{path}: config must be a dict of {name}'s arguments {list(signature)}, "
-            f"got {type(config).__name__}"
-        )
-    unknown = sorted(set(config) - set(signature))
-    missing = [k for k, p in signature.items() if p.default is p.empty and k not in config]
-    if unknown or missing:
-        raise ValueError(
-            f"{path}: config for {name} has unknown keys {unknown} and lacks {missing}; "
-            f"expected keys among {list(signature)}"
-        )
-    return {k: config.get(k, p.default) for k, p in signature.items()}
-
-
-def _module_for(path: Path, config: Mapping[str, Any]) -> str:
-    """The one module of PAIRS whose constructor takes exactly these arguments."""
-    fits = []
-    for name in PAIRS:
-        signature = _signature(name)
-        required = {k for k, p in signature.items() if p.default is p.empty}
-        if required <= set(config) <= set(signature):
-            fits.append(name)
-    fits = fits or list(PAIRS)  # none fits: the only module's own check says why
-    if len(fits) != 1:
-        raise ValueError(
-            f"{path}: cannot tell which module config {dict(config)} is for "
-            f"(fits {fits}); pass module= one of {sorted(PAIRS)}"
-        )
-    return fits[0]
 
 
 # --------------------------------------------------------------------------- building
@@ -406,7 +477,7 @@ def _dtype_of(checkpoint: _Checkpoint) -> str:
 def _flax_module(checkpoint: _Checkpoint) -> nn.Module:
     dtype = _DTYPES[_dtype_of(checkpoint)][1]
     flax_cls = PAIRS[checkpoint.module].flax_cls
-    return flax_cls(**checkpoint.config, dtype=dtype, param_dtype=dtype)
+    return flax_cls.from_config(checkpoint.config, dtype=dtype, param_dtype=dtype)
 
 
 def _state_dict(checkpoint: _Checkpoint) -> dict[str, torch.Tensor]:
@@ -414,7 +485,7 @@ def _state_dict(checkpoint: _Checkpoint) -> dict[str, torch.Tensor]:
     if checkpoint.from_module:
         return checkpoint.weights
     flax_module = _flax_module(checkpoint)
-    if checkpoint.naming == "flax":
+    if checkpoint.naming == "jax":
         state_dict = flax_to_torch(checkpoint.weights, flax_module)
         dtype = _DTYPES[_dtype_of(checkpoint)][0]  # torch-only buffers follow, as after .to(dtype)
         buffers = PAIRS[checkpoint.module].torch_buffers(checkpoint.config)
@@ -434,7 +505,7 @@ def _flax_params(checkpoint: _Checkpoint) -> tuple[nn.Module, dict]:
 
 def _torch_module(checkpoint: _Checkpoint) -> torch.nn.Module:
     state_dict = _state_dict(checkpoint)
-    module = PAIRS[checkpoint.module].torch_cls(**checkpoint.config)
+    module = PAIRS[checkpoint.module].torch_cls.from_config(checkpoint.config)
     module = module.to(_DTYPES[_dtype_of(checkpoint)][0])
     try:
         module.load_state_dict(state_dict, strict=True)

@@ -16,9 +16,11 @@ from pathlib import Path
 
 from . import report
 from .cases import BATCH, CONFIGS, SEQ_LEN
+from .checkpoint import ALIASES, FRAMEWORKS, SUFFIXES, command_line_errors, convert_file
 from .compare import DTYPES, NEAR_TIES
 from .convert import PAIRS
 from .generate_cli import add_generate_command
+from .hf_cli import add_hf_commands
 from .lm_cases import LM_CONFIGS, NEW_TOKENS, PROMPT_LENGTHS
 from .render import environment, render_json, render_report
 
@@ -29,7 +31,7 @@ Check that torch_block and jax_block compute the same thing, and convert checkpo
 
 With no command, runs `check` over every built-in case (all configurations, all dtypes) and
 prints a table: case, configuration, dtype, max absolute and relative error of JAX against
-torch, the tolerance (DESIGN.md section 7), MoE routing agreement and PASS/FAIL.
+torch, the tolerance (docs/design.md section 7), MoE routing agreement and PASS/FAIL.
 
 exit codes: 0 every case passed (or the conversion succeeded), 1 a case failed,
 2 bad arguments or an unreadable or mismatched file."""
@@ -57,11 +59,13 @@ def add_check_command(subparsers: argparse._SubParsersAction) -> None:
 
 def case_list() -> str:
     """The registered cases and configurations, for --help."""
-    lines = ["cases:"]
+    lines = ["cases (each gives the rows of its name, or those listed):"]
     for entry in report.all_cases():
         covers = f"{', '.join(entry.configs)}; {', '.join(entry.dtypes)}"
         doc = (entry.run.__doc__ or "").strip().splitlines()
         lines.append(f"  {entry.name:22} {doc[0] if doc else ''}".rstrip())
+        if entry.row_names != (entry.name,):
+            lines.append(f"  {'':22} rows: {', '.join(entry.row_names)}")
         lines.append(f"  {'':22} ({covers})")
     lines.append("configurations:")
     for name in CONFIGS:
@@ -121,35 +125,41 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def add_convert_command(subparsers: argparse._SubParsersAction) -> None:
-    """`convert IN OUT --to {torch,flax}`: rewrite a checkpoint file for the other framework."""
+    """`convert IN OUT --to {torch,jax}`: rewrite a checkpoint file for the other framework."""
     parser = subparsers.add_parser(
         "convert",
-        help="convert a checkpoint file between torch and Flax",
+        help="convert a checkpoint file between torch and JAX",
         description=(
             "Convert a checkpoint file (safetensors with the twin-block configuration, torch "
             ".pt state_dict, or Flax msgpack) for the framework named by --to, through "
-            "parity.checkpoint.convert_file. The output's suffix picks its format: --to torch "
-            "writes .safetensors or .pt, --to flax writes .msgpack or .safetensors (Flax "
-            "paths). The input is never modified; the output is written atomically. A file "
-            "that carries weights alone (a plain torch state_dict) needs --config and --module."
+            "parity.checkpoint.convert_file. The suffix gives each file's format "
+            f"({', '.join(SUFFIXES)}): --to torch writes .safetensors or .pt, --to jax "
+            "writes .msgpack or .safetensors (Flax parameter paths). The input is never "
+            "modified; the output is written atomically. A file that carries weights alone "
+            "(a plain torch state_dict) needs --config."
         ),
-        epilog="example: python -m parity convert block.safetensors block.msgpack --to flax",
+        epilog="example: python -m parity convert block.safetensors block.msgpack --to jax",
     )
     parser.add_argument("input", type=Path, metavar="IN", help="checkpoint file to read")
     parser.add_argument("output", type=Path, metavar="OUT", help="checkpoint file to write")
     parser.add_argument(
-        "--to", required=True, choices=("torch", "flax"), help="framework of the output file"
+        "--to",
+        required=True,
+        type=lambda name: ALIASES.get(name, name),
+        choices=FRAMEWORKS,
+        help="framework of the output file ('flax' is read as jax)",
     )
     parser.add_argument(
         "--config",
         type=json_object,
-        help="constructor arguments as JSON, for files without them, e.g. "
-        '\'{"d_model": 64, "n_heads": 4, "d_ff": 128}\'',
+        help="the module's configuration (BlockConfig or LMConfig fields) as JSON, for files "
+        'without one, e.g. \'{"d_model": 64, "n_heads": 4, "d_ff": 128}\'; vocab_size makes '
+        "it a TransformerLM",
     )
     parser.add_argument(
         "--module",
         choices=sorted(PAIRS),
-        help="module class, for files without one where --config does not tell",
+        help="module class, for files without one (default: told by the --config fields)",
     )
     parser.set_defaults(run=run_convert)
 
@@ -167,14 +177,17 @@ def json_object(text: str) -> dict:
 
 def run_convert(args: argparse.Namespace) -> int:
     """Convert args.input to args.output; exit 2 with a message on a bad file."""
+    if args.input.is_dir():
+        return _error(f"IN must be a checkpoint file, got the folder {args.input}")
     if not args.input.is_file():
         return _error(f"input file not found: {args.input}")
+    if args.output.is_dir():
+        return _error(f"OUT must be a checkpoint file, got the folder {args.output}")
     if args.input.resolve() == args.output.resolve():
         return _error(f"input and output are the same file: {args.input}")
-    from .checkpoint import convert_file
-
     try:
-        convert_file(args.input, args.output, args.to, config=args.config, module=args.module)
+        with command_line_errors():
+            convert_file(args.input, args.output, args.to, config=args.config, module=args.module)
     except (OSError, ValueError, TypeError) as error:
         return _error(f"cannot convert {args.input}: {error}")
     print(f"wrote {args.output} ({args.to})")
@@ -190,6 +203,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_check_command,
     add_convert_command,
     add_generate_command,
+    add_hf_commands,  # last: extends convert, generate and check with Hugging Face folders
 ]
 
 

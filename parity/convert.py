@@ -135,7 +135,7 @@ def torch_to_flax(state_dict: dict[str, torch.Tensor], flax_module: nn.Module) -
     for key, want in wanted.items():
         if key in state_dict and tuple(state_dict[key].shape) != want:
             problems.append(f"{key!r}: expected shape {want}, got {tuple(state_dict[key].shape)}")
-    _raise_if_any(problems, f"state_dict does not match {type(flax_module).__name__}{config}")
+    _raise_if_any(problems, f"state_dict does not match the {type(flax_module).__name__}")
 
     flat = {}
     for row in pair.table(config):
@@ -160,7 +160,7 @@ def flax_to_torch(params: dict, flax_module: nn.Module) -> dict[str, torch.Tenso
     for path, want in flax_shapes.items():
         if path in given and tuple(given[path].shape) != tuple(want):
             problems.append(f"{path!r}: expected shape {tuple(want)}, got {given[path].shape}")
-    _raise_if_any(problems, f"params do not match {type(flax_module).__name__}{config}")
+    _raise_if_any(problems, f"params do not match the {type(flax_module).__name__}")
 
     state_dict = {}
     for row, key, expert in _expanded(pair.table(config), config):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 
 import jax
@@ -160,16 +161,16 @@ def left_padded(lengths: list[int], seed: int = 1) -> tuple[np.ndarray, np.ndarr
 def run_generate(framework, models, ids, mask, **kw) -> tuple[np.ndarray, int, int | None]:
     """(tokens, reported number of steps, counted forward calls or None) in one framework."""
     if framework == "torch":
-        lm = models[0]
-        calls = []
-        hook = lm.register_forward_hook(lambda *_: calls.append(1))
+        module = importlib.import_module("torch_block.generate")  # counts its decode steps
+        step, calls = module.decode_step, []
+        module.decode_step = lambda *args: calls.append(1) or step(*args)
         try:
             tokens, steps = torch_block.generate(
-                lm, torch.tensor(ids), torch.tensor(mask), return_num_steps=True, **kw
+                models[0], torch.tensor(ids), torch.tensor(mask), return_num_steps=True, **kw
             )
         finally:
-            hook.remove()
-        return tokens.numpy(), steps, len(calls)
+            module.decode_step = step
+        return tokens.numpy(), steps, 1 + len(calls)  # the prefill, then one call per step
     flax_lm, params = models[1]
     tokens, steps = jax_generate(flax_lm, params, ids, mask, return_num_steps=True, **kw)
     return np.asarray(tokens), steps, None
@@ -338,8 +339,10 @@ def test_cli_errors(models, tmp_path, capsys):
     save(path, models[0])
     assert cli("--checkpoint", str(path), "--prompt", "hi") == 2
     assert "vocab_size=64: use --ids" in capsys.readouterr().err
-    assert cli("--ids", "1,2", "--top-p", "2") == 2
-    assert "top_p must be None or a number in (0, 1], got 2.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        cli("--ids", "1,2", "--top-p", "2")
+    assert info.value.code == 2
+    assert "argument --top-p: expected a number in (0, 1], got 2" in capsys.readouterr().err
     block_path = tmp_path / "block.safetensors"
     save(block_path, TransformerBlock(D_MODEL, N_HEADS, D_FF))
     assert cli("--checkpoint", str(block_path), "--ids", "1,2") == 2

@@ -54,6 +54,16 @@ def test_create_shapes_dtype_and_position():
     assert bf16.k_cache.dtype == jnp.bfloat16 and bf16.v_cache.dtype == jnp.bfloat16
 
 
+def test_repr_shows_shape_dtype_and_position_also_under_jit():
+    cache = KVCache.create(B, S, H, D, dtype=jnp.bfloat16)
+    assert repr(cache) == f"KVCache(shape=({B}, {H}, {S}, {D}), dtype=bfloat16, position=0)"
+    k, v = rand_kv(B, 4)
+    assert str(cache.write(k, v, 3)).endswith("position=7)")
+    seen = []
+    jax.jit(lambda c: seen.append(repr(c)) or c)(cache)
+    assert seen == [f"KVCache(shape=({B}, {H}, {S}, {D}), dtype=bfloat16, position=traced)"]
+
+
 def test_block_create_kv_cache_on_the_unbound_module():
     cache = TransformerBlock(16, 4, 32).create_kv_cache(2, 7, dtype=jnp.bfloat16)
     assert cache.k_cache.shape == (2, 4, 7, 4) and cache.k_cache.dtype == jnp.bfloat16

@@ -34,10 +34,10 @@ ROW_FIELDS = {
 }
 
 
-def python_m_parity(*args: str) -> subprocess.CompletedProcess:
+def python_m_parity(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "parity", *args],
-        cwd=ROOT,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
@@ -62,6 +62,27 @@ def test_check_dense_json_exits_0_and_parses():
     assert {"forward causal", "forward masked", "cached prefill", "cached decode"} <= cases
     assert {"lm forward", "lm cached prefill", "lm cached decode", "lm greedy generation"} <= cases
     assert {"torch", "jax", "flax", "jax_device"} <= set(document["environment"])
+    assert cases <= declared_rows(), "check --help must list every row of the report"
+
+
+def declared_rows() -> set[str]:
+    """The row names that `check --help` lists, read from its text."""
+    rows = set()
+    for entry in report.all_cases():
+        assert f"  {entry.name} " in cli.case_list()
+        rows.update(entry.row_names)
+    help_text = cli.case_list()
+    assert all(name in help_text for name in rows)
+    return rows
+
+
+def test_check_help_lists_the_rows_of_the_moe_only_cases():
+    """Rows that only the MoE configuration gives (the dense run above never sees them)."""
+    entries = [e for e in report.all_cases() if e.name in ("aux loss", "z-loss", "lm forward")]
+    given = set()
+    for entry in entries:
+        given.update(row.case for row in report.run_case(entry, Setup("moe", "float32", 0)))
+    assert {"aux loss", "z-loss", "lm forward", "lm aux loss"} <= given <= declared_rows()
 
 
 def test_help_exits_0_and_names_every_command():
@@ -77,6 +98,43 @@ def test_bad_argument_exits_2_with_a_message():
     assert "invalid choice: 'huge'" in done.stderr
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["generate", "--checkpoint", "missing.safetensors", "--prompt", "hi"],
+            "checkpoint file not found: missing.safetensors",
+        ),
+        (["generate", "--checkpoint", ".", "--prompt", "hi"], "got the folder ."),
+        (
+            ["convert", "missing.safetensors", "out.msgpack", "--to", "jax"],
+            "input file not found: missing.safetensors",
+        ),
+        (["convert", "in.safetensors", "no-folder/out.pt", "--to", "torch"], "'no-folder'"),
+        (["convert", "in.safetensors", "out.txt", "--to", "jax"], "unknown suffix '.txt'"),
+        (["convert", "in.safetensors", "out.pt", "--to", "jax"], "--to jax writes a .msgpack"),
+    ],
+)
+def test_bad_paths_are_one_line_errors_with_exit_2(tmp_path, argv, message):
+    torch.manual_seed(0)
+    checkpoint.save(tmp_path / "in.safetensors", torch_block.TransformerBlock(16, 2, 32))
+    done = python_m_parity(*argv, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stdout == "" and "Traceback" not in done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("python -m parity")
+    assert message in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+
+
+def test_generate_takes_flax_as_the_name_of_jax():
+    done = python_m_parity(
+        "generate", "--framework", "flax", "--ids", "1,2", "--max-new-tokens", "3"
+    )
+    assert done.returncode == 0, done.stderr
+    tokens, speed = done.stdout.strip().splitlines()
+    assert len(tokens.split(",")) == 3 and speed.startswith("jax: 3 new tokens in ")
+
+
 # --------------------------------------------------------------------------- in process
 @pytest.mark.parametrize(
     "command,words",
@@ -85,7 +143,11 @@ def test_bad_argument_exits_2_with_a_message():
             ["check", "--help"],
             ["--config", "--dtype", "--seed", "--json", "near ties", "lm greedy generation"],
         ),
-        (["convert", "--help"], ["IN", "OUT", "--to", "--config", "--module"]),
+        (["convert", "--help"], ["IN", "OUT", "--to {torch,jax", "--config", "--module"]),
+        (
+            ["generate", "--help"],
+            ["--framework {torch,jax}", "(default: torch)", "tokens to generate (default: 64)"],
+        ),
     ],
 )
 def test_subcommand_help_exits_0(capsys, command, words):
@@ -103,16 +165,27 @@ def test_subcommand_help_exits_0(capsys, command, words):
         ["check", "--seed", "one"],
         ["convert", "in.safetensors", "out.msgpack"],  # --to missing
         ["convert", "in.safetensors", "out.msgpack", "--to", "tensorflow"],
+        ["generate", "--ids", "1", "--framework", "tensorflow"],
+        ["generate", "--ids", "1", "--max-new-tokens", "0"],
+        ["generate", "--ids", "1", "--temperature", "-1"],
+        ["generate", "--ids", "1", "--top-k", "0"],
+        ["generate", "--ids", "-1"],
         ["convert", "a", "b", "--to", "flax", "--config", "[1, 2]"],
         ["convert", "a", "b", "--to", "flax", "--config", "{not json"],
         ["frobnicate"],
     ],
 )
 def test_bad_arguments_exit_2(capsys, argv):
-    with pytest.raises(SystemExit) as info:
-        cli.main(argv)
-    assert info.value.code == 2
+    assert exit_code(argv) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def exit_code(argv: list[str]) -> int:
+    """What `python -m parity ARGV` exits with: an argparse error raises SystemExit."""
+    try:
+        return cli.main(argv)
+    except SystemExit as exit:
+        return exit.code
 
 
 def broken_conversion(setup: Setup) -> list[Row]:
@@ -165,12 +238,14 @@ def block() -> torch_block.TransformerBlock:
     ).eval()
 
 
-def test_convert_writes_a_file_the_other_framework_loads(tmp_path, capsys, block):
+@pytest.mark.parametrize("to", ["jax", "flax"])
+def test_convert_writes_a_file_the_other_framework_loads(tmp_path, capsys, block, to):
     src, dst = tmp_path / "block.safetensors", tmp_path / "block.msgpack"
     checkpoint.save(src, block)
-    assert cli.main(["convert", str(src), str(dst), "--to", "flax"]) == 0
+    assert cli.main(["convert", str(src), str(dst), "--to", to]) == 0
+    assert capsys.readouterr().out == f"wrote {dst} (jax)\n"
     _, want = from_torch(block)
-    _, got = checkpoint.load(dst, framework="flax")
+    _, got = checkpoint.load(dst, framework="jax")
     want, got = flatten_dict(want), flatten_dict(got)
     assert sorted(got) == sorted(want)
     assert all(np.array_equal(np.asarray(got[k]), np.asarray(want[k])) for k in want)
@@ -185,11 +260,13 @@ def test_convert_writes_a_file_the_other_framework_loads(tmp_path, capsys, block
 def test_convert_a_plain_state_dict_needs_and_takes_config(tmp_path, capsys, block):
     src, dst = tmp_path / "plain.pt", tmp_path / "plain.msgpack"
     torch.save(block.state_dict(), src)
-    assert cli.main(["convert", str(src), str(dst), "--to", "flax"]) == 2
-    assert "configuration" in capsys.readouterr().err
-    config = json.dumps(block.config)
-    assert cli.main(["convert", str(src), str(dst), "--to", "flax", "--config", config]) == 0
-    _, params = checkpoint.load(dst, framework="flax")
+    assert cli.main(["convert", str(src), str(dst), "--to", "jax"]) == 2
+    err = capsys.readouterr().err
+    assert "without a configuration: pass --config" in err and "config=" not in err
+    assert '\'{"d_model": 64, "n_heads": 4, "d_ff": 128}\'' in err  # JSON, as --config takes
+    config = json.dumps(block.config.to_dict())
+    assert cli.main(["convert", str(src), str(dst), "--to", "jax", "--config", config]) == 0
+    _, params = checkpoint.load(dst, framework="jax")
     gate = np.asarray(params["feed_forward"]["gate"]["kernel"])  # (d_model, E)
     assert np.array_equal(gate, block.feed_forward.gate.weight.detach().numpy().T)
 
@@ -205,9 +282,43 @@ def test_convert_a_bad_file_exits_2_and_writes_nothing(tmp_path, capsys, content
     src, dst = tmp_path / "in.safetensors", tmp_path / "out.msgpack"
     if content is not None:
         src.write_bytes(content)
-    assert cli.main(["convert", str(src), str(dst), "--to", "flax"]) == 2
-    assert expected in capsys.readouterr().err
+    assert cli.main(["convert", str(src), str(dst), "--to", "jax"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "format=" not in err  # the command line has no format flag
     assert not dst.exists()
+
+
+def test_convert_errors_name_the_flags_folders_and_suffixes(tmp_path, capsys, block):
+    src = tmp_path / "block.safetensors"
+    checkpoint.save(src, block)
+    missing = tmp_path / "no-such-folder"
+    assert cli.main(["convert", str(src), str(missing / "b.pt"), "--to", "torch"]) == 2
+    err = capsys.readouterr().err
+    assert f"folder '{missing}' does not exist" in err and ".tmp" not in err
+    assert cli.main(["convert", str(src), str(tmp_path / "x.txt"), "--to", "jax"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown suffix '.txt'" in err and ".safetensors, .pt, .pth, .msgpack" in err
+    assert "format=" not in err
+    assert cli.main(["convert", str(src), str(tmp_path / "b.pt"), "--to", "jax"]) == 2
+    assert "--to jax writes a .msgpack or .safetensors file" in capsys.readouterr().err
+    assert cli.main(["convert", str(tmp_path), str(tmp_path / "b.pt"), "--to", "torch"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1  # a folder that holds no model
+    assert cli.main(["convert", str(src), str(tmp_path), "--to", "torch"]) == 2
+    assert f"OUT must be a checkpoint file, got the folder {tmp_path}" in capsys.readouterr().err
+    config = json.dumps({"d_model": 16, "n_heads": 2, "d_ff": 64})
+    argv = ["convert", str(src), str(tmp_path / "b.pt"), "--to", "torch", "--config", config]
+    assert cli.main(argv) == 2
+    assert "--config disagrees with the file's: d_ff: given 64, file 32" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["block.safetensors"]
+
+
+def test_generate_with_a_weights_only_file_says_how_to_give_it_a_config(tmp_path, capsys):
+    path = tmp_path / "plain.pt"
+    torch.save(torch_block.TransformerBlock(16, 2, 32).state_dict(), path)
+    assert cli.main(["generate", "--checkpoint", str(path), "--ids", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"write it with one first: python -m parity convert {path} OUT.safetensors" in err
+    assert "config=" not in err and err.count("\n") == 1
 
 
 def test_convert_refuses_to_overwrite_its_input(tmp_path, capsys, block):

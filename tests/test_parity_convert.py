@@ -137,7 +137,7 @@ def test_flax_to_torch_loads_strictly_into_a_fresh_block(config, dtype):
 def test_from_torch_to_torch_keeps_the_configuration(config):
     block = torch_block.TransformerBlock(**config)
     module, params = from_torch(block)
-    for name, value in block.config.items():
+    for name, value in block.config.kwargs().items():
         assert getattr(module, name) == value, name
     back = to_torch(module, params)
     assert back.config == block.config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import pickle
@@ -22,9 +23,11 @@ from flax.traverse_util import flatten_dict
 
 import jax_block
 import jax_block.lm
+from parity import from_torch
 from parity.checkpoint import convert_file, load, save
 from torch_block import TransformerBlock
 from torch_block.lm import TransformerLM
+from twin_core import BlockConfig, LMConfig
 
 D_MODEL = 16
 CASES = {
@@ -45,10 +48,10 @@ FILES = {
     "safetensors": ("w.safetensors", {}),
     "pt": ("w.pt", {}),
     "msgpack": ("w.msgpack", {}),
-    "safetensors-flax": ("w.safetensors", {"naming": "flax"}),
+    "safetensors-jax": ("w.safetensors", {"naming": "jax"}),
 }
-FLAX_NAMED = {"msgpack", "safetensors-flax"}  # these hold no torch-only buffer
-ATOL = 1e-5  # DESIGN.md section 7, float32
+FLAX_NAMED = {"msgpack", "safetensors-jax"}  # these hold no torch-only buffer
+ATOL = 1e-5  # docs/design.md section 7, float32
 X = np.random.default_rng(0).standard_normal((2, 5, D_MODEL)).astype(np.float32)  # (B, T, D)
 
 
@@ -170,7 +173,7 @@ def test_torch_module_round_trips_into_both_frameworks(tmp_path, case, dtype, fm
     assert_state_dicts_equal(loaded.state_dict(), want)
     assert_close(torch_forward(loaded), torch_forward(original))
 
-    flax_module, params = load(tmp_path / name, "flax")
+    flax_module, params = load(tmp_path / name, "jax")
     assert flax_module == flax_module_of(case, dtype)
     assert_params_match(params, flax_view(original.state_dict()), dtype)
     if dtype == "float32":  # bfloat16 parity is the parity report's job; weights are exact here
@@ -185,7 +188,7 @@ def test_flax_params_round_trip_into_both_frameworks(tmp_path, case, dtype, fmt)
     name, kwargs = FILES[fmt]
     save(tmp_path / name, (module, params), **kwargs)
 
-    got_module, got_params = load(tmp_path / name, "flax")
+    got_module, got_params = load(tmp_path / name, "jax")
     assert got_module == module
     assert_params_match(got_params, as_float32(params), dtype)
 
@@ -203,7 +206,7 @@ def test_params_save_with_flax_module_keyword_or_as_variables(tmp_path):
     save(tmp_path / "a.msgpack", params, module)
     save(tmp_path / "b.msgpack", {"params": params}, flax_module=module)
     for name in ("a.msgpack", "b.msgpack"):
-        assert_params_match(load(tmp_path / name, "flax")[1], as_float32(params), "float32")
+        assert_params_match(load(tmp_path / name, "jax")[1], as_float32(params), "float32")
 
 
 @pytest.mark.parametrize("fmt", FILES)
@@ -231,7 +234,7 @@ def test_language_model_round_trips_into_both_frameworks(tmp_path, fmt):
         for k, v in original.state_dict().items()
     }
     assert_state_dicts_equal(loaded.state_dict(), want)
-    flax_module, params = load(tmp_path / name, "flax")
+    flax_module, params = load(tmp_path / name, "jax")
     assert isinstance(flax_module, jax_block.lm.TransformerLM)
     assert_params_match(params, flax_view(original.state_dict()), "float32")
 
@@ -255,7 +258,7 @@ def test_safetensors_file_reads_with_safetensors_own_loaders(tmp_path, case, dty
         metadata = f.metadata()
     assert metadata["format"] == "twin-block/1"
     assert metadata["module"] == "TransformerBlock"
-    assert json.loads(metadata["config"]) == original.config
+    assert json.loads(metadata["config"]) == original.config.to_dict()
 
 
 def test_flax_named_safetensors_holds_flax_paths(tmp_path):
@@ -316,7 +319,7 @@ def test_truncated_file_is_refused(tmp_path, fmt):
     save(path, torch_original("moe", "float32"), **kwargs)
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    for framework in ("torch", "flax"):
+    for framework in ("torch", "jax"):
         with pytest.raises(ValueError, match=re.escape(str(path))):
             load(path, framework)
 
@@ -345,7 +348,7 @@ def test_corrupt_file_is_refused(tmp_path, fmt, damage):
         needle = original.state_dict()["attention.q_proj.bias"].numpy().tobytes()
         data = _flip_bit_in(data, needle)
     path.write_bytes(data)
-    for framework in ("torch", "flax"):
+    for framework in ("torch", "jax"):
         with pytest.raises(ValueError, match=re.escape(str(path))):
             load(path, framework)
 
@@ -393,7 +396,7 @@ def test_config_that_the_weights_contradict_is_refused_listing_every_key(tmp_pat
     save(path, torch_original(case, "float32"))
     _edit_config(path, fmt, edit)
     offending = flax_paths if fmt == "msgpack" else torch_keys
-    for framework in ("torch", "flax"):
+    for framework in ("torch", "jax"):
         with pytest.raises(ValueError) as info:
             load(path, framework)
         message = str(info.value)
@@ -438,7 +441,7 @@ def test_pt_carrying_code_is_refused_and_the_code_never_runs(tmp_path, payload, 
 
     path, marker = tmp_path / "hostile.pt", tmp_path / "hostile-ran"
     write(path, marker)
-    for framework in ("torch", "flax"):
+    for framework in ("torch", "jax"):
         with pytest.raises(ValueError, match="refused"):
             load(path, framework, config=CASES["dense"])
     assert not marker.exists()
@@ -457,7 +460,7 @@ def test_plain_state_dict_pt_loads_with_config(tmp_path, case):
     assert loaded.config == original.config
     assert_state_dicts_equal(loaded.state_dict(), dict(original.state_dict()))
     assert_close(torch_forward(loaded), torch_forward(original))
-    _, params = load(path, "flax", config=CASES[case], module="TransformerBlock")
+    _, params = load(path, "jax", config=CASES[case], module="TransformerBlock")
     assert_params_match(params, flax_view(original.state_dict()), "float32")
 
 
@@ -472,8 +475,8 @@ def test_weights_only_files_of_other_tools_load_with_config(tmp_path, kind):
         path, want = tmp_path / "w.msgpack", as_float32(params)
         path.write_bytes(flax.serialization.to_bytes(params))
     with pytest.raises(ValueError, match="config="):
-        load(path, "flax")
-    _, got = load(path, "flax", config=CASES["dense"])
+        load(path, "jax")
+    _, got = load(path, "jax", config=CASES["dense"])
     assert_params_match(got, want, "float32")
 
 
@@ -483,23 +486,168 @@ def test_config_argument_is_checked(tmp_path):
     block = dict(module="TransformerBlock")
     with pytest.raises(ValueError, match=r"unknown keys \['d_hidden'\]"):
         load(path, config={**CASES["dense"], "d_hidden": 8}, **block)
-    with pytest.raises(ValueError, match=r"lacks \['n_heads'\]"):
-        load(path, config={"d_model": D_MODEL, "d_ff": 32}, **block)
-    with pytest.raises(ValueError, match="pass module="):
+    with pytest.raises(ValueError, match=r"missing keys \['n_heads'\]"):
         load(path, config={"d_model": D_MODEL, "d_ff": 32})
-    with pytest.raises(ValueError, match="module must be one of"):
+    with pytest.raises(ValueError, match=r"wrong types: d_ff='32'"):
+        load(path, config={**CASES["dense"], "d_ff": "32"})
+    with pytest.raises(ValueError, match="unknown module 'Transformer'"):
         load(path, config=CASES["dense"], module="Transformer")
+    with pytest.raises(ValueError, match="needs a BlockConfig"):
+        load(
+            path,
+            config=LMConfig(
+                vocab_size=4, max_seq_len=4, d_model=16, n_layers=1, n_heads=2, d_ff=32
+            ),
+            **block,
+        )
     save(tmp_path / "w.safetensors", torch_original("dense", "float32"))
     with pytest.raises(ValueError, match="d_ff: given 64, file 32"):
         load(tmp_path / "w.safetensors", config={"d_ff": 64})
+    with pytest.raises(ValueError, match="d_ff: given 64, file 32"):
+        load(tmp_path / "w.safetensors", config=BlockConfig(**{**CASES["dense"], "d_ff": 64}))
+    assert load(tmp_path / "w.safetensors", config=BlockConfig(**CASES["dense"])) is not None
+
+
+def test_a_config_object_or_its_fields_tell_the_module(tmp_path):
+    """A weights-only file needs no module= : an LMConfig (or fields with vocab_size) is a
+    TransformerLM, a BlockConfig (or block fields) a TransformerBlock."""
+    torch.manual_seed(0)
+    lm_fields = dict(vocab_size=11, max_seq_len=8, d_model=D_MODEL, n_layers=1, n_heads=2, d_ff=32)
+    lm = TransformerLM(**lm_fields)
+    torch.save(lm.state_dict(), tmp_path / "lm.pt")
+    for config in (lm_fields, LMConfig(**lm_fields)):
+        loaded = load(tmp_path / "lm.pt", config=config)
+        assert isinstance(loaded, TransformerLM) and loaded.config == lm.config
+        assert_state_dicts_equal(loaded.state_dict(), dict(lm.state_dict()))
+    block = torch_original("dense", "float32")
+    torch.save(block.state_dict(), tmp_path / "block.pt")
+    loaded = load(tmp_path / "block.pt", config=BlockConfig(**CASES["dense"]))
+    assert isinstance(loaded, TransformerBlock) and loaded.config == block.config
+
+
+# Fields of the configuration that files written before the family options carried.
+LEGACY_BLOCK_KEYS = (
+    "d_model", "n_heads", "d_ff", "dropout", "use_moe", "num_experts", "top_k_experts", "causal",
+    "expert_capacity_factor", "router_z_loss_coef",
+)  # fmt: skip
+LEGACY_LM_KEYS = (
+    "vocab_size", "max_seq_len", "d_model", "n_layers", "n_heads", "d_ff", "dropout", "use_moe",
+    "num_experts", "top_k_experts", "expert_capacity_factor", "tie_embeddings",
+    "router_z_loss_coef",
+)  # fmt: skip
+
+
+def _legacy_digest(arrays: dict) -> str:
+    """The weights checksum as files carried it from the start: sha256 over each name (sorted),
+    its shape, its byte count and its raw bytes."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        array = arrays[name]
+        if isinstance(array, torch.Tensor):
+            raw = array.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        else:
+            raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        h.update(f"{name} {tuple(array.shape)} {raw.size}\n".encode())
+        h.update(raw.tobytes())
+    return h.hexdigest()
+
+
+def _write_legacy_file(path, fmt: str, module: str, config: dict, model) -> None:
+    """A file as the first releases wrote it, made with each format's own tools."""
+    header = {"format": "twin-block/1", "module": module}
+    state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if fmt == "safetensors":
+        metadata = {**header, "config": json.dumps(config), "sha256": _legacy_digest(state_dict)}
+        safetensors.torch.save_file(state_dict, path, metadata)
+    elif fmt == "pt":
+        obj = {**header, "config": config, "sha256": _legacy_digest(state_dict)}
+        torch.save({**obj, "state_dict": state_dict}, path)
+    else:
+        params = {"/".join(k): np.asarray(v) for k, v in flatten_dict(from_torch(model)[1]).items()}
+        obj = {**header, "config": config, "sha256": _legacy_digest(params)}
+        nested = flax.traverse_util.unflatten_dict(params, sep="/")
+        path.write_bytes(flax.serialization.msgpack_serialize({**obj, "params": nested}))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt", "msgpack"])
+def test_files_with_the_legacy_config_keys_still_load(tmp_path, fmt):
+    torch.manual_seed(0)
+    lm = TransformerLM(
+        vocab_size=11, max_seq_len=8, d_model=D_MODEL, n_layers=1, n_heads=2, d_ff=32,
+        dropout=0.0, use_moe=True, num_experts=3, expert_capacity_factor=None,
+    ).eval()  # fmt: skip
+    block = torch_original("moe", "float32")
+    for module, model, keys in (
+        ("TransformerLM", lm, LEGACY_LM_KEYS),
+        ("TransformerBlock", block, LEGACY_BLOCK_KEYS),
+    ):
+        path = tmp_path / f"{module}.{fmt}"
+        config = {key: getattr(model.config, key) for key in keys}
+        _write_legacy_file(path, fmt, module, config, model)
+        loaded = load(path, "torch")
+        assert type(loaded) is type(model) and loaded.config == model.config
+        flax_module, params = load(path, "jax")
+        assert flax_module.config == model.config
+        assert_params_match(params, flax_view(model.state_dict()), "float32")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt", "msgpack"])
+def test_metadata_config_is_the_dataclass_to_dict_and_bad_fields_are_named(tmp_path, fmt):
+    path = tmp_path / f"w.{fmt}"
+    original = torch_original("dense", "float32")
+    save(path, original)
+    if fmt == "safetensors":
+        with safetensors.safe_open(path, framework="pt") as f:
+            stored = json.loads(f.metadata()["config"])
+    elif fmt == "pt":
+        stored = torch.load(path, weights_only=True)["config"]
+    else:
+        stored = flax.serialization.msgpack_restore(path.read_bytes())["config"]
+    assert stored == original.config.to_dict()
+    assert BlockConfig.from_dict(stored) == original.config
+
+    _edit_config(path, fmt, {"d_hidden": 8})
+    with pytest.raises(ValueError, match=r"unknown keys \['d_hidden'\]") as info:
+        load(path)
+    assert str(path) in str(info.value)
+    save(path, original)
+    _edit_config(path, fmt, {"n_heads": "2"})
+    with pytest.raises(ValueError, match=r"wrong types: n_heads='2'"):
+        load(path, "jax")
+
+
+def test_framework_flax_is_an_alias_of_jax(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save(path, torch_original("moe", "float32"))
+    as_jax, as_flax = load(path, "jax"), load(path, framework="flax")
+    assert as_jax[0] == as_flax[0]
+    assert_params_match(as_flax[1], as_float32(as_jax[1]), "float32")
+    module, params = as_jax
+    save(tmp_path / "a.safetensors", (module, params), naming="jax")
+    save(tmp_path / "b.safetensors", (module, params), naming="flax")
+    metadata = {}
+    for name in ("a", "b"):
+        with safetensors.safe_open(tmp_path / f"{name}.safetensors", framework="pt") as f:
+            metadata[name] = f.metadata()
+    assert metadata["a"] == metadata["b"]
+    assert_state_dicts_equal(
+        safetensors.torch.load_file(tmp_path / "a.safetensors"),
+        safetensors.torch.load_file(tmp_path / "b.safetensors"),
+    )
+    metadata = metadata["a"]
+    assert metadata["naming"] == "flax"  # the names of Flax parameter paths, as always
+    metadata["naming"] = "jax"  # a file that calls them by the framework's name reads too
+    tensors = safetensors.torch.load_file(tmp_path / "a.safetensors")
+    safetensors.torch.save_file(tensors, tmp_path / "c.safetensors", metadata)
+    assert_params_match(load(tmp_path / "c.safetensors", "jax")[1], as_float32(params), "float32")
 
 
 # --------------------------------------------------------------------------- convert_file
 def test_convert_file_through_every_format(tmp_path):
     original = torch_original("moe", "bfloat16")
     save(tmp_path / "a.pt", original)
-    convert_file(tmp_path / "a.pt", tmp_path / "b.msgpack", to="flax")
-    convert_file(tmp_path / "b.msgpack", tmp_path / "c.safetensors", to="flax")
+    convert_file(tmp_path / "a.pt", tmp_path / "b.msgpack", to="jax")
+    convert_file(tmp_path / "b.msgpack", tmp_path / "c.safetensors", to="flax")  # an alias
     convert_file(tmp_path / "c.safetensors", tmp_path / "d.safetensors", to="torch")
 
     restored = flax.serialization.msgpack_restore((tmp_path / "b.msgpack").read_bytes())
@@ -514,11 +662,22 @@ def test_convert_file_through_every_format(tmp_path):
 def test_convert_file_rejects_bad_requests_and_writes_nothing(tmp_path):
     src = tmp_path / "a.safetensors"
     save(src, torch_original("dense", "float32"))
-    for dst, to in [("b.msgpack", "torch"), ("b.pt", "flax"), ("b.safetensors", "jax")]:
-        with pytest.raises(ValueError, match=re.escape(repr(to)) if to == "jax" else dst):
+    for dst, to, match in [
+        ("b.msgpack", "torch", "b.msgpack"),
+        ("b.pt", "jax", "b.pt"),
+        ("b.pt", "flax", "b.pt"),
+        ("b.safetensors", "tensorflow", re.escape("'tensorflow'")),
+        ("b.txt", "jax", r"suffix '\.txt'.*\.safetensors, \.pt, \.pth, \.msgpack$"),
+        ("b", "torch", "no suffix"),
+    ]:
+        with pytest.raises(ValueError, match=match):
             convert_file(src, tmp_path / dst, to=to)
     with pytest.raises(FileNotFoundError):
         convert_file(tmp_path / "missing.pt", tmp_path / "b.safetensors", to="torch")
+    with pytest.raises(FileNotFoundError, match=r"folder '\S*no-such-folder' does not exist"):
+        convert_file(src, tmp_path / "no-such-folder" / "b.pt", to="torch")
+    with pytest.raises(ValueError, match="is a folder"):
+        convert_file(tmp_path, tmp_path / "b.pt", to="torch")
     assert os.listdir(tmp_path) == ["a.safetensors"]
 
 
@@ -540,6 +699,8 @@ def test_bad_input_raises_and_leaves_the_file_alone(tmp_path):
     with pytest.raises(ValueError, match="feed_forward/gate/kernel"):
         save(path, (module, moe_params))
     with pytest.raises(ValueError, match="framework must be one of"):
-        load(path, "jax")
+        load(path, "tensorflow")
+    with pytest.raises(ValueError, match=r"suffix '\.bin'"):
+        save(tmp_path / "w.bin", (module, params))
     assert path.read_bytes() == old
     assert os.listdir(tmp_path) == [path.name]

@@ -131,6 +131,31 @@ def test_to_cpu_returns_self_and_keeps_contents():
     assert cache.to(torch.device("cpu")) is cache
 
 
+def test_dtype_and_device_attributes_are_what_the_constructor_and_to_were_given():
+    default = make_cache()
+    assert default.dtype == torch.float32 and default.device == "cpu"
+    meta = torch.device("meta")  # a second device on any machine (tensors without data)
+    on_meta = KVCache(1, 4, 2, 3, dtype=torch.bfloat16, device=meta)
+    assert on_meta.dtype == torch.bfloat16 and on_meta.device == meta
+    assert on_meta.k_cache.device == meta and on_meta.v_cache.dtype == torch.bfloat16
+
+    cache = KVCache(1, 4, 2, 3, dtype=torch.float64, device=torch.device("cpu"))
+    assert cache.device == torch.device("cpu") and cache.dtype == torch.float64
+    assert cache.to("cpu") is cache and cache.device == "cpu"
+    assert cache.to("meta") is cache
+    assert cache.device == "meta" and cache.k_cache.device == meta == cache.v_cache.device
+    assert cache.dtype == torch.float64 == cache.k_cache.dtype  # .to(device) keeps the dtype
+
+
+def test_repr_shows_shape_dtype_device_and_position():
+    cache = KVCache(B, S, H, D, dtype=torch.bfloat16)
+    assert repr(cache) == (
+        f"KVCache(shape=({B}, {H}, {S}, {D}), dtype=torch.bfloat16, device=cpu, cache_position=0)"
+    )
+    cache.update(*rand_kv(B, 4))
+    assert str(cache).endswith("cache_position=4)")
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
