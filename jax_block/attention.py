@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ from twin_core import RopeScaling, inv_frequencies
 
 from .cache import KVCache
 from .rope import apply_rope
+from .sharding import AxisNamedModule, constrain, dense_axes
 
 
 def check_mask(mask: jax.Array, shape: tuple[int, int, int, int]) -> None:
@@ -33,7 +36,134 @@ def is_static_zero(position) -> bool:
     return not isinstance(position, jax.Array) and int(position) == 0
 
 
-class MultiHeadAttention(nn.Module):
+class KeySource(NamedTuple):
+    """Keys and values (B, KV, L, D) whose key j sits at cache slot `first_slot + j`.
+
+    Key j may be attended only where first_slot + j < `end_slot` (slots not yet written, or
+    dropped by an overflowing write, are never attended). `mask` covers its L keys (last axis
+    L or 1) or is None.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    first_slot: jax.Array | int
+    end_slot: jax.Array | int
+    mask: jax.Array | None
+
+
+def allowed_keys(
+    source: KeySource, slots: jax.Array, query_pos: jax.Array, causal: bool, window: int | None
+) -> jax.Array:
+    """Whether query t may see key slot s: (T, L) from the positions, before the mask."""
+    allowed = jnp.broadcast_to(slots[None, :] < source.end_slot, (query_pos.size, slots.size))
+    if causal:
+        allowed = allowed & (slots[None, :] <= query_pos[:, None])
+    if window is not None:
+        allowed = allowed & (slots[None, :] > query_pos[:, None] - window)
+    return allowed
+
+
+# Long inputs attend over blocks of queries and keys with an online softmax, so that no
+# (heads, T, S) score matrix is ever materialised: used from T * S >= BLOCKED_MIN_SCORES on,
+# in eval mode (no attention dropout).
+BLOCK_Q, BLOCK_K = 128, 256
+BLOCKED_MIN_SCORES = 512 * 512
+
+
+def blocked_attention(
+    q: jax.Array,
+    query_pos: jax.Array,
+    sources: list[KeySource],
+    *,
+    causal: bool,
+    window: int | None,
+) -> jax.Array:
+    """Attention of scaled queries q (B, T, KV, G, D) at `query_pos` (T,) to every source.
+
+    The same function as one softmax over all allowed keys of all sources; a query with no
+    allowed key gives zeros. Queries go in blocks of BLOCK_Q (`lax.map`); each block runs over
+    only the key blocks it may see (a `fori_loop` per source), keeping a running max, sum and
+    output in float32. Returns (B, T, KV, G, D) in the values' dtype.
+    """
+    B, T, KV, G, D = q.shape
+    Tp = -(-T // BLOCK_Q) * BLOCK_Q
+    q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0), (0, 0)))
+    query_pos = jnp.pad(query_pos, (0, Tp - T), mode="edge")  # (Tp,)
+
+    def padded_mask(mask: jax.Array | None) -> jax.Array | None:
+        if mask is None:
+            return None
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # (b, h, T|1, L|1)
+        return jnp.pad(mask, [(0, 0), (0, 0), (0, Tp - T if mask.shape[2] > 1 else 0), (0, 0)])
+
+    masks = [padded_mask(source.mask) for source in sources]
+
+    def over_source(qi, q_block, q_pos, source, mask, carry):
+        L = source.keys.shape[2]
+        block_k = min(BLOCK_K, L)
+        # key blocks [first, last) may hold allowed keys
+        last = jnp.minimum(L, jnp.maximum(source.end_slot - source.first_slot, 0))
+        if causal:
+            last = jnp.minimum(last, jnp.maximum(q_pos[-1] - source.first_slot + 1, 0))
+        last = -(-last // block_k)
+        first = 0
+        if window is not None:
+            first = jnp.maximum(q_pos[0] - window + 1 - source.first_slot, 0) // block_k
+
+        def key_block(ki, carry):
+            running_max, running_sum, acc = carry
+            # the last block may overlap the one before it; its keys already seen are masked
+            start = jnp.minimum(ki * block_k, L - block_k)
+            k_block = jax.lax.dynamic_slice_in_dim(source.keys, start, block_k, axis=2)
+            v_block = jax.lax.dynamic_slice_in_dim(source.values, start, block_k, axis=2)
+            j = start + jnp.arange(block_k)  # (BK,) keys of the source
+            allowed = allowed_keys(source, source.first_slot + j, q_pos, causal, window)
+            allowed = allowed & (j[None, :] >= ki * block_k)  # (BQ, BK)
+            if mask is not None:
+                starts = (0, 0, qi * BLOCK_Q if mask.shape[2] > 1 else 0, start)
+                sizes = (*mask.shape[:2], min(mask.shape[2], BLOCK_Q), block_k)
+                if mask.shape[3] == 1:
+                    starts, sizes = starts[:3] + (0,), sizes[:3] + (1,)
+                m = jax.lax.dynamic_slice(mask, starts, sizes)  # (b, h, BQ|1, BK|1)
+                m = m.reshape(m.shape[0], KV, G, *m.shape[2:]) if m.shape[1] > 1 else m[:, :, None]
+                allowed = allowed & m  # (B, KV, G, BQ, BK)
+            k_block = k_block.astype(jnp.float32)
+            scores = jnp.einsum("btkgd,bksd->bkgts", q_block, k_block)  # (B, KV, G, BQ, BK)
+            scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+            new_max = jnp.maximum(running_max, scores.max(axis=-1))  # (B, KV, G, BQ)
+            probs = jnp.exp(scores - new_max[..., None]) * allowed
+            correction = jnp.exp(running_max - new_max)
+            running_sum = running_sum * correction + probs.sum(axis=-1)
+            update = jnp.einsum(
+                "bkgts,bksd->bkgtd",
+                probs.astype(v_block.dtype),
+                v_block,
+                preferred_element_type=jnp.float32,
+            )
+            return new_max, running_sum, acc * correction[..., None] + update
+
+        return jax.lax.fori_loop(first, last, key_block, carry)
+
+    def query_block(qi: jax.Array) -> jax.Array:
+        q_block = jax.lax.dynamic_slice_in_dim(q, qi * BLOCK_Q, BLOCK_Q, axis=1)
+        q_pos = jax.lax.dynamic_slice_in_dim(query_pos, qi * BLOCK_Q, BLOCK_Q)  # (BQ,)
+        carry = (
+            jnp.full((B, KV, G, BLOCK_Q), jnp.finfo(jnp.float32).min),
+            jnp.zeros((B, KV, G, BLOCK_Q), jnp.float32),
+            jnp.zeros((B, KV, G, BLOCK_Q, D), jnp.float32),
+        )
+        for source, mask in zip(sources, masks, strict=True):
+            carry = over_source(qi, q_block, q_pos, source, mask, carry)
+        _, total, acc = carry
+        out = acc / jnp.where(total > 0, total, 1.0)[..., None]  # (B, KV, G, BQ, D)
+        return out.transpose(0, 3, 1, 2, 4)  # (B, BQ, KV, G, D)
+
+    blocks = jax.lax.map(query_block, jnp.arange(Tp // BLOCK_Q))  # (nQ, B, BQ, KV, G, D)
+    out = blocks.transpose(1, 0, 2, 3, 4, 5).reshape(B, Tp, KV, G, D)[:, :T]
+    return out.astype(sources[-1].values.dtype)
+
+
+class MultiHeadAttention(AxisNamedModule):
     """Scaled dot-product attention over n_heads query heads; causal unless `causal=False`.
 
     Query head h reads key/value head h // (n_heads // n_kv_heads) (GQA; MQA at 1). With
@@ -94,49 +224,77 @@ class MultiHeadAttention(nn.Module):
             check_mask(mask, (B, H, T, S))
 
         dense = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        q = nn.Dense(H * D, use_bias=self.qkv_bias, name="q_proj", **dense)(x)
-        k = nn.Dense(KV * D, use_bias=self.qkv_bias, name="k_proj", **dense)(x)
-        v = nn.Dense(KV * D, use_bias=self.qkv_bias, name="v_proj", **dense)(x)
+        qkv = dict(use_bias=self.qkv_bias, **dense)
+        q = nn.Dense(H * D, name="q_proj", **qkv, **dense_axes("embed", "heads"))(x)
+        k = nn.Dense(KV * D, name="k_proj", **qkv, **dense_axes("embed", "kv_heads"))(x)
+        v = nn.Dense(KV * D, name="v_proj", **qkv, **dense_axes("embed", "kv_heads"))(x)
         q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, KV, D), v.reshape(B, T, KV, D)
         if self.positions == "rope":
             if positions is None:
                 positions = start + jnp.arange(T)[None, :]  # (1, T)
             inv_freq = inv_frequencies(D, self.rope_theta, self.rope_scaling)  # (D/2,)
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, KV, T, D)
+        k, v = (constrain(a, ("batch", "kv_heads", "length", "head_dim")) for a in (k, v))
 
-        query_pos = start + jnp.arange(T)  # (T,)
-        key_pos = jnp.arange(T)  # slots of the keys attended to
-        keys, values, new_cache = k, v, None
+        # Keys: what the cache held before this call (slots [0, start)), then the T new keys as
+        # the cache holds them (rounded to its dtype), at slots [start, start + T). Reading the
+        # cache as it was before the write lets XLA update it in place. A start known to be 0
+        # while tracing (a Python or NumPy 0) has no cached keys to read.
+        query_pos = start + jnp.arange(T)  # (T,): also the slots of the new keys
+        sources, new_cache, new_mask, new_end = [], None, mask, T
         if kv_cache is not None:
             new_cache = kv_cache.write(k, v, start)  # checks the write
-            if is_static_zero(start):
-                keys, values = k.astype(kv_cache.k_cache.dtype), v.astype(kv_cache.v_cache.dtype)
-                if mask is not None and mask.ndim and mask.shape[-1] > 1:
-                    mask = mask[..., :T]
-            else:
-                keys, values = new_cache.k_cache[:B], new_cache.v_cache[:B]  # (B, KV, S, D)
-                key_pos = jnp.arange(S)
-
-        allowed = jnp.ones((T, key_pos.size), bool)  # (T, S'): query t may see key slot s
-        if self.causal:
-            allowed = allowed & (key_pos[None, :] <= query_pos[:, None])
-        if self.sliding_window is not None:
-            allowed = allowed & (key_pos[None, :] > query_pos[:, None] - self.sliding_window)
-        if kv_cache is not None:  # slots this call or earlier ones wrote
-            allowed = allowed & (key_pos[None, :] < start + T) & (start >= 0)
-        if mask is not None:
-            allowed = allowed & mask.astype(bool)  # (B, H, T, S') after broadcasting
+            k, v = k.astype(kv_cache.k_cache.dtype), v.astype(kv_cache.v_cache.dtype)
+            new_end = jnp.where(start >= 0, S, start)  # the new keys the write kept: slots < S
+            if mask is not None and mask.ndim and mask.shape[-1] > 1:  # the new keys' slots
+                padded = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, T)])
+                new_mask = jax.lax.dynamic_slice_in_dim(padded, jnp.maximum(start, 0), T, -1)
+            if not is_static_zero(start):
+                cached = (kv_cache.k_cache[:B], kv_cache.v_cache[:B])  # (B, KV, S, D)
+                sources.append(KeySource(*cached, 0, start, mask))
+        sources.append(KeySource(k, v, start, new_end, new_mask))
 
         grouped_q = q.reshape(B, T, KV, G, D).astype(jnp.float32)  # query head h = kv * G + g
-        scores = jnp.einsum("btkgd,bksd->bkgts", grouped_q, keys.astype(jnp.float32))
-        scores = scores.reshape(B, H, T, key_pos.size) * D**-0.5  # (B, H, T, S')
-        scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1) * allowed  # a row with no allowed key is zeros
-        probs = nn.Dropout(self.dropout)(probs.astype(self.dtype), deterministic=deterministic)
-        probs = probs.reshape(B, KV, G, T, key_pos.size)
-        out = jnp.einsum("bkgts,bksd->btkgd", probs, values.astype(self.dtype))
-        out = out.reshape(B, T, H * D)  # (B, T, H * D)
-        return nn.Dense(self.d_model, use_bias=self.out_bias, name="out_proj", **dense)(
-            out
-        ), new_cache
+        num_keys = sum(source.keys.shape[2] for source in sources)
+        if deterministic and T * num_keys >= BLOCKED_MIN_SCORES:
+            out = blocked_attention(
+                grouped_q * D**-0.5,
+                query_pos,
+                [source._replace(values=source.values.astype(self.dtype)) for source in sources],
+                causal=self.causal,
+                window=self.sliding_window,
+            )  # (B, T, KV, G, D)
+        else:
+            scores, allowed = [], []
+            for source in sources:
+                slots = source.first_slot + jnp.arange(source.keys.shape[2])  # (L,)
+                ok = allowed_keys(source, slots, query_pos, self.causal, self.sliding_window)
+                if source.mask is not None:
+                    ok = ok & jnp.atleast_1d(source.mask.astype(bool))  # (B, H, T, L)
+                keys = source.keys.astype(jnp.float32)
+                score = jnp.einsum("btkgd,bksd->bkgts", grouped_q, keys)  # (B, KV, G, T, L)
+                scores.append(score.reshape(B, H, T, slots.size))
+                allowed.append(jnp.broadcast_to(ok, (B, H, T, slots.size)))
+            scores = jnp.concatenate(scores, axis=-1) * D**-0.5  # (B, H, T, S')
+            allowed = jnp.concatenate(allowed, axis=-1)
+            scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(scores, axis=-1) * allowed  # a row with no allowed key: zeros
+            probs = nn.Dropout(self.dropout)(probs.astype(self.dtype), deterministic=deterministic)
+            out, offset = 0, 0
+            for source in sources:
+                L = source.keys.shape[2]
+                p = probs[..., offset : offset + L].reshape(B, KV, G, T, L)
+                out = out + jnp.einsum("bkgts,bksd->bkgtd", p, source.values.astype(self.dtype))
+                offset += L
+            out = out.transpose(0, 3, 1, 2, 4)  # (B, T, KV, G, D)
+        out = constrain(out.reshape(B, T, H * D), ("batch", "length", "heads"))  # (B, T, H * D)
+        out_proj = nn.Dense(
+            self.d_model,
+            use_bias=self.out_bias,
+            name="out_proj",
+            **dense,
+            **dense_axes("heads", "embed"),
+        )
+        return out_proj(out), new_cache

@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from twin_core import BlockConfig, RopeScaling
 
@@ -16,6 +17,7 @@ from .cache import KVCache
 from .feed_forward import FeedForward
 from .moe import MixtureOfExperts
 from .norm import make_norm
+from .sharding import ACTIVATION_AXES, AxisNamedModule, constrain, kv_cache_sharding
 
 
 def config_of(module: nn.Module, config_cls: type) -> Any:
@@ -23,7 +25,7 @@ def config_of(module: nn.Module, config_cls: type) -> Any:
     return config_cls(**{f.name: getattr(module, f.name) for f in dataclasses.fields(config_cls)})
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(AxisNamedModule):
     """h = x + Dropout(Attention(Norm1(x))); y = h + Dropout(FFN(Norm2(h))).
 
     The fields are those of `twin_core.BlockConfig` (read back as `.config`), plus the compute
@@ -74,12 +76,25 @@ class TransformerBlock(nn.Module):
         return cls(**config.kwargs(), **module_args)
 
     def create_kv_cache(
-        self, max_batch_size: int, max_seq_len: int, dtype: jnp.dtype = jnp.float32
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        dtype: jnp.dtype = jnp.float32,
+        *,
+        mesh: Mesh | None = None,
+        rules=None,
     ) -> KVCache:
-        """An empty cache sized for this block's key/value heads."""
+        """An empty cache sized for this block's key/value heads; with `mesh`, placed on it
+        (batch over data, kv heads over tensor: `jax_block.sharding.DEFAULT_RULES` or `rules`)."""
         config = self.config
+        sharding = kv_cache_sharding(config, max_batch_size, max_seq_len, mesh, rules)
         return KVCache.create(
-            max_batch_size, max_seq_len, config.resolved_n_kv_heads, config.resolved_head_dim, dtype
+            max_batch_size,
+            max_seq_len,
+            config.resolved_n_kv_heads,
+            config.resolved_head_dim,
+            dtype,
+            sharding,
         )
 
     @nn.compact
@@ -104,7 +119,7 @@ class TransformerBlock(nn.Module):
                 f"x must be (batch >= 1, seq_len >= 1, d_model={self.d_model}), "
                 f"got {tuple(x.shape)}"
             )
-        x = x.astype(self.dtype)  # the residual stream, like every layer, computes in dtype
+        x = constrain(x.astype(self.dtype), ACTIVATION_AXES)  # the residual stream, in dtype
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attention = MultiHeadAttention(
             self.d_model,
@@ -151,5 +166,5 @@ class TransformerBlock(nn.Module):
             ff = FeedForward(
                 self.d_model, self.d_ff, self.dropout, name="feed_forward", **ffn, **dtypes
             )(normed, deterministic)
-        y = h + dropout(ff, deterministic=deterministic)
+        y = constrain(h + dropout(ff, deterministic=deterministic), ACTIVATION_AXES)
         return y, new_cache, aux

@@ -5,6 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import NamedSharding
+
+from .sharding import CACHE_AXES, constrain
 
 # XLA options for jitted functions that take a cache and return it updated. By default XLA's
 # copy insertion copies every cache buffer that a step both reads and writes (twice per buffer
@@ -39,8 +42,10 @@ class KVCache:
         n_heads: int,
         head_dim: int,
         dtype: jnp.dtype = jnp.float32,
+        sharding: NamedSharding | None = None,
     ) -> KVCache:
-        """An empty cache at position 0."""
+        """An empty cache at position 0; with `sharding`, keys and values are created placed
+        with it (never whole on one device) and the position is replicated on its mesh."""
         for name, value in (
             ("max_batch_size", max_batch_size),
             ("max_seq_len", max_seq_len),
@@ -50,11 +55,23 @@ class KVCache:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
         shape = (max_batch_size, n_heads, max_seq_len, head_dim)
+        scalar = None if sharding is None else NamedSharding(sharding.mesh, jax.P())
         return cls(
-            k_cache=jnp.zeros(shape, dtype),
-            v_cache=jnp.zeros(shape, dtype),
-            position=jnp.zeros((), jnp.int32),
+            k_cache=jnp.zeros(shape, dtype, device=sharding),
+            v_cache=jnp.zeros(shape, dtype, device=sharding),
+            position=jnp.zeros((), jnp.int32, device=scalar),
         )
+
+    def __repr__(self) -> str:
+        """Shape (B, H, S, D) of keys and of values, dtype and position ("traced" under jit)."""
+        shape = getattr(self.k_cache, "shape", None)
+        shape = tuple(shape) if shape is not None else None
+        dtype = getattr(self.k_cache, "dtype", None)
+        try:
+            position = int(self.position)
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            position = "traced"
+        return f"KVCache(shape={shape}, dtype={dtype}, position={position})"
 
     @property
     def max_batch_size(self) -> int:
@@ -130,4 +147,12 @@ class KVCache:
         k_cache = self.k_cache.at[:B, :, slots].set(k.astype(self.k_cache.dtype), **write)
         v_cache = self.v_cache.at[:B, :, slots].set(v.astype(self.v_cache.dtype), **write)
         position = jnp.where(start < 0, start, start + T)  # () int32
-        return KVCache(k_cache, v_cache, position)
+        return KVCache(k_cache, v_cache, position).constrained()
+
+    def constrained(self) -> KVCache:
+        """This cache with its keys and values constrained to their place on the mesh that
+        `jax_block.sharding.use_mesh` set (batch over data, kv heads over tensor), so that a
+        jitted step returns it where it came from and updates it in place; else itself."""
+        return self.replace(
+            k_cache=constrain(self.k_cache, CACHE_AXES), v_cache=constrain(self.v_cache, CACHE_AXES)
+        )

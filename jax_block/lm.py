@@ -8,12 +8,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from twin_core import LMConfig, RopeScaling
 
 from .block import TransformerBlock, config_of
 from .cache import KVCache
 from .norm import make_norm
+from .sharding import (
+    ACTIVATION_AXES,
+    AxisNamedModule,
+    constrain,
+    dense_axes,
+    kv_cache_sharding,
+    named_init,
+)
 
 
 def position_ids(attention_mask: jax.Array | None, start: jax.Array, length: int) -> jax.Array:
@@ -28,7 +37,7 @@ def position_ids(attention_mask: jax.Array | None, start: jax.Array, length: int
     return jax.lax.dynamic_slice_in_dim(jnp.maximum(real_so_far - 1, 0), start, length, axis=1)
 
 
-class TransformerLM(nn.Module):
+class TransformerLM(AxisNamedModule):
     """Token embedding [+ learned positions] -> dropout -> blocks -> norm -> LM head.
 
     The fields are those of `twin_core.LMConfig` (read back as `.config`), plus the compute
@@ -84,10 +93,18 @@ class TransformerLM(nn.Module):
         return cls(**config.kwargs(), **module_args)
 
     def create_kv_cache(
-        self, max_batch_size: int, max_seq_len: int, dtype: jnp.dtype = jnp.float32
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        dtype: jnp.dtype = jnp.float32,
+        *,
+        mesh: Mesh | None = None,
+        rules=None,
     ) -> tuple[KVCache, ...]:
-        """One empty cache per block, each with `max_seq_len` slots."""
+        """One empty cache per block, each with `max_seq_len` slots; with `mesh`, placed on it
+        (batch over data, kv heads over tensor: `jax_block.sharding.DEFAULT_RULES` or `rules`)."""
         config = self.config
+        sharding = kv_cache_sharding(config, max_batch_size, max_seq_len, mesh, rules)
         return tuple(
             KVCache.create(
                 max_batch_size,
@@ -95,6 +112,7 @@ class TransformerLM(nn.Module):
                 config.resolved_n_kv_heads,
                 config.resolved_head_dim,
                 dtype,
+                sharding,
             )
             for _ in range(self.n_layers)
         )
@@ -157,17 +175,25 @@ class TransformerLM(nn.Module):
         start = jnp.zeros((), jnp.int32) if kv_cache is None else kv_cache[0].position
         T = input_ids.shape[1]
         positions = position_ids(attention_mask, start, T)  # (B|1, T)
-        embed = dict(
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            embedding_init=nn.initializers.normal(stddev=0.02),
+        embed = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        normal = nn.initializers.normal(stddev=0.02)
+        token_embedding = nn.Embed(
+            self.vocab_size,
+            self.d_model,
+            name="token_embedding",
+            embedding_init=named_init(normal, "vocab", "embed"),
+            **embed,
         )
-        token_embedding = nn.Embed(self.vocab_size, self.d_model, name="token_embedding", **embed)
         x = token_embedding(input_ids)  # (B, T, d_model)
         if self.positions == "learned":
-            x = x + nn.Embed(self.max_seq_len, self.d_model, name="position_embedding", **embed)(
-                positions
-            )
+            x = x + nn.Embed(
+                self.max_seq_len,
+                self.d_model,
+                name="position_embedding",
+                embedding_init=named_init(normal, "length", "embed"),
+                **embed,
+            )(positions)
+        x = constrain(x, ACTIVATION_AXES)
         x = nn.Dropout(self.dropout, name="dropout")(x, deterministic=deterministic)
         key_mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
         aux = jnp.zeros((), jnp.float32)
@@ -194,7 +220,9 @@ class TransformerLM(nn.Module):
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
                 name="lm_head",
+                **dense_axes("embed", "vocab"),
             )(x)  # (B, T, vocab_size)
+        logits = constrain(logits, ("batch", "length", "vocab"))
         outputs = [logits]
         if return_aux_loss:
             outputs.append(aux)

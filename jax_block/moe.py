@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from twin_core import check_moe_config, expert_capacity
 
 from .feed_forward import FeedForward
+from .sharding import AxisNamedModule, active_split_count, constrain, dense_axes
 
 
 class Routing(NamedTuple):
@@ -115,14 +116,16 @@ def grouped_experts(
     return out.reshape(num_blocks * block, d_model)[dest]  # (A, d_model)
 
 
-class MixtureOfExperts(nn.Module):
+class MixtureOfExperts(AxisNamedModule):
     """Top-k gated experts with capacity-based dropping in training and a load-balancing loss.
 
     Every expert, and the optional shared expert (applied to every token, scaled by
     sigmoid(x @ w) with `shared_expert_gate`), is a FeedForward of the given kind. The experts
     are one `nn.vmap`-ped FeedForward with stacked parameters (E, ...). Training
     with a capacity factor dispatches tokens into per-expert buffers (E, C, d_model); dropless
-    calls (eval, or factor None) use `grouped_experts`, whose cost grows with k * N.
+    calls (eval, or factor None) use `grouped_experts`, whose cost grows with k * N, except on
+    a mesh that splits the experts (logical axis "expert"): there every call uses the buffers,
+    each device running its own experts on them (dropless: C = N rows per expert).
     `dispatch` forces one of the two ("buffers" or "grouped"; default "auto").
     """
 
@@ -155,7 +158,8 @@ class MixtureOfExperts(nn.Module):
         N, k, E = B * T, self.top_k, self.num_experts
         tokens = jnp.asarray(x).reshape(N, d_model)  # (N, d_model); NumPy input too
         logits = nn.Dense(
-            E, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype, name="gate"
+            E, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype, name="gate",
+            **dense_axes("embed", None),  # the router is small: replicated
         )(tokens.astype(jnp.float32))  # (N, E)
         routing = route(logits, k, self.norm_topk_prob)
         factor = None if deterministic else self.expert_capacity_factor
@@ -174,11 +178,13 @@ class MixtureOfExperts(nn.Module):
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
             axis_size=E,
+            metadata_params={nn.PARTITION_NAME: "expert"},
         )(d_model, self.d_ff, self.dropout, self.dtype, self.param_dtype, **ffn, name="experts")
         use_buffers = (
             self.dispatch == "buffers"
             or (self.dispatch == "auto" and factor is not None)
             or self.is_initializing()  # the vmapped call creates the stacked parameters
+            or (self.dispatch == "auto" and active_split_count("expert") > 1)
         )
         kept = routing.rank < capacity  # (k*N,)
         if use_buffers:
@@ -187,7 +193,9 @@ class MixtureOfExperts(nn.Module):
             buffers = buffers.at[dest].set(
                 tokens[jnp.arange(k * N) % N].astype(self.dtype), mode="drop"
             )
-            expert_out = experts(buffers.reshape(E, capacity, d_model), deterministic)
+            buffers = constrain(buffers.reshape(E, capacity, d_model), ("expert", None, "embed"))
+            expert_out = experts(buffers, deterministic)  # (E, C, d_model)
+            expert_out = constrain(expert_out, ("expert", None, "embed"))
             assigned = expert_out.reshape(E * capacity, d_model).at[dest].get(
                 mode="fill", fill_value=0
             )  # (k*N, d_model); dropped assignments give zeros
@@ -213,7 +221,7 @@ class MixtureOfExperts(nn.Module):
             if self.shared_expert_gate:
                 gate = nn.Dense(
                     1, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="shared_expert_gate",
+                    name="shared_expert_gate", **dense_axes("embed", None),
                 )(tokens)  # (N, 1)
                 shared = jax.nn.sigmoid(gate) * shared
             out = out + shared.astype(out.dtype)

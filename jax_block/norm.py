@@ -5,6 +5,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from .sharding import named_init
+
 
 def make_norm(kind: str, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype, name: str):
     """The norm of `kind` ("layernorm" or "rmsnorm"); statistics in float32.
@@ -13,6 +15,10 @@ def make_norm(kind: str, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype, n
     loses digits on inputs with a large mean).
     """
     common = dict(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+    scale_init = named_init(nn.initializers.ones_init(), "embed")
     if kind == "layernorm":
-        return nn.LayerNorm(use_fast_variance=False, **common)
-    return nn.RMSNorm(**common)
+        bias_init = named_init(nn.initializers.zeros_init(), "embed")
+        return nn.LayerNorm(
+            use_fast_variance=False, scale_init=scale_init, bias_init=bias_init, **common
+        )
+    return nn.RMSNorm(scale_init=scale_init, **common)
