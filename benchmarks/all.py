@@ -18,7 +18,16 @@ from pathlib import Path
 
 from .common import RESULTS_DIR, describe_machine, markdown_table, table
 
-BENCHMARKS = ["decode", "bandwidth", "moe", "moe_decode", "cache", "memory"]
+BENCHMARKS = [
+    "decode",
+    "bandwidth",
+    "moe",
+    "moe_decode",
+    "cache",
+    "memory",
+    "vs_transformers",
+    "long_prompt",
+]
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
@@ -105,7 +114,9 @@ def write_docs(results: dict[str, dict], quick: bool, out: Path, note: str = "")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.all", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--quick", action="store_true", help="fast smoke runs")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated names")

@@ -1,9 +1,10 @@
-"""Memory-bandwidth use of decoding the medium dense LM (target 2).
+"""Memory-bandwidth use of decoding the medium dense LM and its Llama-like twin (target 2, the
+same for both).
 
-Utilisation = bytes that one decode step must read (every weight once, plus the cached keys and
-values written so far) / step time, divided by the copy bandwidth of a large array measured in
-the same run. A decode step's time is (generate of n tokens - generate of 1 token) / (n - 1),
-so the prefill drops out.
+Utilisation = bytes that one decode step must read (every weight it uses whole once, plus the
+cached keys and values written so far: n_kv_heads heads, so a GQA cache reads less) / step
+time, divided by the copy bandwidth of a large array measured in the same run. A decode step's
+time is (generate of n tokens - generate of 1 token) / (n - 1), so the prefill drops out.
 
     python -m benchmarks.bandwidth [--quick] [--check]
 """
@@ -15,10 +16,22 @@ import numpy as np
 import torch_block
 
 from .common import Panel, Result, Target, block, compare_times, main
-from .models import MEDIUM, cache_bytes, prompts, tree_bytes, twin_lms
+from .models import MEDIUM, MEDIUM_LLAMA, cache_bytes, prompts, step_weight_bytes, twin_lms
 
 PROMPT_LEN = 16
-VARIANTS = [(1, "float32"), (1, "bfloat16"), (8, "float32")]  # (batch, dtype); the first: target 2
+MODELS = {"dense": MEDIUM, "Llama-like": MEDIUM_LLAMA}
+# (model, batch, dtype); the batch 1 float32 ones carry the targets
+VARIANTS = [
+    ("dense", 1, "float32"),
+    ("dense", 1, "bfloat16"),
+    ("dense", 8, "float32"),
+    ("Llama-like", 1, "float32"),
+]
+
+
+def variant_name(model: str, batch: int, dtype: str) -> str:
+    """The row's label: "batch 1, float32" (dense model), "Llama-like, batch 1, float32"."""
+    return f"{'' if model == 'dense' else model + ', '}batch {batch}, {dtype}"
 
 
 def copy_bandwidth(nbytes: int, repeats: int) -> dict[str, float]:
@@ -46,13 +59,19 @@ def copy_bandwidth(nbytes: int, repeats: int) -> dict[str, float]:
 
 
 def torch_linear_bandwidth(torch_lm, repeats: int) -> float:
-    """Bytes per second that torch's own F.linear reads at batch 1 over every weight matrix of
-    `torch_lm` (one call each, no model around them): the most its eager decode can reach."""
+    """Bytes per second that torch's own F.linear reads at batch 1 over every weight matrix that
+    a decode step reads whole (one call each, no model around them; the embedding tables only
+    indexed are left out): the most its eager decode can reach."""
     import torch
     import torch.nn.functional as F
 
+    indexed = ("position_embedding",) + (
+        ("token_embedding",) if torch_lm.lm_head is not None else ()
+    )
     weights = [
-        p for name, p in torch_lm.named_parameters() if p.dim() == 2 and "position" not in name
+        p
+        for name, p in torch_lm.named_parameters()
+        if p.dim() == 2 and not name.startswith(indexed)
     ]
     inputs = {w.shape[1]: torch.randn(1, w.shape[1], dtype=w.dtype) for w in weights}
 
@@ -65,14 +84,15 @@ def torch_linear_bandwidth(torch_lm, repeats: int) -> float:
     return sum(w.numel() * w.element_size() for w in weights) / seconds
 
 
-def measure_variant(batch: int, dtype: str, new_tokens: int, repeats: int) -> dict:
+def measure_variant(model: str, batch: int, dtype: str, new_tokens: int, repeats: int) -> dict:
     """Decode-step time and bytes per step of both frameworks."""
     import torch
 
     from jax_block.generate import generate
 
-    torch_lm, flax_lm, params = twin_lms(MEDIUM, dtype)
-    ids = prompts(batch, PROMPT_LEN, MEDIUM["vocab_size"])
+    config = MODELS[model]
+    torch_lm, flax_lm, params = twin_lms(config, dtype)
+    ids = prompts(batch, PROMPT_LEN, config["vocab_size"])
     torch_ids = torch.from_numpy(ids)
     runs = {}
     for n in (1, new_tokens):
@@ -80,11 +100,14 @@ def measure_variant(batch: int, dtype: str, new_tokens: int, repeats: int) -> di
         runs[f"torch {n}"] = lambda n=n: torch_block.generate(torch_lm, torch_ids, max_new_tokens=n)
     times = compare_times(runs, repeats, warmup=1)
     itemsize = 2 if dtype == "bfloat16" else 4
-    position_table = MEDIUM["max_seq_len"] * MEDIUM["d_model"] * itemsize  # one row read per token
-    weights = tree_bytes(params) - position_table
     mean_position = PROMPT_LEN + new_tokens / 2  # cached tokens read by the average step
-    step_bytes = weights + cache_bytes(MEDIUM, batch, round(mean_position), itemsize)
-    row = {"variant": f"batch {batch}, {dtype}", "MB read/step": step_bytes / 1e6}
+    kv_bytes = cache_bytes(config, batch, round(mean_position), itemsize)
+    step_bytes = step_weight_bytes(params) + kv_bytes
+    row = {
+        "variant": variant_name(model, batch, dtype),
+        "MB read/step": step_bytes / 1e6,
+        "KV MB read/step": kv_bytes / 1e6,
+    }
     for framework in ("jax", "torch"):
         t_long = times[f"{framework} {new_tokens}"]["median"]
         t_short = times[f"{framework} 1"]["median"]
@@ -101,15 +124,21 @@ def run(quick: bool) -> Result:
     new_tokens, repeats, copy_mb = (9, 2, 256) if quick else (25, 3, 1024)
     copy = copy_bandwidth(copy_mb * 2**20, repeats=5)
     reference = max(copy.values())
-    variants = [measure_variant(b, dtype, new_tokens, repeats) for b, dtype in VARIANTS]
+    variants = [measure_variant(*variant, new_tokens, repeats) for variant in VARIANTS]
     for row in variants:
         for framework in ("jax", "torch"):
             row[f"{framework} util"] = row[f"{framework} GB/s"] * 1e9 / reference
-    main_variant = variants[0]
-    targets = [
-        Target("bandwidth: JAX utilisation, batch 1 float32", main_variant["jax util"], 0.70),
-        Target("bandwidth: torch utilisation, batch 1 float32", main_variant["torch util"], 0.50),
-    ]
+    main = {
+        m: next(v for v in variants if v["variant"] == variant_name(m, 1, "float32"))
+        for m in MODELS
+    }
+    targets = []
+    for model, row in main.items():
+        prefix = f"bandwidth: {'' if model == 'dense' else model + ' '}"
+        targets += [
+            Target(f"{prefix}JAX utilisation, batch 1 float32", row["jax util"], 0.70),
+            Target(f"{prefix}torch utilisation, batch 1 float32", row["torch util"], 0.50),
+        ]
     groups = [v["variant"] for v in variants]
     panels = [
         Panel(
@@ -133,13 +162,19 @@ def run(quick: bool) -> Result:
         ),
     ]
     copies = ", ".join(f"{name} {bw / 1e9:.1f} GB/s" for name, bw in copy.items())
-    ceiling = main_variant["torch F.linear GB/s"]
+    ceilings = "; ".join(
+        f"{model} {row['torch F.linear GB/s']:.1f} GB/s, "
+        f"{row['torch F.linear GB/s'] * 1e9 / reference:.2f} of the copy bandwidth, of which "
+        f"torch's decode reaches {row['torch GB/s'] / row['torch F.linear GB/s']:.2f}"
+        for model, row in main.items()
+    )
     return Result(
         name="bandwidth",
-        title="Memory-bandwidth use, medium dense LM decode (d_model 1024, 8 layers)",
+        title="Memory-bandwidth use, medium LM decode, dense and Llama-like (d_model 1024)",
         columns=[
             "variant",
             "MB read/step",
+            "KV MB read/step",
             "jax ms/step",
             "torch ms/step",
             "jax GB/s",
@@ -155,11 +190,15 @@ def run(quick: bool) -> Result:
             f"of 5: {copies}; the reference is the fastest, {reference / 1e9:.1f} GB/s",
             f"step time = (generate {new_tokens} tokens - generate 1 token) / {new_tokens - 1}, "
             f"medians of {repeats} runs after a warm-up, all runs alternating",
-            "bytes per step = all weights (the tied embedding once, as the LM head) + keys and "
-            f"values of the {PROMPT_LEN + new_tokens // 2} tokens cached at the average step",
-            f"torch's own F.linear at batch 1 over the same float32 weights, no model around it: "
-            f"{ceiling:.1f} GB/s, {ceiling * 1e9 / reference:.2f} of the copy bandwidth; torch's "
-            f"decode reaches {main_variant['torch GB/s'] / ceiling:.2f} of it",
+            "bytes per step = all weights but the tables only indexed (learned positions; the "
+            "token embedding when the head is untied; a tied embedding counts once, as the "
+            f"head) + keys and values of the {PROMPT_LEN + new_tokens // 2} tokens cached at "
+            "the average step, n_kv_heads * head_dim per token and layer",
+            "medium LM: vocab 8192, d_model 1024, 8 layers, 16 heads, d_ff 4096, exact GELU, "
+            "tied head; Llama-like: 4 key/value heads (GQA 4:1), rope, RMSNorm, SwiGLU of d_ff "
+            "2816, no biases, untied head",
+            "torch's own F.linear at batch 1 over the same float32 weights, no model around "
+            f"it: {ceilings}",
         ],
     )
 

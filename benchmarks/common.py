@@ -327,8 +327,16 @@ def measure(run: Callable[[bool], Result], quick: bool) -> Result:
     return result
 
 
-def arguments(description: str, argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+def command_name(module: str) -> str:
+    """`python -m <module>`, by the module's import name even while it runs as __main__."""
+    spec = getattr(sys.modules.get(module), "__spec__", None)
+    return f"python -m {spec.name if spec is not None else module}"
+
+
+def arguments(
+    description: str, argv: list[str] | None = None, prog: str | None = None
+) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--quick", action="store_true", help="a fast smoke run (fewer tokens)")
     parser.add_argument("--check", action="store_true", help="exit 1 when a target is missed")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="JSON and PNG folder")
@@ -337,5 +345,5 @@ def arguments(description: str, argv: list[str] | None = None) -> argparse.Names
 
 def main(run: Callable[[bool], Result], description: str, argv: list[str] | None = None) -> int:
     """The command line of one benchmark module."""
-    args = arguments(description, argv)
+    args = arguments(description, argv, command_name(run.__module__))
     return finish(measure(run, args.quick), args.out, args.check)

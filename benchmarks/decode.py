@@ -1,5 +1,6 @@
-"""Greedy generation speed of the small LM: JAX `generate` against torch_block's eager
-`generate`, with JAX's compile time and compilation count reported apart (targets 1 and 6).
+"""Greedy generation speed of the small LMs (the original architecture and the Llama-like one):
+JAX `generate` against torch_block's eager `generate`, with JAX's compile time and compilation
+count reported apart (targets 1 and 6; the Llama-like model has the same targets).
 
     python -m benchmarks.decode [--quick] [--check]
 """
@@ -13,20 +14,33 @@ import numpy as np
 import torch_block
 
 from .common import CompileLog, Panel, Result, Target, block, compare_times, main
-from .models import SMALL, prompts, twin_lms
+from .models import SMALL, SMALL_LLAMA, prompts, twin_lms
 
 PROMPT_LEN = 16
-VARIANTS = [(1, "float32"), (8, "float32"), (1, "bfloat16")]  # (batch, dtype); first: target 1
+MODELS = {"original": SMALL, "Llama-like": SMALL_LLAMA}
+# (model, batch, dtype); the batch 1 float32 ones carry the targets
+VARIANTS = [
+    ("original", 1, "float32"),
+    ("original", 8, "float32"),
+    ("original", 1, "bfloat16"),
+    ("Llama-like", 1, "float32"),
+]
 
 
-def measure_variant(batch: int, dtype: str, new_tokens: int, repeats: int) -> dict:
+def variant_name(model: str, batch: int, dtype: str) -> str:
+    """The row's label: "batch 1, float32" (original model), "Llama-like, batch 1, float32"."""
+    return f"{'' if model == 'original' else model + ', '}batch {batch}, {dtype}"
+
+
+def measure_variant(model: str, batch: int, dtype: str, new_tokens: int, repeats: int) -> dict:
     """Tokens/s of both frameworks, JAX's first-call compile time, and token agreement."""
     import torch
 
     from jax_block.generate import generate
 
-    torch_lm, flax_lm, params = twin_lms(SMALL, dtype)
-    ids = prompts(batch, PROMPT_LEN, SMALL["vocab_size"])
+    config = MODELS[model]
+    torch_lm, flax_lm, params = twin_lms(config, dtype)
+    ids = prompts(batch, PROMPT_LEN, config["vocab_size"])
     torch_ids = torch.from_numpy(ids)
 
     def run_jax():
@@ -44,7 +58,7 @@ def measure_variant(batch: int, dtype: str, new_tokens: int, repeats: int) -> di
     jax_rate = batch * new_tokens / times["jax"]["median"]
     torch_rate = batch * new_tokens / times["torch"]["median"]
     return {
-        "variant": f"batch {batch}, {dtype}",
+        "variant": variant_name(model, batch, dtype),
         "jax tok/s": jax_rate,
         "torch tok/s": torch_rate,
         "jax/torch": jax_rate / torch_rate,
@@ -56,17 +70,17 @@ def measure_variant(batch: int, dtype: str, new_tokens: int, repeats: int) -> di
     }
 
 
-def bucket_compilations(new_tokens: int) -> dict[int, int]:
+def bucket_compilations(config: dict, new_tokens: int) -> dict[int, int]:
     """Compilations of `generate_tokens` for prompts of 16, 11, 5 tokens (bucket 16) and of 17,
     25, 32 tokens (bucket 32), at a max_new_tokens not compiled before."""
     from jax_block.generate import generate, prompt_bucket
 
-    _, flax_lm, params = twin_lms(SMALL)
+    _, flax_lm, params = twin_lms(config)
     counts: dict[int, int] = {}
     for lengths in ((16, 11, 5), (17, 25, 32)):
         with CompileLog() as log:
             for length in lengths:
-                ids = prompts(1, length, SMALL["vocab_size"], seed=length)
+                ids = prompts(1, length, config["vocab_size"], seed=length)
                 block(generate(flax_lm, params, ids, max_new_tokens=new_tokens))
         counts[prompt_bucket(lengths[0])] = log.count("generate_tokens")
     return counts
@@ -74,24 +88,27 @@ def bucket_compilations(new_tokens: int) -> dict[int, int]:
 
 def run(quick: bool) -> Result:
     new_tokens, repeats = (32, 3) if quick else (256, 7)
-    variants = [measure_variant(b, dtype, new_tokens, repeats) for b, dtype in VARIANTS]
-    buckets = bucket_compilations(new_tokens=8)
-    main_variant = variants[0]
-    targets = [
-        Target("decode: JAX / torch tokens/s, batch 1 float32", main_variant["jax/torch"], 3.0),
-        Target(
-            "decode: JAX generate compile s, batch 1 float32",
-            main_variant["jax compile s"],
-            10.0,
-            higher_is_better=False,
-        ),
-        Target(
-            "decode: compilations per prompt bucket (16, 32)",
-            float(max(buckets.values())),
-            1.0,
-            higher_is_better=False,
-        ),
-    ]
+    variants = [measure_variant(*variant, new_tokens, repeats) for variant in VARIANTS]
+    buckets = {model: bucket_compilations(config, new_tokens=8) for model, config in MODELS.items()}
+    targets = []
+    for model in MODELS:
+        row = next(v for v in variants if v["variant"] == variant_name(model, 1, "float32"))
+        prefix = f"decode: {'' if model == 'original' else model + ' '}"
+        targets += [
+            Target(f"{prefix}JAX / torch tokens/s, batch 1 float32", row["jax/torch"], 3.0),
+            Target(
+                f"{prefix}JAX generate compile s, batch 1 float32",
+                row["jax compile s"],
+                10.0,
+                higher_is_better=False,
+            ),
+            Target(
+                f"{prefix}compilations per prompt bucket (16, 32)",
+                float(max(buckets[model].values())),
+                1.0,
+                higher_is_better=False,
+            ),
+        ]
     groups = [v["variant"] for v in variants]
     panels = [
         Panel(
@@ -113,7 +130,7 @@ def run(quick: bool) -> Result:
     ]
     return Result(
         name="decode",
-        title=f"Greedy decode, small LM, {PROMPT_LEN}-token prompt, {new_tokens} new tokens",
+        title=f"Greedy decode, small LMs, {PROMPT_LEN}-token prompt, {new_tokens} new tokens",
         columns=[
             "variant",
             "jax tok/s",
@@ -132,8 +149,12 @@ def run(quick: bool) -> Result:
             "= batch * new tokens / wall time of the whole generate call (prefill included)",
             "jax compile s = tracing + lowering + XLA compilation of generate_tokens, from "
             "jax.monitoring; jax first call s also includes running it once",
-            f"compilations of generate_tokens per prompt bucket: {buckets} "
+            "compilations of generate_tokens per prompt bucket: "
+            f"{buckets['original']} original, {buckets['Llama-like']} Llama-like "
             "(prompts of 16, 11, 5 tokens, then of 17, 25, 32 tokens)",
+            "small LM: vocab 1024, d_model 256, 4 layers, 8 heads, d_ff 1024, exact GELU, "
+            "learned positions, tied head; Llama-like: the same with 2 key/value heads (GQA "
+            "4:1), rope, RMSNorm, SwiGLU of d_ff 768, no biases, untied head",
             "same tokens = share of greedy tokens equal in both frameworks (same weights)",
         ],
     )

@@ -1,9 +1,11 @@
-"""Peak memory of JAX generation (target 7): it must keep one copy of the KV cache.
+"""Peak memory of JAX generation (target 7): it must keep one copy of the KV cache, for the
+small LM and for its Llama-like twin, whose GQA cache (2 key/value heads for 8 query heads) is
+n_heads / n_kv_heads = 4 times smaller.
 
-A fresh subprocess (JAX only, no torch) builds the small LM, compiles `generate_tokens` ahead
-of time without running it, resets the kernel's peak-RSS counter (/proc/self/clear_refs), then
-generates: the growth of peak RSS (VmHWM) over the RSS before generating is compared with the
-bytes of the cache plus the output tokens.
+For each model a fresh subprocess (JAX only, no torch) builds the LM, compiles
+`generate_tokens` ahead of time without running it, resets the kernel's peak-RSS counter
+(/proc/self/clear_refs), then generates: the growth of peak RSS (VmHWM) over the RSS before
+generating is compared with the bytes of the model's own cache plus the output tokens.
 
     python -m benchmarks.memory [--quick] [--check]
 """
@@ -18,9 +20,10 @@ import time
 from pathlib import Path
 
 from .common import Panel, Result, Target, main
-from .models import SMALL, cache_bytes
+from .models import SMALL, SMALL_LLAMA, cache_bytes
 
 PROMPT_LEN, BATCH = 16, 8
+MODELS = {"original": SMALL, "Llama-like": SMALL_LLAMA}
 
 
 def status_kib(field: str) -> int:
@@ -50,8 +53,8 @@ class RssSampler(threading.Thread):
         return self.peak
 
 
-def child(positions: int) -> dict:
-    """Generate until the cache holds `positions` tokens; report memory in bytes."""
+def child(model: str, positions: int) -> dict:
+    """Generate with `model` until the cache holds `positions` tokens; report memory in bytes."""
     import gc
 
     import jax
@@ -59,10 +62,13 @@ def child(positions: int) -> dict:
 
     from jax_block.generate import generate_tokens
 
-    from .models import jax_lm
+    from .models import jax_lm, tree_bytes
 
-    config = {**SMALL, "max_seq_len": positions}
+    config = {**MODELS[model], "max_seq_len": positions}
     flax_lm, params = jax_lm(config)
+    # the keys and values of the cache generate_tokens creates, as shapes: what the code allocates
+    layers = jax.eval_shape(lambda: flax_lm.create_kv_cache(BATCH, positions))
+    allocated = tree_bytes([(layer.k_cache, layer.v_cache) for layer in layers])
     new_tokens = positions - PROMPT_LEN
     ids = jnp.asarray(
         jax.random.randint(jax.random.PRNGKey(1), (BATCH, PROMPT_LEN), 0, config["vocab_size"])
@@ -94,6 +100,7 @@ def child(positions: int) -> dict:
     seconds = time.perf_counter() - start
     sampled_peak = sampler.stop()
     return {
+        "model": model,
         "positions": positions,
         "new_tokens": new_tokens,
         "steps": int(steps),
@@ -101,54 +108,86 @@ def child(positions: int) -> dict:
         "rss_before": 1024 * before,
         "peak_rss": 1024 * status_kib("VmHWM"),
         "sampled_peak_rss": 1024 * sampled_peak,
-        "cache_bytes": cache_bytes(config, BATCH, positions, 4),
+        "cache_bytes": allocated,
+        "expected_cache_bytes": cache_bytes(config, BATCH, positions, 4),
         "token_bytes": tokens.size * tokens.dtype.itemsize,
         "xla_temp_bytes": getattr(xla, "temp_size_in_bytes", None),
     }
 
 
-def run(quick: bool) -> Result:
-    positions = 1024 if quick else 4096
+def measure_child(model: str, positions: int) -> dict:
+    """`child(model, positions)` in a fresh process."""
     process = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory", "--child", str(positions)],
+        [sys.executable, "-m", "benchmarks.memory", "--child", model, str(positions)],
         capture_output=True,
         text=True,
         check=True,
         cwd=Path(__file__).resolve().parent.parent,
     )
-    m = json.loads(process.stdout.strip().splitlines()[-1])
-    needed = m["cache_bytes"] + m["token_bytes"]
-    growth = m["peak_rss"] - m["rss_before"]
-    row = {
-        "positions": m["positions"],
-        "cache MB": m["cache_bytes"] / 1e6,
-        "tokens MB": m["token_bytes"] / 1e6,
-        "peak growth MB": growth / 1e6,
-        "growth / needed": growth / needed,
-        "sampled growth MB": (m["sampled_peak_rss"] - m["rss_before"]) / 1e6,
-        "XLA temp MB": (m["xla_temp_bytes"] or 0) / 1e6,
-        "generate s": m["seconds"],
-        "raw": m,
-    }
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool) -> Result:
+    positions = 1024 if quick else 4096
+    raw = {model: measure_child(model, positions) for model in MODELS}
+    dense_cache = raw["original"]["cache_bytes"]
+    rows, targets = [], []
+    for model, m in raw.items():
+        config = MODELS[model]
+        needed = m["cache_bytes"] + m["token_bytes"]
+        growth = m["peak_rss"] - m["rss_before"]
+        rows.append(
+            {
+                "model": model,
+                "kv heads": config.get("n_kv_heads") or config["n_heads"],
+                "positions": m["positions"],
+                "cache MB": m["cache_bytes"] / 1e6,
+                "original / cache": dense_cache / m["cache_bytes"],
+                "tokens MB": m["token_bytes"] / 1e6,
+                "peak growth MB": growth / 1e6,
+                "growth / needed": growth / needed,
+                "sampled growth MB": (m["sampled_peak_rss"] - m["rss_before"]) / 1e6,
+                "XLA temp MB": (m["xla_temp_bytes"] or 0) / 1e6,
+                "generate s": m["seconds"],
+                "raw": m,
+            }
+        )
+        name = "" if model == "original" else f"{model} "
+        targets.append(
+            Target(f"memory: {name}peak RSS growth / (cache + tokens)", growth / needed, 1.2, False)
+        )
+    groups = [row["model"] for row in rows]
     panels = [
         Panel(
-            f"batch {BATCH}, {m['positions']} positions",
+            f"batch {BATCH}, {positions} positions",
             "MB",
-            ["memory"],
+            groups,
             {
-                "cache + tokens": [needed / 1e6],
-                "peak RSS growth": [growth / 1e6],
-                "XLA temp": [row["XLA temp MB"]],
+                "cache + tokens": [r["cache MB"] + r["tokens MB"] for r in rows],
+                "peak RSS growth": [r["peak growth MB"] for r in rows],
+                "XLA temp": [r["XLA temp MB"] for r in rows],
             },
-            [(1.2 * needed / 1e6, "1.2x target")],
+        ),
+        Panel(
+            "peak RSS growth / (cache + tokens)",
+            "ratio",
+            groups,
+            {"growth / needed": [r["growth / needed"] for r in rows]},
+            [(1.2, "target 1.2")],
         ),
     ]
+    llama = SMALL_LLAMA
+    head_ratio = llama["n_heads"] / llama["n_kv_heads"]
+    formula = all(m["cache_bytes"] == m["expected_cache_bytes"] for m in raw.values())
     return Result(
         name="memory",
-        title=f"Peak memory of JAX generate, small LM, batch {BATCH}, {m['positions']} positions",
+        title=f"Peak memory of JAX generate, small LMs, batch {BATCH}, {positions} positions",
         columns=[
+            "model",
+            "kv heads",
             "positions",
             "cache MB",
+            "original / cache",
             "tokens MB",
             "peak growth MB",
             "growth / needed",
@@ -156,21 +195,29 @@ def run(quick: bool) -> Result:
             "XLA temp MB",
             "generate s",
         ],
-        rows=[row],
-        targets=[Target("memory: peak RSS growth / (cache + tokens)", growth / needed, 1.2, False)],
+        rows=rows,
+        targets=targets,
         panels=panels,
         notes=[
-            f"{PROMPT_LEN}-token prompt and {m['new_tokens']} new tokens, so the cache holds "
-            f"{m['positions']} positions; growth = VmHWM after generating - VmRSS before "
-            "(peak reset through /proc/self/clear_refs after AOT compilation)",
+            f"{PROMPT_LEN}-token prompt and {positions - PROMPT_LEN} new tokens, so the cache "
+            f"holds {positions} positions; growth = VmHWM after generating - VmRSS before "
+            "(peak reset through /proc/self/clear_refs after AOT compilation); needed = the "
+            "model's own cache + the output tokens",
+            "cache MB: the keys and values lm.create_kv_cache allocates (jax.eval_shape); "
+            f"{'equal to' if formula else 'DIFFERENT from'} 2 * layers * batch * positions * "
+            "n_kv_heads * head_dim * 4 bytes; original / cache: the original model's cache over "
+            f"this one's (n_heads / n_kv_heads = {head_ratio:g} for the Llama-like model, 8 "
+            "query heads sharing 2 key/value heads)",
             "sampled growth: VmRSS polled every millisecond; XLA temp: the compiled "
             "program's own temporary-buffer size (memory_analysis)",
+            "Llama-like: the small LM with GQA 4:1, rope, RMSNorm, SwiGLU of d_ff 768, no "
+            "biases, untied head",
         ],
     )
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
-        print(json.dumps(child(int(sys.argv[2]))))
+        print(json.dumps(child(sys.argv[2], int(sys.argv[3]))))
     else:
         raise SystemExit(main(run, __doc__))

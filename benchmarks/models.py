@@ -1,4 +1,12 @@
-"""The models the benchmarks run: the same weights in torch_block and jax_block."""
+"""The models the benchmarks run: the same weights in torch_block and jax_block.
+
+SMALL and MEDIUM are the original (GPT-2-era) architecture. SMALL_LLAMA and MEDIUM_LLAMA are
+Llama-like models of the same widths, depths and heads: grouped-query attention with 4 query
+heads per key/value head, rope, RMSNorm, a gated SiLU feed-forward (SwiGLU), no biases, an
+untied LM head, and Llama's feed-forward width (2/3 of 4 * d_model, rounded up to a multiple
+of 256), which keeps the gated feed-forward's weights close to the dense one's.
+SMALL_MIXTRAL is SMALL_LLAMA with Mixtral's MoE: 8 SwiGLU experts, top-2, dropless.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,40 @@ import numpy as np
 
 SMALL = dict(vocab_size=1024, max_seq_len=1024, d_model=256, n_layers=4, n_heads=8, d_ff=1024)
 MEDIUM = dict(vocab_size=8192, max_seq_len=1024, d_model=1024, n_layers=8, n_heads=16, d_ff=4096)
+
+GQA_GROUP = 4  # query heads per key/value head in the Llama-like models
+LLAMA_FAMILY = dict(
+    norm="rmsnorm",
+    activation="silu",
+    gated_ffn=True,
+    ffn_bias=False,
+    qkv_bias=False,
+    out_bias=False,
+    positions="rope",
+    tie_embeddings=False,
+)
+MIXTRAL_MOE = dict(use_moe=True, num_experts=8, top_k_experts=2, expert_capacity_factor=None)
+
+
+def llama_d_ff(d_model: int, multiple_of: int = 256) -> int:
+    """Llama's SwiGLU width: 2/3 of 4 * d_model, rounded up to a multiple of `multiple_of`."""
+    hidden = int(2 * 4 * d_model / 3)
+    return multiple_of * -(-hidden // multiple_of)
+
+
+def llama_like(config: dict) -> dict:
+    """The Llama-like model of `config`'s vocabulary, width, depth and heads."""
+    return {
+        **config,
+        **LLAMA_FAMILY,
+        "n_kv_heads": config["n_heads"] // GQA_GROUP,
+        "d_ff": llama_d_ff(config["d_model"]),
+    }
+
+
+SMALL_LLAMA = llama_like(SMALL)  # d_ff 768, 2 key/value heads
+MEDIUM_LLAMA = llama_like(MEDIUM)  # d_ff 2816, 4 key/value heads
+SMALL_MIXTRAL = {**SMALL_LLAMA, **MIXTRAL_MOE}
 
 
 def twin_lms(config: dict, dtype: str = "float32", seed: int = 0, **extra):
@@ -50,6 +92,22 @@ def tree_bytes(tree) -> int:
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree))
 
 
+def kv_width(config: dict) -> int:
+    """n_kv_heads * head_dim: the numbers one token's keys (or values) take in one layer."""
+    n_kv_heads = config.get("n_kv_heads") or config["n_heads"]
+    head_dim = config.get("head_dim") or config["d_model"] // config["n_heads"]
+    return n_kv_heads * head_dim
+
+
 def cache_bytes(config: dict, batch: int, positions: int, itemsize: int) -> int:
-    """Bytes of the keys and values of `positions` tokens in every layer."""
-    return 2 * config["n_layers"] * batch * positions * config["d_model"] * itemsize
+    """Bytes of the keys and values of `positions` tokens in every layer (n_kv_heads heads:
+    a GQA cache is n_heads / n_kv_heads times smaller than a multi-head one)."""
+    return 2 * config["n_layers"] * batch * positions * kv_width(config) * itemsize
+
+
+def step_weight_bytes(params: dict) -> int:
+    """Bytes of the weights that one decode step reads whole: every parameter except the
+    embedding tables it only picks rows from (the learned positions; the token embedding when
+    the LM head is a separate matrix; a tied embedding is read whole, as the head)."""
+    skipped = {"position_embedding"} | ({"token_embedding"} if "lm_head" in params else set())
+    return sum(tree_bytes(tree) for name, tree in params.items() if name not in skipped)

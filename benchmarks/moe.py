@@ -1,5 +1,7 @@
 """Cost of the Mixture-of-Experts layer in eval mode (target 3): how its time grows with the
-number of experts, and what it costs next to the dense feed-forward of the same d_ff.
+number of experts, and what it costs next to the dense feed-forward of the same d_ff; for the
+original layer (exact-GELU experts with biases) and for the Mixtral-like one (SwiGLU experts
+without biases, dropless), with the same targets.
 
     python -m benchmarks.moe [--quick] [--check]
 """
@@ -7,13 +9,25 @@ number of experts, and what it costs next to the dense feed-forward of the same 
 from __future__ import annotations
 
 from .common import Panel, Result, Target, block, compare_times, main
+from .models import SMALL_MIXTRAL
 
-D_MODEL, D_FF, TOP_K = 256, 1024, 2
+D_MODEL, TOP_K = 256, 2
 EXPERTS = (8, 32)
+SWIGLU = dict(activation="silu", gated=True, bias=False)
+# family: (d_ff, the feed-forward's kind, MoE-only options)
+FAMILIES = {
+    "original": (1024, {}, {}),
+    "Mixtral-like": (
+        SMALL_MIXTRAL["d_ff"],
+        SWIGLU,
+        {"expert_capacity_factor": SMALL_MIXTRAL["expert_capacity_factor"]},
+    ),
+}
 
 
 def jax_runs(x) -> dict:
-    """Jitted eval-mode calls of the MoE layer for each expert count, and of the dense FFN."""
+    """Jitted eval-mode calls of the MoE layer for each family and expert count, and of the
+    dense FFN of the same kind."""
     import jax
     import jax.numpy as jnp
 
@@ -21,18 +35,25 @@ def jax_runs(x) -> dict:
     from jax_block.moe import MixtureOfExperts
 
     x = jnp.asarray(x)
-    modules = {f"moe E={e}": MixtureOfExperts(D_MODEL, D_FF, e, TOP_K, 0.0) for e in EXPERTS}
-    modules["dense"] = FeedForward(D_MODEL, D_FF, 0.0)
     runs = {}
-    for name, module in modules.items():
-        params = module.init(jax.random.PRNGKey(0), x)
-        apply = jax.jit(module.apply)
-        runs[f"jax {name}"] = lambda apply=apply, params=params: block(apply(params, x))
+    for family, (d_ff, kind, moe_options) in FAMILIES.items():
+        modules = {
+            f"moe E={e}": MixtureOfExperts(D_MODEL, d_ff, e, TOP_K, 0.0, **kind, **moe_options)
+            for e in EXPERTS
+        }
+        modules["dense"] = FeedForward(D_MODEL, d_ff, 0.0, **kind)
+        for name, module in modules.items():
+            params = module.init(jax.random.PRNGKey(0), x)
+            apply = jax.jit(module.apply)
+            runs[f"jax {family} {name}"] = lambda apply=apply, params=params: block(
+                apply(params, x)
+            )
     return runs
 
 
 def torch_runs(x) -> dict:
-    """Eval-mode calls, under inference_mode, of the MoE layer per expert count and the FFN."""
+    """Eval-mode calls, under inference_mode, of the MoE layer per family and expert count, and
+    of the dense FFN of the same kind."""
     import torch
 
     from torch_block.feed_forward import FeedForward
@@ -40,16 +61,22 @@ def torch_runs(x) -> dict:
 
     torch.manual_seed(0)
     x = torch.from_numpy(x)
-    modules = {f"moe E={e}": MixtureOfExperts(D_MODEL, D_FF, e, TOP_K, 0.0) for e in EXPERTS}
-    modules["dense"] = FeedForward(D_MODEL, D_FF, 0.0)
 
     def call(module):
         with torch.inference_mode():
             return module(x)
 
-    for module in modules.values():
-        module.eval()
-    return {f"torch {name}": lambda m=m: call(m) for name, m in modules.items()}
+    runs = {}
+    for family, (d_ff, kind, moe_options) in FAMILIES.items():
+        modules = {
+            f"moe E={e}": MixtureOfExperts(D_MODEL, d_ff, e, TOP_K, 0.0, **kind, **moe_options)
+            for e in EXPERTS
+        }
+        modules["dense"] = FeedForward(D_MODEL, d_ff, 0.0, **kind)
+        for name, module in modules.items():
+            module.eval()
+            runs[f"torch {family} {name}"] = lambda m=module: call(m)
+    return runs
 
 
 def run(quick: bool) -> Result:
@@ -61,42 +88,67 @@ def run(quick: bool) -> Result:
     times = compare_times({**jax_runs(x), **torch_runs(x)}, repeats, warmup=2)
     ms = {name: 1e3 * t["median"] for name, t in times.items()}
     rows, targets = [], []
-    for framework in ("jax", "torch"):
-        e8, e32, dense = (ms[f"{framework} {n}"] for n in ("moe E=8", "moe E=32", "dense"))
-        rows.append(
-            {
-                "framework": framework,
-                "dense ms": dense,
-                "moe E=8 ms": e8,
-                "moe E=32 ms": e32,
-                "E=32 / E=8": e32 / e8,
-                "E=8 / dense": e8 / dense,
-            }
-        )
-        targets += [
-            Target(f"moe: {framework} time(E=32) / time(E=8)", e32 / e8, 1.3, False),
-            Target(f"moe: {framework} time(MoE E=8, k=2) / time(dense)", e8 / dense, 3.0, False),
-        ]
+    for family, (d_ff, _, _) in FAMILIES.items():
+        label = "" if family == "original" else f"{family} "
+        for framework in ("jax", "torch"):
+            e8, e32, dense = (
+                ms[f"{framework} {family} {n}"] for n in ("moe E=8", "moe E=32", "dense")
+            )
+            rows.append(
+                {
+                    "family": family,
+                    "framework": framework,
+                    "d_ff": d_ff,
+                    "dense ms": dense,
+                    "moe E=8 ms": e8,
+                    "moe E=32 ms": e32,
+                    "E=32 / E=8": e32 / e8,
+                    "E=8 / dense": e8 / dense,
+                }
+            )
+            targets += [
+                Target(f"moe: {framework} {label}time(E=32) / time(E=8)", e32 / e8, 1.3, False),
+                Target(
+                    f"moe: {framework} {label}time(MoE E=8, k=2) / time(dense)",
+                    e8 / dense,
+                    3.0,
+                    False,
+                ),
+            ]
     groups = ["dense", "moe E=8", "moe E=32"]
     panels = [
         Panel(
-            f"{batch * seq} tokens, d_model {D_MODEL}, d_ff {D_FF}, k={TOP_K}",
+            f"{family}: {batch * seq} tokens, d_model {D_MODEL}, d_ff {d_ff}, k={TOP_K}",
             "ms per call",
             groups,
-            {fw: [ms[f"{fw} {g}"] for g in groups] for fw in ("jax", "torch")},
-        ),
+            {fw: [ms[f"{fw} {family} {g}"] for g in groups] for fw in ("jax", "torch")},
+        )
+        for family, (d_ff, _, _) in FAMILIES.items()
     ]
     return Result(
         name="moe",
-        title=f"MoE layer, eval, {batch * seq} tokens, d_model {D_MODEL}, d_ff {D_FF}, top-{TOP_K}",
-        columns=["framework", "dense ms", "moe E=8 ms", "moe E=32 ms", "E=32 / E=8", "E=8 / dense"],
+        title=f"MoE layer, eval, {batch * seq} tokens, d_model {D_MODEL}, top-{TOP_K}: original "
+        "and Mixtral-like",
+        columns=[
+            "family",
+            "framework",
+            "d_ff",
+            "dense ms",
+            "moe E=8 ms",
+            "moe E=32 ms",
+            "E=32 / E=8",
+            "E=8 / dense",
+        ],
         rows=rows,
         targets=targets,
         panels=panels,
         notes=[
             f"input ({batch}, {seq}, {D_MODEL}); median of {repeats} calls after 2 warm-ups, "
-            "all six alternating; JAX: jit(module.apply), torch: eval() under inference_mode",
-            "dense = the FeedForward of the same d_ff; a top-2 MoE does twice its FLOPs",
+            "all twelve alternating; JAX: jit(module.apply), torch: eval() under inference_mode",
+            "dense = the FeedForward of the same d_ff and kind; a top-2 MoE does twice its FLOPs",
+            "original: exact-GELU experts with biases, d_ff 1024; Mixtral-like: SwiGLU experts "
+            f"(silu(fc1 x) * fc3 x, then fc2), no biases, d_ff {SMALL_MIXTRAL['d_ff']} (the "
+            "small Llama-like model's), expert_capacity_factor None",
         ],
         quick=quick,
     )

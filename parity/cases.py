@@ -18,6 +18,7 @@ from flax import linen as nn
 
 import jax_block
 import torch_block
+from twin_core import RopeScaling
 
 from .compare import (
     DTYPES,
@@ -33,12 +34,52 @@ from .compare import (
 from .convert import from_torch
 from .run import Run, as_jax, run_both
 
+_BLOCK = dict(d_model=64, n_heads=4, d_ff=128, dropout=0.0)
+# Llama 3: RMSNorm, gated SiLU without biases, rope with llama3 scaling, GQA 4:1, no attention
+# biases. head_dim 8, theta 5e5: wavelengths 6.3, 167, 4.4e3, 1.2e5 against 256 / 4 and 256 / 1,
+# so the scaling keeps one frequency, smooths one and divides two.
+_LLAMA = dict(
+    _BLOCK,
+    n_heads=8,
+    n_kv_heads=2,
+    norm="rmsnorm",
+    norm_eps=1e-6,
+    activation="silu",
+    gated_ffn=True,
+    ffn_bias=False,
+    qkv_bias=False,
+    out_bias=False,
+    positions="rope",
+    rope_theta=500000.0,
+    rope_scaling=RopeScaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=256
+    ),
+)
+_ROPE_1E6 = dict(rope_theta=1e6, rope_scaling=None)  # Mistral's, Qwen2's and Mixtral's rope
+SLIDING_WINDOW = 4  # shorter than the prefill, the block's sequence and every LM prompt
 CONFIGS: dict[str, dict[str, Any]] = {
-    "dense": dict(d_model=64, n_heads=4, d_ff=128, dropout=0.0),
-    "moe": dict(
-        d_model=64, n_heads=4, d_ff=128, dropout=0.0, use_moe=True, num_experts=8, top_k_experts=2
+    "dense": _BLOCK,
+    "moe": dict(_BLOCK, use_moe=True, num_experts=8, top_k_experts=2),
+    "gpt2": dict(_BLOCK, activation="gelu_tanh"),
+    "llama": _LLAMA,
+    "mistral": dict(_LLAMA, **_ROPE_1E6, sliding_window=SLIDING_WINDOW),
+    "qwen2": dict(_LLAMA, **_ROPE_1E6, qkv_bias=True),
+    "mixtral": dict(_LLAMA, **_ROPE_1E6, use_moe=True, num_experts=8, top_k_experts=2),
+    "qwen2_moe": dict(
+        _LLAMA,
+        **_ROPE_1E6,
+        qkv_bias=True,
+        use_moe=True,
+        num_experts=8,
+        top_k_experts=4,
+        norm_topk_prob=False,
+        shared_expert_d_ff=96,
+        shared_expert_gate=True,
     ),
 }
+ORIGINAL = ("dense", "moe")  # the original architecture: every block case
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe")  # issue 12
+MOE_FAMILIES = tuple(name for name in FAMILIES if CONFIGS[name].get("use_moe"))
 BATCH, SEQ_LEN, PREFILL_LEN = 2, 16, 8
 TRAIN_CAPACITY_FACTOR = 0.5  # capacity 4 per expert < 64 assignments / 8 experts: drops certain
 Z_LOSS_COEF = 0.1
@@ -91,18 +132,28 @@ class Case:
     run: Callable[[Setup], list[Row]]
     configs: tuple[str, ...]
     dtypes: tuple[str, ...]
+    rows: tuple[str, ...] = ()  # names of the rows it gives, when not the one row `name`
+
+    @property
+    def row_names(self) -> tuple[str, ...]:
+        """The names of the rows it gives (listed by `python -m parity check --help`)."""
+        return self.rows or (self.name,)
 
 
 CASES: list[Case] = []  # every case registered so far, from any module
 
 
 def case(
-    name: str, configs: tuple[str, ...] = ("dense", "moe"), dtypes: tuple[str, ...] = ("float32",)
+    name: str,
+    configs: tuple[str, ...] = ORIGINAL,
+    dtypes: tuple[str, ...] = ("float32",),
+    rows: tuple[str, ...] | None = None,
 ) -> Callable[[Callable[[Setup], list[Row]]], Callable[[Setup], list[Row]]]:
-    """Register a case function `Setup -> list[Row]` under `name`."""
+    """Register a case function `Setup -> list[Row]` under `name`; `rows` names the rows it
+    gives when they are not the one row `name`."""
 
     def register(run: Callable[[Setup], list[Row]]) -> Callable[[Setup], list[Row]]:
-        CASES.append(Case(name, run, configs, dtypes))
+        CASES.append(Case(name, run, configs, dtypes, rows or ()))
         return run
 
     return register
@@ -128,6 +179,7 @@ def _forward(setup: Setup, name: str, *, mask: torch.Tensor | None = None, **ove
 
 
 @case("forward causal", dtypes=DTYPES)
+@case("forward causal", configs=FAMILIES, dtypes=("bfloat16",))  # float32: the LM cases
 def forward_causal(setup: Setup) -> list[Row]:
     """Full forward, causal, no mask."""
     return [_forward(setup, "forward causal")]
@@ -158,42 +210,89 @@ def forward_masked(setup: Setup) -> list[Row]:
     return [with_note(row, f"{empty_rows} fully masked query rows", empty_rows=empty_rows)]
 
 
-@case("cached decode")
-def cached_decode(setup: Setup) -> list[Row]:
-    """Prefill half the sequence, then decode one token at a time (JAX: decode_step)."""
+def _cached(setup: Setup, cache_dtype: str) -> tuple[list[Any], list[Any], list[Any]]:
+    """Prefill PREFILL_LEN tokens, then decode one token at a time (JAX: decode_step), with
+    caches of `cache_dtype`: (torch outputs, JAX outputs, torch outputs with a cache of the
+    compute dtype), one per call."""
     torch_module, flax_module, params = setup.build()
     x = setup.input()
-    torch_cache = torch_module.create_kv_cache(BATCH, SEQ_LEN, TORCH_DTYPES[setup.dtype])
-    jax_cache = flax_module.create_kv_cache(BATCH, SEQ_LEN, JAX_DTYPES[setup.dtype])
+    torch_cache = torch_module.create_kv_cache(BATCH, SEQ_LEN, TORCH_DTYPES[cache_dtype])
+    same_dtype_cache = torch_module.create_kv_cache(BATCH, SEQ_LEN, TORCH_DTYPES[setup.dtype])
+    jax_cache = flax_module.create_kv_cache(BATCH, SEQ_LEN, JAX_DTYPES[cache_dtype])
     chunks = [(0, PREFILL_LEN)] + [(t, t + 1) for t in range(PREFILL_LEN, SEQ_LEN)]
-    torch_outs, jax_outs = [], []
+    torch_outs, jax_outs, same_dtype_outs = [], [], []
     for start, end in chunks:
         with torch.no_grad():
             y, _, _ = torch_module(x[:, start:end], kv_cache=torch_cache, use_cache=True)
-        torch_outs.append(y)
+            torch_outs.append(y)
+            if cache_dtype != setup.dtype:
+                y, _, _ = torch_module(x[:, start:end], kv_cache=same_dtype_cache, use_cache=True)
+                same_dtype_outs.append(y)
         y, jax_cache = jax_block.decode_step(
             flax_module, params, as_jax(x[:, start:end]), jax_cache
         )
         jax_outs.append(y)
-    steps = len(chunks) - 1
+    return torch_outs, jax_outs, same_dtype_outs or torch_outs
+
+
+def _cached_rows(
+    setup: Setup, torch_outs: list[Any], jax_outs: list[Any], suffix: str = "", **details: Any
+) -> list[Row]:
+    """A row for the prefill and one for every decode step together (worst step noted)."""
     step_errors = [
         float(np.max(np.abs(to_float64(t) - to_float64(j))))
         for t, j in zip(torch_outs[1:], jax_outs[1:], strict=True)
     ]
     worst = int(np.argmax(step_errors))
     return [
-        setup.compare("cached prefill", torch_outs[0], jax_outs[0], note=f"{PREFILL_LEN} tokens"),
         setup.compare(
-            "cached decode",
+            f"cached prefill{suffix}",
+            torch_outs[0],
+            jax_outs[0],
+            note=f"{PREFILL_LEN} tokens",
+            details=details,
+        ),
+        setup.compare(
+            f"cached decode{suffix}",
             torch.cat(torch_outs[1:], dim=1),
             jnp.concatenate(jax_outs[1:], axis=1),
-            note=f"{steps} steps of 1 token; worst step {worst + 1}",
-            details={"step_max_abs_error": step_errors},
+            note=f"{len(step_errors)} steps of 1 token; worst step {worst + 1}",
+            details={"step_max_abs_error": step_errors, **details},
         ),
     ]
 
 
-@case("train, dropout 0")
+# The families' cached decoding: "lm cached decode" (the same blocks through their caches, with
+# left padding), and for llama "cached decode, float32 compute, bfloat16 cache".
+@case("cached decode", rows=("cached prefill", "cached decode"))
+def cached_decode(setup: Setup) -> list[Row]:
+    """Prefill half the sequence, then decode one token at a time (JAX: decode_step)."""
+    torch_outs, jax_outs, _ = _cached(setup, setup.dtype)
+    return _cached_rows(setup, torch_outs, jax_outs)
+
+
+BF16_CACHE_ROWS = ("cached prefill, bfloat16 cache", "cached decode, bfloat16 cache")
+
+
+@case(
+    "cached decode, float32 compute, bfloat16 cache",
+    configs=("dense", "llama"),
+    rows=BF16_CACHE_ROWS,
+)
+def cached_decode_bfloat16_cache(setup: Setup) -> list[Row]:
+    """float32 blocks with bfloat16 caches: both attend to what the cache holds after the write
+    (new keys and values rounded to bfloat16), so they agree at the float32 tolerance."""
+    torch_outs, jax_outs, float32_outs = _cached(setup, "bfloat16")
+    rounding = max(
+        float(np.max(np.abs(to_float64(a) - to_float64(b))))
+        for a, b in zip(torch_outs, float32_outs, strict=True)
+    )
+    rows = _cached_rows(setup, torch_outs, jax_outs, ", bfloat16 cache", cache_rounding=rounding)
+    note = f"a float32 cache differs by {rounding:.1e}"
+    return [with_note(row, note) for row in rows]
+
+
+@case("train, dropout 0", configs=ORIGINAL + MOE_FAMILIES)
 def train_dropout_0(setup: Setup) -> list[Row]:
     """Training mode, dropout 0; MoE: a capacity factor small enough to drop assignments."""
     use_moe = CONFIGS[setup.config].get("use_moe", False)
@@ -219,7 +318,7 @@ def _aux(setup: Setup, name: str, **overrides: Any) -> Row:
     return setup.compare(name, run.torch_out[2], run.jax_out[2], note=f"value {value:.4f}")
 
 
-@case("aux loss", configs=("moe",))
+@case("aux loss", configs=("moe",))  # the families' aux loss: the "lm aux loss" rows
 def aux_loss(setup: Setup) -> list[Row]:
     """The load-balancing loss."""
     return [_aux(setup, "aux loss")]

@@ -37,11 +37,11 @@ class Tolerance:
         return f"{self.kind} {self.value:.0e}"
 
 
-# DESIGN.md section 7: float32 on unit-scale outputs, bfloat16 relative to the output's scale.
+# docs/design.md section 7: float32 on unit-scale outputs, bfloat16 relative to the output's scale.
 TOLERANCES = {"float32": Tolerance("abs", 1e-5), "bfloat16": Tolerance("rel", 2e-2)}
-# DESIGN.md section 7: greedy generation gives identical tokens.
+# docs/design.md section 7: greedy generation gives identical tokens.
 IDENTICAL = Tolerance("exact", 0.0)
-# Router probabilities closer than this are a near tie: 1e-5 in float32 (DESIGN.md section 7);
+# Router probabilities closer than this are a near tie: 1e-5 in float32 (docs/design.md section 7);
 # bfloat16's epsilon where the router's input was computed in bfloat16 (observed differences
 # between the frameworks' probabilities reach about 1e-3 there).
 NEAR_TIES = {"float32": 1e-5, "bfloat16": float(jnp.finfo(jnp.bfloat16).eps)}

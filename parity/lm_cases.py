@@ -9,6 +9,7 @@ the prompts and then feeds the rest one token per step; generation starts from t
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,16 +20,19 @@ from flax import linen as nn
 import jax_block
 import torch_block
 
-from .cases import Setup, case
+from .cases import CONFIGS, FAMILIES, ORIGINAL, Setup, case
 from .compare import JAX_DTYPES, TORCH_DTYPES, Row, compare_tokens, to_float64
 from .convert import from_torch
 from .run import run_both
 
 _LM = dict(vocab_size=256, max_seq_len=128, d_model=64, n_layers=2, n_heads=4, d_ff=128)
+UNTIED = ("llama", "mistral", "mixtral")  # families whose LM head is its own weight
 LM_CONFIGS: dict[str, dict[str, Any]] = {
     "dense": dict(_LM, dropout=0.0),
     "moe": dict(_LM, dropout=0.0, use_moe=True, num_experts=4, top_k_experts=2),
+    **{name: dict(_LM, **CONFIGS[name], tie_embeddings=name not in UNTIED) for name in FAMILIES},
 }
+LM_CASE_CONFIGS = ORIGINAL + FAMILIES
 PROMPT_LENGTHS = (16, 5, 11, 8)  # one row per prompt; the longest sets PROMPT_LEN
 PROMPT_LEN = max(PROMPT_LENGTHS)
 DECODE_STEPS = 16  # one-token cached steps after the prompts
@@ -45,8 +49,10 @@ class LMTwins:
     params: dict
 
 
+@functools.lru_cache(maxsize=1)  # the report runs a setup's LM cases one after the other
 def build_lm(setup: Setup) -> LMTwins:
-    """A seeded torch LM of the setup's configuration and dtype, and its converted twin."""
+    """A seeded torch LM of the setup's configuration and dtype, and its converted twin (the
+    last one built is reused: the cases only read it)."""
     with torch.random.fork_rng(devices=[]):  # the caller's torch RNG is left as it was
         torch.manual_seed(setup.seed)
         lm = torch_block.TransformerLM(**LM_CONFIGS[setup.config])
@@ -80,7 +86,7 @@ def forward_rows(setup: Setup, twins: LMTwins, ids: torch.Tensor, mask: torch.Te
     )
     note = f"{tuple(ids.shape)}: {_prompts_note()}, then {DECODE_STEPS} more each"
     rows = [setup.compare_output("lm forward", run, note=note)]
-    if twins.torch_lm.config["use_moe"]:
+    if twins.torch_lm.config.use_moe:
         torch_aux, jax_aux = run.torch_out[1], run.jax_out[1]
         note = f"value {float(torch_aux):.4f}"
         rows.append(setup.compare("lm aux loss", torch_aux, jax_aux, note=note))
@@ -137,19 +143,19 @@ def generation_row(setup: Setup, twins: LMTwins, ids: torch.Tensor, mask: torch.
     return compare_tokens("lm greedy generation", setup.config, setup.dtype, expected, actual, note)
 
 
-@case("lm forward")
+@case("lm forward", configs=LM_CASE_CONFIGS, rows=("lm forward", "lm aux loss"))
 def lm_forward(setup: Setup) -> list[Row]:
     """TransformerLM logits of a full forward with a left-padded attention_mask."""
     return forward_rows(setup, build_lm(setup), *token_batch(setup))
 
 
-@case("lm cached decode")
+@case("lm cached decode", configs=LM_CASE_CONFIGS, rows=("lm cached prefill", "lm cached decode"))
 def lm_cached_decode(setup: Setup) -> list[Row]:
     """TransformerLM logits of the prompts' prefill, then of every one-token cached step."""
     return cached_rows(setup, build_lm(setup), *token_batch(setup))
 
 
-@case("lm greedy generation")
+@case("lm greedy generation", configs=LM_CASE_CONFIGS)
 def lm_greedy_generation(setup: Setup) -> list[Row]:
     """Greedy generation after left-padded prompts, torch against JAX: identical tokens."""
     return [generation_row(setup, build_lm(setup), *token_batch(setup))]

@@ -252,7 +252,7 @@ def assert_parity(
     compare every returned array and the MoE routing.
 
     Raises AssertionError carrying the rendered table when any comparison fails; returns the
-    rows otherwise. The tolerance defaults to DESIGN.md's for the torch module's dtype. Runs
+    rows otherwise. The tolerance defaults to docs/design.md's for the torch module's dtype. Runs
     under `full_precision()`, so float32 tolerances hold on GPUs too.
     """
     dtype = _dtype_name(torch_module)

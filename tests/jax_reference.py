@@ -1,6 +1,6 @@
 """Float64 NumPy references for the jax_block tests, computed straight from Flax parameter trees.
 
-Nothing here imports jax_block: each function restates DESIGN.md in plain NumPy (explicit loops
+Nothing here imports jax_block: each function restates docs/design.md in plain NumPy (explicit loops
 where the order matters), so a test that compares jax_block with it can fail. JAX is used only
 to read parameter shapes off a module and to make keys.
 """
@@ -146,7 +146,7 @@ class MoEResult(NamedTuple):
 
 
 def moe(p: dict, x: np.ndarray, top_k: int, capacity_factor: float | None) -> MoEResult:
-    """The Mixture of Experts of DESIGN.md section 4, one token and one slot at a time."""
+    """The Mixture of Experts of docs/design.md section 4, one token and one slot at a time."""
     p = to_f64(p)
     x = np.asarray(x, np.float64)
     tokens = x.reshape(-1, x.shape[-1])

@@ -1,5 +1,6 @@
-"""Property: for random small blocks, torch and JAX agree on the full forward and on cached
-decoding (prefill, then chunks), and JAX's cached decoding equals its own full forward."""
+"""Property: for random small blocks of any family (heads, norm, feed-forward, biases, rope,
+window, MoE options), torch and JAX agree on the full forward and on cached decoding (prefill,
+then chunks), and JAX's cached decoding equals its own full forward."""
 
 from __future__ import annotations
 
@@ -13,16 +14,50 @@ from hypothesis import strategies as st
 import jax_block
 import torch_block
 from parity import from_torch
+from twin_core import RopeScaling
 
 ATOL = 1e-5
 NEAR_TIE = 1e-5
 
 
+LLAMA3 = RopeScaling(
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=16
+)
+
+
+@st.composite
+def families(draw, use_moe: bool, causal: bool) -> dict:
+    """The family fields (issue 12): heads, norm, feed-forward, biases, rope, window, MoE."""
+    n_heads = draw(st.sampled_from([1, 2, 4]))
+    positions = draw(st.sampled_from(["learned", "rope"]))
+    shared = draw(st.one_of(st.none(), st.sampled_from([8, 16]))) if use_moe else None
+    return dict(
+        d_model=n_heads * draw(st.sampled_from([2, 4, 8])),
+        n_heads=n_heads,
+        n_kv_heads=draw(st.sampled_from([None] + [k for k in (1, 2, 4) if n_heads % k == 0])),
+        head_dim=draw(st.one_of(st.none(), st.sampled_from([2, 4, 6]))),  # even: rope needs it
+        norm=draw(st.sampled_from(["layernorm", "rmsnorm"])),
+        activation=draw(st.sampled_from(["gelu", "gelu_tanh", "silu", "relu"])),
+        gated_ffn=draw(st.booleans()),
+        ffn_bias=draw(st.booleans()),
+        qkv_bias=draw(st.booleans()),
+        out_bias=draw(st.booleans()),
+        positions=positions,
+        rope_theta=draw(st.sampled_from([10000.0, 1e6])),
+        rope_scaling=draw(st.sampled_from([None, LLAMA3])) if positions == "rope" else None,
+        # a window is a causal rule (p - W < k <= p)
+        sliding_window=draw(st.one_of(st.none(), st.integers(1, 6))) if causal else None,
+        norm_topk_prob=draw(st.booleans()),
+        shared_expert_d_ff=shared,
+        shared_expert_gate=draw(st.booleans()) if shared else False,
+    )
+
+
 @st.composite
 def scenarios(draw) -> dict:
     """A block configuration, an input layout (batch, prefill, chunks) and a key padding mask."""
-    n_heads = draw(st.sampled_from([1, 2, 4]))
     use_moe = draw(st.booleans())
+    causal = draw(st.booleans())
     num_experts = draw(st.integers(1, 5))
     batch = draw(st.integers(1, 3))
     prefill = draw(st.integers(1, 5))
@@ -32,14 +67,13 @@ def scenarios(draw) -> dict:
     masked = draw(st.booleans())
     return dict(
         config=dict(
-            d_model=n_heads * draw(st.sampled_from([2, 4, 8])),
-            n_heads=n_heads,
+            **draw(families(use_moe, causal)),
             d_ff=draw(st.sampled_from([8, 16, 24])),
             dropout=0.0,
             use_moe=use_moe,
             num_experts=num_experts,
             top_k_experts=draw(st.integers(1, num_experts)),
-            causal=draw(st.booleans()),
+            causal=causal,
         ),
         batch=batch,
         prefill=prefill,
@@ -87,7 +121,7 @@ OFF_CENTRE_LAYER_NORM = dict(
 )
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(scenarios())
 @example(OFF_CENTRE_LAYER_NORM)
 def test_forward_and_cached_decode_agree(s):
@@ -96,7 +130,8 @@ def test_forward_and_cached_decode_agree(s):
     with torch.no_grad():
         for norm in (block.norm1, block.norm2):
             norm.weight.normal_(1.0, 0.3)
-            norm.bias.normal_(0.0, 0.3)
+            if getattr(norm, "bias", None) is not None:  # RMSNorm has none
+                norm.bias.normal_(0.0, 0.3)
     flax_module, params = from_torch(block)
     B, S, D = s["batch"], s["seq_len"], s["config"]["d_model"]
     x = torch.randn(B, S, D)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import replace
 
 import jax
@@ -15,7 +16,17 @@ import torch
 
 import torch_block
 from parity import from_torch, lm_cases, report
-from parity.cases import BATCH, PREFILL_LEN, SEQ_LEN, TRAIN_CAPACITY_FACTOR, Case, Setup
+from parity.cases import (
+    BATCH,
+    CONFIGS,
+    FAMILIES,
+    PREFILL_LEN,
+    SEQ_LEN,
+    SLIDING_WINDOW,
+    TRAIN_CAPACITY_FACTOR,
+    Case,
+    Setup,
+)
 from parity.compare import (
     IDENTICAL,
     TOLERANCES,
@@ -38,7 +49,7 @@ CASE_KEYS = [
 ]
 
 
-# DESIGN.md section 7 and issue 6: gradients and final weights 1e-4 relative, losses 1e-4.
+# docs/design.md section 7 and issue 6: gradients and final weights 1e-4 relative, losses 1e-4.
 TRAIN_REL_TOLERANCE = Tolerance("rel", 1e-4)
 TRAIN_ABS_TOLERANCE = Tolerance("abs", 1e-4)
 
@@ -135,6 +146,89 @@ def test_train_case_drops_as_many_assignments_as_a_hand_count(case_rows):
     assert row.details["assignments"] == N * k
 
 
+# --------------------------------------------------------------------------- families
+def test_the_family_configurations_are_the_issues():
+    """Issue 12's six families, in the block and the LM alike."""
+    for name in FAMILIES:
+        for config in (CONFIGS[name], lm_cases.LM_CONFIGS[name]):
+            fields = {**ARCHITECTURE_DEFAULTS, **config}
+            rope_family = name != "gpt2"
+            assert fields["norm"] == ("rmsnorm" if rope_family else "layernorm")
+            assert fields["positions"] == ("rope" if rope_family else "learned")
+            assert fields["activation"] == ("silu" if rope_family else "gelu_tanh")
+            assert fields["gated_ffn"] == rope_family
+            if rope_family:  # GQA 4:1, no FFN or output bias; q/k/v bias for Qwen2 only
+                assert fields["n_heads"] == 4 * fields["n_kv_heads"]
+                assert not fields["ffn_bias"] and not fields["out_bias"]
+                assert fields["qkv_bias"] == name.startswith("qwen2")
+            assert fields["sliding_window"] == (SLIDING_WINDOW if name == "mistral" else None)
+            assert fields["use_moe"] == (name in ("mixtral", "qwen2_moe"))
+            shared = name == "qwen2_moe"
+            assert fields["norm_topk_prob"] != shared and fields["shared_expert_gate"] == shared
+            assert (fields["shared_expert_d_ff"] is not None) == shared
+    assert CONFIGS["mixtral"]["top_k_experts"] == 2
+    assert CONFIGS["llama"]["rope_scaling"] is not None  # llama3 frequencies in the report
+    # the window is shorter than the prefill, the block's sequence and every LM prompt
+    assert SLIDING_WINDOW < min(PREFILL_LEN, SEQ_LEN, *lm_cases.PROMPT_LENGTHS)
+
+
+ARCHITECTURE_DEFAULTS = dict(
+    use_moe=False,
+    n_kv_heads=None,
+    qkv_bias=True,
+    out_bias=True,
+    norm="layernorm",
+    activation="gelu",
+    gated_ffn=False,
+    ffn_bias=True,
+    positions="learned",
+    sliding_window=None,
+    norm_topk_prob=True,
+    shared_expert_d_ff=None,
+    shared_expert_gate=False,
+)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_runs_the_lm_cases_and_bfloat16(case_rows, name):
+    rows = [row for key, rows in case_rows.items() if key[1] == name for row in rows]
+    names = {(row.case, row.dtype) for row in rows}
+    want = {
+        ("lm forward", "float32"),
+        ("lm cached prefill", "float32"),
+        ("lm cached decode", "float32"),
+        ("lm greedy generation", "float32"),
+        ("forward causal", "bfloat16"),
+    }
+    if CONFIGS[name].get("use_moe"):
+        want |= {("train, dropout 0", "float32"), ("lm aux loss", "float32")}
+    assert want <= names
+    assert all(row.passed for row in rows), render_table(rows)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_moe_families_drop_assignments_in_training_mode(case_rows, name):
+    (row,) = case_rows[("train, dropout 0", name, "float32")]
+    assert 0 < row.details["dropped_torch"] == row.details["dropped_jax"]
+    assert row.details["dropped_torch"] < row.details["assignments"]
+
+
+@pytest.mark.parametrize("config", ["dense", "llama"])
+def test_bfloat16_cache_rows_hold_at_the_float32_tolerance(case_rows, config):
+    """Both frameworks attend to the cache's bfloat16 keys: float32 parity, although a float32
+    cache gives outputs far outside it (a framework attending to the unrounded keys fails)."""
+    key = ("cached decode, float32 compute, bfloat16 cache", config, "float32")
+    prefill, decode = case_rows[key]
+    assert (prefill.case, decode.case) == (
+        "cached prefill, bfloat16 cache",
+        "cached decode, bfloat16 cache",
+    )
+    for row in (prefill, decode):
+        assert row.passed and row.tolerance == TOLERANCES["float32"]
+        assert row.details["cache_rounding"] > 100 * row.tolerance.value
+    assert len(decode.details["step_max_abs_error"]) == SEQ_LEN - PREFILL_LEN
+
+
 # --------------------------------------------------------------------------- language model
 LM_BATCH = len(lm_cases.PROMPT_LENGTHS)
 LM_SLOTS = lm_cases.PROMPT_LEN + lm_cases.DECODE_STEPS
@@ -162,7 +256,7 @@ def test_lm_forward_rows_report_routing_over_every_layer_and_token(case_rows):
     assert dense.routing is None
 
 
-@pytest.mark.parametrize("config", ["dense", "moe"])
+@pytest.mark.parametrize("config", lm_cases.LM_CASE_CONFIGS)
 def test_lm_cached_decode_compares_the_prefill_and_every_step(case_rows, config):
     prefill, decode = case_rows[("lm cached decode", config, "float32")]
     assert (prefill.case, decode.case) == ("lm cached prefill", "lm cached decode")
@@ -171,7 +265,7 @@ def test_lm_cached_decode_compares_the_prefill_and_every_step(case_rows, config)
     assert max(steps) == decode.max_abs_error
 
 
-@pytest.mark.parametrize("config", ["dense", "moe"])
+@pytest.mark.parametrize("config", lm_cases.LM_CASE_CONFIGS)
 def test_lm_generation_row_counts_every_new_token(case_rows, config):
     (row,) = case_rows[("lm greedy generation", config, "float32")]
     total = LM_BATCH * lm_cases.NEW_TOKENS
@@ -430,8 +524,30 @@ def test_a_case_that_raises_gives_a_failing_row():
     assert not row.passed and "RuntimeError: boom" in row.note
 
 
+def test_run_cases_spreads_configurations_over_workers_and_keeps_the_order(monkeypatch, tmp_path):
+    (tmp_path / "pid_parity_cases.py").write_text(
+        "import os\n"
+        "from parity.cases import CONFIGS, case\n"
+        "from parity.compare import DTYPES, Row\n"
+        "@case('pid', configs=tuple(CONFIGS), dtypes=DTYPES)\n"
+        "def pid(setup):\n"
+        "    return [Row('pid', setup.config, setup.dtype, 0.0, 0.0, setup.tolerance, True,\n"
+        "                note=str(os.getpid()))]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get this sys.path too
+    monkeypatch.setattr(report, "CASE_MODULES", ("pid_parity_cases",))
+    rows = report.run_cases(workers=2)
+    in_order = [(config, dtype) for config in CONFIGS for dtype in ("float32", "bfloat16")]
+    assert [(row.config, row.dtype) for row in rows] == in_order
+    pids = {row.note for row in rows}
+    assert len(pids) == 2 and str(os.getpid()) not in pids
+    here = report.run_cases(config="llama", workers=2)  # one configuration: no worker
+    assert [row.note for row in here] == [str(os.getpid())] * 2
+
+
 def test_run_cases_refuses_an_unknown_config_or_dtype():
-    with pytest.raises(ValueError, match="config must be one of dense, moe or all, got 'big'"):
+    known = "dense, moe, gpt2, llama, mistral, qwen2, mixtral, qwen2_moe"
+    with pytest.raises(ValueError, match=f"config must be one of {known} or all, got 'big'"):
         report.run_cases(config="big")
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16 or all"):
         report.run_cases(dtype="float16")

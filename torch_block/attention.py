@@ -11,6 +11,9 @@ from twin_core import RopeScaling, inv_frequencies
 from .cache import KVCache
 from .rope import apply_rope
 
+QUERY_BLOCK = 128  # queries attended together: one block's keys end at its last query's slot
+SCORE_ELEMENTS = 1 << 19  # the most attention scores (or mask entries) one block holds at once
+
 
 def check_mask(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> None:
     """Raise ValueError unless `mask` broadcasts to `shape` = (B, H, T, S)."""
@@ -27,12 +30,51 @@ def check_mask(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> None:
         )
 
 
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor | None,
+    dropout: nn.Dropout | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v over the allowed keys: q (B, H, T, D), k and v (B, KV, S, D).
+
+    `allowed` (bool, broadcastable to (B, H, T, S)) marks the keys each query may see; None
+    allows all. A query that may see no key gets zeros. Without dropout and in float32 this is
+    F.scaled_dot_product_attention (its CPU kernel walks the keys in blocks with an online
+    softmax, never holding the (T, S) scores); otherwise the scores are written out, softmax in
+    float32, and `dropout` applies to the probabilities.
+    """
+    B, H, T, D = q.shape
+    KV, S = k.shape[1], k.shape[2]
+    if dropout is None and q.dtype == torch.float32:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, scale=D**-0.5, enable_gqa=KV != H
+        )
+    G = H // KV
+    grouped_q = q.float().reshape(B, KV, G * T, D)  # query head h = kv * G + g
+    scores = torch.matmul(grouped_q, k.float().transpose(-2, -1)) * D**-0.5
+    scores = scores.view(B, H, T, S)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
+    probs = F.softmax(scores, dim=-1)  # (B, H, T, S)
+    if allowed is not None:
+        probs = probs * allowed  # a row with no allowed key is all zeros
+    probs = probs.to(v.dtype)
+    if dropout is not None:
+        probs = dropout(probs)
+    return torch.matmul(probs.view(B, KV, G * T, S), v).view(B, H, T, D)
+
+
 class MultiHeadAttention(nn.Module):
     """Scaled dot-product attention over n_heads query heads; causal unless `causal=False`.
 
     Query head h reads key/value head h // (n_heads // n_kv_heads) (GQA; MQA at 1). With
     `positions="rope"` q and k are rotated at their tokens' positions before the cache write.
     With `sliding_window` W a query at p sees keys k with p - W < k <= p.
+
+    Long inputs are attended in blocks of queries, each against only the keys its rules can
+    allow, so that no call holds heads x T x S scores (see `attend`); the result is the same.
     """
 
     def __init__(
@@ -109,30 +151,79 @@ class MultiHeadAttention(nn.Module):
             k, v = kv_cache.write(k, v, start)  # (B, KV, S, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
 
-        allowed = None  # every key: so too for causal one-token steps, whose keys all precede
-        if (self.causal and T > 1) or self.sliding_window is not None:
-            query_pos = start + torch.arange(T, device=x.device)[:, None]  # (T, 1)
-            key_pos = torch.arange(S, device=x.device)[None, :]  # (1, S)
-            allowed = key_pos <= query_pos if self.causal else torch.ones(T, S, dtype=torch.bool)
-            if self.sliding_window is not None:
-                allowed = allowed & (key_pos > query_pos - self.sliding_window)  # (T, S)
-        if mask is not None:
-            allowed = mask.to(torch.bool) if allowed is None else allowed & mask.to(torch.bool)
-
-        if allowed is None and not self.training and q.dtype == torch.float32:
-            # every key allowed and no dropout (a decode step): one fused kernel, same result
-            out = F.scaled_dot_product_attention(q, k, v, scale=D**-0.5, enable_gqa=KV != H)
-        else:
-            G = H // KV
-            grouped_q = q.float().reshape(B, KV, G * T, D)  # query head h = kv * G + g
-            scores = torch.matmul(grouped_q, k.float().transpose(-2, -1)) * D**-0.5
-            scores = scores.view(B, H, T, S)
-            if allowed is not None:
-                scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-            probs = F.softmax(scores, dim=-1)  # (B, H, T, S)
-            if allowed is not None:
-                probs = probs * allowed  # a row with no allowed key is all zeros
-            probs = self.dropout(probs.to(v.dtype))
-            out = torch.matmul(probs.view(B, KV, G * T, S), v).view(B, H, T, D)
+        out = self.attend_blocks(q, k, v, start, mask)  # (B, H, T, D)
         out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H * D)
         return self.out_proj(out)
+
+    def attend_blocks(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        start: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """q (B, H, T, D) at slots start.., k and v (B, KV, S, D) -> (B, H, T, D).
+
+        A block of queries at a time, each against the keys [lo, hi) that its causal and window
+        rules can allow; when training with dropout, every query against every key at once (the
+        probabilities that dropout draws over are then the same as ever).
+        """
+        B, H, T, _ = q.shape
+        S = k.shape[2]
+        dropout = self.dropout if self.training and self.dropout.p > 0 else None
+        if mask is not None:
+            mask = mask.to(torch.bool)
+            mask = mask[(None,) * (4 - mask.dim())]  # (B|1, H|1, T|1, S|1)
+        if dropout is not None:
+            allowed = self.allowed(start, start + T, 0, S, mask, 0, T, q.device)
+            return attend(q, k, v, allowed, dropout)
+        per_query = B * S if q.dtype == torch.float32 else B * H * S  # mask entries or scores
+        rows = max(1, min(QUERY_BLOCK, SCORE_ELEMENTS // per_query))
+        blocks = []
+        for a in range(0, T, rows):
+            b = min(T, a + rows)
+            lo, hi = self.key_range(start + a, start + b, S)
+            allowed = self.allowed(start + a, start + b, lo, hi, mask, a, T, q.device)
+            blocks.append(attend(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], allowed))
+        if len(blocks) == 1:
+            return blocks[0]
+        return torch.cat(blocks, dim=2)
+
+    def key_range(self, first: int, end: int, S: int) -> tuple[int, int]:
+        """The key slots [lo, hi) that queries at slots [first, end) may see."""
+        hi = min(S, end) if self.causal else S
+        lo = 0 if self.sliding_window is None else max(0, first - self.sliding_window + 1)
+        return lo, hi
+
+    def allowed(
+        self,
+        first: int,
+        end: int,
+        lo: int,
+        hi: int,
+        mask: torch.Tensor | None,
+        row: int,
+        T: int,
+        device: torch.device,
+    ) -> torch.Tensor | None:
+        """Which keys at slots [lo, hi) the queries at slots [first, end) may see: the causal
+        and window rules and rows [row, row + end - first) of the 4-d `mask` (T rows, or 1).
+        None when every key there is allowed (a single query in decode, say)."""
+        W = self.sliding_window
+        causal = self.causal and hi > first + 1  # some key follows the first query
+        window = W is not None and lo <= end - 1 - W  # some key is too old for the last query
+        allowed = None
+        if causal or window:
+            query_pos = torch.arange(first, end, device=device)[:, None]  # (Tb, 1)
+            key_pos = torch.arange(lo, hi, device=device)[None, :]  # (1, Sb)
+            if causal:
+                allowed = key_pos <= query_pos
+            if window:
+                recent = key_pos > query_pos - W
+                allowed = recent if allowed is None else allowed & recent
+        if mask is not None:
+            block = mask[:, :, row : row + end - first] if mask.shape[2] == T else mask
+            block = block[..., lo:hi] if mask.shape[3] > 1 else block
+            allowed = block if allowed is None else allowed & block
+        return allowed

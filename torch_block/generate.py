@@ -6,8 +6,14 @@ import torch
 
 from twin_core import check_prompt, check_sampling
 
+from .cache import KVCache
+from .decode_step import compiled_decode_step, decode_step, step_inputs
 from .lm import TransformerLM
 from .sampling import sample_next_token
+
+LONG_PROMPT = 1024  # longer prompts are prefilled in chunks of PREFILL_CHUNK tokens
+PREFILL_CHUNK = 512
+COMPILED_CACHE_MULTIPLE = 128  # compile=True: cache lengths rounded up, one compilation each
 
 
 def generate(
@@ -23,6 +29,7 @@ def generate(
     pad_token_id: int = 0,
     generator: torch.Generator | None = None,
     return_num_steps: bool = False,
+    compile: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, int]:
     """The new tokens (B, max_new_tokens) int64 that follow left-padded prompts (B, L).
 
@@ -30,7 +37,18 @@ def generate(
     that emits `eos_token_id` is finished: its later tokens are `pad_token_id`. Generation stops
     once every row is finished; `num_steps` counts the model calls (prefill included), which is
     the number of token positions generated.
+
+    A prompt longer than LONG_PROMPT is prefilled PREFILL_CHUNK tokens at a time, so that its
+    activations stay small next to the cache; each new token is then one `decode_step`.
+
+    With `compile=True` that step runs under torch.compile with static shapes. It compiles on
+    the first call for a model layout, dtype, batch size and cache length (L + max_new_tokens
+    rounded up to a multiple of COMPILED_CACHE_MULTIPLE), then serves every position of that
+    call and of every later call of the same shape. The tokens are the eager ones (up to float
+    rounding at a near tie of two logits).
     """
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
     check_sampling(temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor):
         raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -61,10 +79,26 @@ def generate(
                 eos_token_id,
                 pad_token_id,
                 generator,
+                compile,
             )
     finally:
         lm.train(was_training)
     return (tokens, num_steps) if return_num_steps else tokens
+
+
+def prefill(
+    lm: TransformerLM, input_ids: torch.Tensor, mask: torch.Tensor | None, cache: list[KVCache]
+) -> torch.Tensor:
+    """Write the prompts (B, L) into the empty caches, in chunks of PREFILL_CHUNK tokens when
+    L > LONG_PROMPT; the logits (B, V) of their last slot. `mask` (B, L) marks real tokens
+    (None: all are)."""
+    L = input_ids.shape[1]
+    chunk = L if L <= LONG_PROMPT else PREFILL_CHUNK
+    for start in range(0, L, chunk):
+        end = min(L, start + chunk)
+        key_mask = None if mask is None else mask[:, :end]
+        x, _ = lm.hidden_states(input_ids[:, start:end], key_mask, cache)  # (B, T, d_model)
+    return lm.logits(x[:, -1])  # (B, V)
 
 
 def _decode(
@@ -78,27 +112,34 @@ def _decode(
     eos_token_id: int | None,
     pad_token_id: int,
     generator: torch.Generator | None,
+    compile: bool,
 ) -> tuple[torch.Tensor, int]:
-    """Prefill, then decode one token per call until max_new_tokens or every row is finished."""
+    """Prefill, then decode one token per step until max_new_tokens or every row is finished."""
     B, L = input_ids.shape
     device = input_ids.device
-    param = next(lm.parameters())
-    key_mask = torch.cat([mask, mask.new_ones(B, max_new_tokens)], dim=1)  # (B, L + n)
-    cache = lm.create_kv_cache(B, L + max_new_tokens, param.dtype, device)
-    logits, _ = lm(input_ids, key_mask[:, :L], kv_cache=cache)  # (B, L, V)
-    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    num_steps = 1
-    padless = bool(mask.all())  # then decode steps need no mask: every cached key is real
+    S = L + max_new_tokens
+    if compile:
+        S = -(-S // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
+    cache = lm.create_kv_cache(B, S, next(lm.parameters()).dtype, device)
+    mask = mask.bool()
+    padless = bool(mask.all())
+    logits = prefill(lm, input_ids, None if padless else mask, cache)  # (B, V)
+    key_valid = torch.cat([mask, mask.new_ones(B, S - L)], dim=1)  # (B, S)
+    spec, state = step_inputs(lm, cache, key_valid)
+    step = compiled_decode_step() if compile else decode_step
+    pos = torch.tensor(L, device=device)  # the slot of the token fed to the next step
+    finished = None if eos_token_id is None else torch.zeros(B, dtype=torch.bool, device=device)
+    chosen = []
     for i in range(max_new_tokens):
-        next_token = sample_next_token(logits[:, -1], temperature, top_k, top_p, generator)
-        next_token = torch.where(finished, pad_token_id, next_token)  # (B,)
-        tokens[:, i] = next_token
-        if eos_token_id is not None:
+        next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
+        if finished is not None:
+            next_token = torch.where(finished, pad_token_id, next_token)
             finished |= next_token == eos_token_id
-        if i + 1 == max_new_tokens or bool(finished.all()):
+        chosen.append(next_token)
+        if i + 1 == max_new_tokens or (finished is not None and bool(finished.all())):
             break
-        step_mask = None if padless else key_mask[:, : L + i + 1]
-        logits, _ = lm(next_token[:, None], step_mask, kv_cache=cache)  # (B, 1, V)
-        num_steps += 1
-    return tokens, num_steps
+        logits = step(spec, state, next_token, pos, None if compile else L + i)  # (B, V)
+        pos += 1
+    tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    tokens[:, : len(chosen)] = torch.stack(chosen, dim=1)
+    return tokens, len(chosen)

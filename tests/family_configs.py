@@ -1,0 +1,89 @@
+"""The small block and language-model configurations the family tests run in both frameworks.
+
+Each is one option or one family of docs/design.md section 8, on tiny shapes so that JAX compiles
+fast; the NumPy references of tests/families_reference.py compute the same model from them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twin_core import RopeScaling
+
+BASE = dict(d_model=32, n_heads=4, d_ff=48, dropout=0.0)
+# Llama: RMSNorm, gated SiLU without biases, rope, GQA 4:1, no attention biases; head_dim given
+# (8 heads of 8 over d_model 32, so H * D != d_model).
+LLAMA = dict(
+    BASE,
+    n_heads=8,
+    n_kv_heads=2,
+    head_dim=8,
+    norm="rmsnorm",
+    norm_eps=1e-6,
+    activation="silu",
+    gated_ffn=True,
+    ffn_bias=False,
+    qkv_bias=False,
+    out_bias=False,
+    positions="rope",
+)
+# head_dim 8, theta 1e4: wavelengths 6.3, 63, 628, 6283 against 64 / 4 and 64 / 1: one
+# frequency of each llama3 branch (kept, smoothed, divided), two divided.
+LLAMA3_SCALING = RopeScaling(
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=64
+)
+WINDOW = 3  # shorter than every test sequence
+
+BLOCKS: dict[str, dict[str, Any]] = {
+    "original": dict(BASE),
+    "gpt2": dict(BASE, activation="gelu_tanh"),
+    "relu_no_biases": dict(BASE, activation="relu", ffn_bias=False, out_bias=False),
+    "mqa_gated_gelu": dict(BASE, n_kv_heads=1, gated_ffn=True),
+    "llama": LLAMA,
+    "llama3_rope": dict(LLAMA, rope_scaling=LLAMA3_SCALING),
+    "mistral": dict(LLAMA, sliding_window=WINDOW, rope_theta=1e6),
+    "qwen2": dict(LLAMA, qkv_bias=True),
+    "mixtral": dict(LLAMA, use_moe=True, num_experts=4, top_k_experts=2),
+    "qwen2_moe": dict(
+        LLAMA,
+        qkv_bias=True,
+        use_moe=True,
+        num_experts=4,
+        top_k_experts=2,
+        norm_topk_prob=False,
+        shared_expert_d_ff=40,
+        shared_expert_gate=True,
+    ),
+    "shared_ungated": dict(
+        BASE, use_moe=True, num_experts=3, top_k_experts=1, shared_expert_d_ff=24
+    ),
+    "bidirectional_rope": dict(LLAMA, causal=False),
+}
+# The causal ones: full forward == cached prefill + decode.
+CAUSAL_BLOCKS = [name for name, config in BLOCKS.items() if config.get("causal", True)]
+
+_LM = dict(vocab_size=64, max_seq_len=32, n_layers=2)
+LMS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(_LM, **BLOCKS["gpt2"]),
+    "llama": dict(_LM, **BLOCKS["llama3_rope"], tie_embeddings=False),
+    "mistral": dict(_LM, **BLOCKS["mistral"], tie_embeddings=False),
+    "qwen2": dict(_LM, **BLOCKS["qwen2"]),
+    "mixtral": dict(_LM, **BLOCKS["mixtral"], tie_embeddings=False),
+    "qwen2_moe": dict(_LM, **BLOCKS["qwen2_moe"]),
+}
+
+# Bad configurations: (fields over BASE, words the ValueError must hold)
+BAD: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "kv heads do not divide heads": (dict(n_heads=4, n_kv_heads=3), ("n_heads", "n_kv_heads")),
+    "odd head_dim with rope": (dict(head_dim=7, positions="rope"), ("rope", "head_dim")),
+    "window 0": (dict(sliding_window=0), ("sliding_window",)),
+    "negative window": (dict(sliding_window=-2), ("sliding_window",)),
+    "unknown activation": (dict(activation="swish"), ("activation", "swish")),
+    "unknown norm": (dict(norm="batchnorm"), ("norm", "batchnorm")),
+    "unknown positions": (dict(positions="alibi"), ("positions", "alibi")),
+    "shared expert without MoE": (dict(shared_expert_d_ff=16), ("shared_expert_d_ff", "use_moe")),
+    "shared gate without shared expert": (
+        dict(use_moe=True, num_experts=2, shared_expert_gate=True),
+        ("shared_expert_gate", "shared_expert_d_ff"),
+    ),
+}

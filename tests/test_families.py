@@ -1,0 +1,148 @@
+"""The family options in both frameworks at once: bad configurations refused with the same
+message, and the float64 references themselves checked against transformers (an independent
+implementation) and against variants they must tell apart."""
+
+from __future__ import annotations
+
+import families_reference as ref
+import numpy as np
+import pytest
+import torch
+from family_configs import BAD, BASE, BLOCKS, LLAMA3_SCALING
+
+import jax_block
+import torch_block
+from twin_core import inv_frequencies
+
+LM_FIELDS = dict(vocab_size=64, max_seq_len=32, n_layers=1)
+
+
+# --------------------------------------------------------------------------- bad configurations
+@pytest.mark.parametrize("name", BAD)
+@pytest.mark.parametrize("module", ["TransformerBlock", "TransformerLM"])
+def test_a_bad_configuration_is_refused_with_the_same_message_in_both(name, module):
+    fields, words = BAD[name]
+    kwargs = {**BASE, **fields, **(LM_FIELDS if module == "TransformerLM" else {})}
+    messages = []
+    for package in (torch_block, jax_block):
+        with pytest.raises(ValueError) as info:
+            getattr(package, module)(**kwargs)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    for word in words:
+        assert word in messages[0], (word, messages[0])
+
+
+# --------------------------------------------------------------------------- the references
+def test_llama3_frequencies_of_the_reference_match_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = dict(
+        rope_type="llama3",
+        rope_theta=10000.0,
+        factor=LLAMA3_SCALING.factor,
+        low_freq_factor=LLAMA3_SCALING.low_freq_factor,
+        high_freq_factor=LLAMA3_SCALING.high_freq_factor,
+        original_max_position_embeddings=LLAMA3_SCALING.original_max_position_embeddings,
+    )
+    config = LlamaConfig(hidden_size=32, num_attention_heads=4, head_dim=8, rope_parameters=rope)
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    default = ref.default_inv_freq(8, 10000.0)
+    got = ref.llama3_inv_freq(default, LLAMA3_SCALING)
+    np.testing.assert_allclose(got, want.double().numpy(), rtol=1e-6)
+    # every branch is taken: one kept, one smoothed (neither kept nor divided), two divided
+    kept, divided = got == default, np.isclose(got, default / LLAMA3_SCALING.factor)
+    assert kept.tolist() == [True, False, False, False]
+    assert divided.tolist() == [False, False, True, True]
+    np.testing.assert_allclose(
+        inv_frequencies(8, 10000.0, LLAMA3_SCALING), got, rtol=1e-6
+    )  # twin_core's float32 table, which both twins read
+
+
+def test_rotation_of_the_reference_matches_transformers():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    rng = np.random.default_rng(0)
+    q, k = rng.standard_normal((2, 2, 5, 8)), rng.standard_normal((2, 2, 5, 8))  # (B, H, T, D)
+    positions = np.array([[0, 1, 2, 3, 4], [7, 9, 11, 13, 15]])  # (B, T)
+    freq = ref.default_inv_freq(8, 10000.0)
+    angles = positions[..., None] * freq  # (B, T, D/2)
+    emb = torch.from_numpy(np.concatenate([angles, angles], axis=-1))  # (B, T, D)
+    want_q, want_k = apply_rotary_pos_emb(
+        torch.from_numpy(q), torch.from_numpy(k), emb.cos(), emb.sin()
+    )
+    got_q = ref.rotate(q.transpose(0, 2, 1, 3), positions, freq).transpose(0, 2, 1, 3)
+    got_k = ref.rotate(k.transpose(0, 2, 1, 3), positions, freq).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(got_q, want_q.numpy(), atol=1e-12)
+    np.testing.assert_allclose(got_k, want_k.numpy(), atol=1e-12)
+
+
+def test_reference_masks_follow_the_window_rule():
+    assert ref.allowed_keys(5, 8, causal=True, window=None).tolist() == [1] * 6 + [0] * 2
+    assert ref.allowed_keys(5, 8, causal=True, window=3).tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
+    assert ref.allowed_keys(0, 4, causal=True, window=1).tolist() == [1, 0, 0, 0]
+    assert ref.allowed_keys(1, 3, causal=False, window=None).tolist() == [1, 1, 1]
+
+
+def test_reference_gqa_maps_consecutive_query_heads_to_one_kv_head():
+    s = ref.spec(**BLOCKS["llama"])  # 8 query heads, 2 kv heads
+    assert [ref.kv_head(h, s) for h in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+# Each option changes the reference's output by more than the twins' float32 tolerance: a twin
+# that ignored it would fail the tests.
+VARIANTS = {
+    "llama": [
+        dict(norm_eps=1e-1),
+        dict(activation="gelu"),
+        dict(gated_ffn=False),
+        dict(positions="learned"),
+        dict(rope_theta=100.0),
+        dict(rope_scaling=LLAMA3_SCALING),
+        dict(sliding_window=2),
+    ],
+    "qwen2_moe": [dict(norm_topk_prob=True), dict(shared_expert_gate=False)],
+    "gpt2": [dict(activation="gelu"), dict(activation="relu"), dict(norm="rmsnorm")],
+}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_every_option_changes_the_reference_output(name):
+    rng = np.random.default_rng(0)
+    base = ref.spec(**BLOCKS[name])
+    weights = {
+        key: ref.random_array(key, shape, rng) for key, shape in reference_shapes(base).items()
+    }
+    x = rng.standard_normal((2, 9, base["d_model"]))
+    y, _ = ref.block(x, weights, base)
+    for variant in VARIANTS[name]:
+        changed, _ = ref.block(x, weights, {**base, **variant})
+        assert np.max(np.abs(changed - y)) > 10 * 1e-5, variant  # 10x the float32 tolerance
+
+
+def reference_shapes(s: dict) -> dict[str, tuple[int, ...]]:
+    """torch-named weight shapes of a block spec, with every optional weight present (the
+    variants that drop one simply do not read it)."""
+    d, H, KV, D, ff = s["d_model"], s["n_heads"], s["n_kv_heads"], s["head_dim"], s["d_ff"]
+    shapes = {
+        "attention.q_proj.weight": (H * D, d),
+        "attention.k_proj.weight": (KV * D, d),
+        "attention.v_proj.weight": (KV * D, d),
+        "attention.out_proj.weight": (d, H * D),
+    }
+    for norm in ("norm1", "norm2"):
+        shapes[f"{norm}.weight"] = shapes[f"{norm}.bias"] = (d,)
+    ffns = ["feed_forward"]
+    if s["use_moe"]:
+        shapes["feed_forward.gate.weight"] = (s["num_experts"], d)
+        ffns = [f"feed_forward.experts.{e}" for e in range(s["num_experts"])]
+        shapes["feed_forward.shared_expert_gate.weight"] = (1, d)
+    for ffn in ffns:
+        for layer, shape in (("fc1", (ff, d)), ("fc3", (ff, d)), ("fc2", (d, ff))):
+            shapes[f"{ffn}.{layer}.weight"] = shape
+    if s["shared_expert_d_ff"]:
+        sff = s["shared_expert_d_ff"]
+        for layer, shape in (("fc1", (sff, d)), ("fc3", (sff, d)), ("fc2", (d, sff))):
+            shapes[f"feed_forward.shared_expert.{layer}.weight"] = shape
+    return shapes
