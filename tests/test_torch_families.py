@@ -287,3 +287,12 @@ def test_from_config_builds_the_same_block(name):
     }
     lm = TransformerLM.from_config(LMConfig(**LMS["llama"]))
     assert lm.config == LMConfig(**LMS["llama"])
+
+
+def test_a_dtype_cast_keeps_the_rope_frequencies_exact():
+    """`.to(bfloat16)` casts the weights, not the rope frequencies (theta^(-2i/D) in float32)."""
+    block = TransformerBlock(32, 4, 64, positions="rope", rope_theta=10000.0).to(torch.bfloat16)
+    inv_freq = block.attention.inv_freq
+    want = 1.0 / 10000.0 ** (np.arange(0, 8, 2) / 8)
+    assert inv_freq.dtype == torch.float32 and block.attention.q_proj.weight.dtype == torch.bfloat16
+    np.testing.assert_allclose(inv_freq.numpy(), want, rtol=1e-6)

@@ -115,6 +115,15 @@ class MultiHeadAttention(nn.Module):
             inv_freq = torch.from_numpy(inv_frequencies(D, rope_theta, rope_scaling))
             self.register_buffer("inv_freq", inv_freq, persistent=False)  # (D/2,)
 
+    def _apply(self, fn, recurse=True):
+        """As every module (`.to`, `.cuda`, `.bfloat16`, ...), but the rope frequencies stay
+        float32 on a dtype cast: rounded frequencies would rotate by other angles."""
+        inv_freq = self.inv_freq if self.rope else None
+        super()._apply(fn, recurse)
+        if inv_freq is not None:
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     def forward(
         self,
         x: torch.Tensor,
