@@ -15,6 +15,7 @@ import torch_block
 
 from .common import CompileLog, Panel, Result, Target, block, compare_times, main
 from .models import SMALL, SMALL_LLAMA, prompts, twin_lms
+from .products import product_seconds
 
 PROMPT_LEN = 16
 MODELS = {"original": SMALL, "Llama-like": SMALL_LLAMA}
@@ -57,7 +58,7 @@ def measure_variant(model: str, batch: int, dtype: str, new_tokens: int, repeats
     same = float(np.mean(np.asarray(jax_tokens) == run_torch().numpy()))
     jax_rate = batch * new_tokens / times["jax"]["median"]
     torch_rate = batch * new_tokens / times["torch"]["median"]
-    return {
+    row = {
         "variant": variant_name(model, batch, dtype),
         "jax tok/s": jax_rate,
         "torch tok/s": torch_rate,
@@ -68,6 +69,14 @@ def measure_variant(model: str, batch: int, dtype: str, new_tokens: int, repeats
         "same tokens": same,
         "times": times,
     }
+    if batch == 1 and dtype == "float32":
+        # the floor under a step: its matrix products alone, in each framework
+        products = product_seconds(torch_lm, steps=new_tokens, repeats=repeats)
+        row["jax products ms"] = 1e3 * products["jax"]
+        row["torch products ms"] = 1e3 * products["torch"]
+        # the most JAX / torch can reach while JAX's step is no faster than its products
+        row["jax/torch ceiling"] = 1e3 / torch_rate / row["jax products ms"]
+    return row
 
 
 def bucket_compilations(config: dict, new_tokens: int) -> dict[int, int]:
@@ -109,6 +118,13 @@ def run(quick: bool) -> Result:
                 higher_is_better=False,
             ),
         ]
+    floors = "; ".join(
+        f"{v['variant']}: JAX {v['jax products ms']:.3f} ms, torch {v['torch products ms']:.3f} "
+        f"ms per step, while a generated token takes JAX {1e3 / v['jax tok/s']:.3f} ms and torch "
+        f"{1e3 / v['torch tok/s']:.3f} ms"
+        for v in variants
+        if "jax products ms" in v
+    )
     groups = [v["variant"] for v in variants]
     panels = [
         Panel(
@@ -136,6 +152,7 @@ def run(quick: bool) -> Result:
             "jax tok/s",
             "torch tok/s",
             "jax/torch",
+            "jax/torch ceiling",
             "jax compile s",
             "jax first call s",
             "compilations",
@@ -156,6 +173,11 @@ def run(quick: bool) -> Result:
             "learned positions, tied head; Llama-like: the same with 2 key/value heads (GQA "
             "4:1), rope, RMSNorm, SwiGLU of d_ff 768, no biases, untied head",
             "same tokens = share of greedy tokens equal in both frameworks (same weights)",
+            "the matrix products of a batch-1 step alone (every weight matrix the step reads "
+            "whole, once, as a (1, in) x (in, out) product, no model around them; median of "
+            f"{repeats} runs of {new_tokens} steps, alternating): {floors}; jax/torch ceiling "
+            "= torch's time per token / JAX's products: the most JAX / torch can reach while "
+            "JAX's step takes at least its products' time",
         ],
     )
 
