@@ -36,8 +36,9 @@ def one_torch_thread():
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    """Blocks of SMALL_BLOCK queries (the default, 128, would hold these inputs whole)."""
+    """Blocks of SMALL_BLOCK queries for every input (the defaults attend these whole)."""
     monkeypatch.setattr(attention, "QUERY_BLOCK", SMALL_BLOCK)
+    monkeypatch.setattr(attention, "WHOLE_SCORES", 0)
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -72,9 +73,9 @@ def recorded_blocks(monkeypatch) -> list[tuple[int, ...]]:
     calls = []
     attend = attention.attend
 
-    def recording(q, k, v, allowed, dropout=None):
+    def recording(q, k, v, allowed, dropout=None, fused=False):
         calls.append((q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
-        return attend(q, k, v, allowed, dropout)
+        return attend(q, k, v, allowed, dropout, fused)
 
     monkeypatch.setattr(attention, "attend", recording)
     return calls
@@ -133,6 +134,7 @@ def test_blocks_skip_keys_no_query_may_see(monkeypatch):
     its last query (causal) or its window, within the score budget; ~half the square in all."""
     torch.manual_seed(0)
     length, window = 600, 100
+    monkeypatch.setattr(attention, "WHOLE_SCORES", 0)  # 2 x 4 x 600 x 600 would fit whole
     for sliding_window in (None, window):
         module = attention.MultiHeadAttention(32, 4, 0.0, sliding_window=sliding_window).eval()
         calls = recorded_blocks(monkeypatch)
@@ -183,6 +185,7 @@ def test_chunked_prefill_gives_the_reference_tokens(name, monkeypatch):
     monkeypatch.setattr(generation, "LONG_PROMPT", 8)
     monkeypatch.setattr(generation, "PREFILL_CHUNK", 4)
     monkeypatch.setattr(attention, "QUERY_BLOCK", 3)
+    monkeypatch.setattr(attention, "WHOLE_SCORES", 0)
     torch.manual_seed(0)
     lm = randomize(TransformerLM(**LMS[name]))
     length, new = 17, 6

@@ -13,6 +13,7 @@ from .rope import apply_rope
 
 QUERY_BLOCK = 128  # queries attended together: one block's keys end at its last query's slot
 SCORE_ELEMENTS = 1 << 19  # the most attention scores (or mask entries) one block holds at once
+WHOLE_SCORES = 1 << 22  # eval inputs with at most this many scores (B*H*T*S) are attended whole
 
 
 def check_mask(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> None:
@@ -36,18 +37,21 @@ def attend(
     v: torch.Tensor,
     allowed: torch.Tensor | None,
     dropout: nn.Dropout | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v over the allowed keys: q (B, H, T, D), k and v (B, KV, S, D).
 
     `allowed` (bool, broadcastable to (B, H, T, S)) marks the keys each query may see; None
-    allows all. A query that may see no key gets zeros. Without dropout and in float32 this is
-    F.scaled_dot_product_attention (its CPU kernel walks the keys in blocks with an online
-    softmax, never holding the (T, S) scores); otherwise the scores are written out, softmax in
-    float32, and `dropout` applies to the probabilities.
+    allows all. A query that may see no key gets zeros. The original project's arithmetic: in
+    float32 without dropout and with no key masked, F.scaled_dot_product_attention; otherwise
+    the scores are written out, softmax in float32, and `dropout` (a module, training) applies
+    to the probabilities. `fused=True` (float32, no dropout) takes the fused kernel with a mask
+    too: its CPU kernel walks the keys in blocks with an online softmax, never holding the
+    (T, S) scores.
     """
     B, H, T, D = q.shape
     KV, S = k.shape[1], k.shape[2]
-    if dropout is None and q.dtype == torch.float32:
+    if dropout is None and q.dtype == torch.float32 and (allowed is None or fused):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, scale=D**-0.5, enable_gqa=KV != H
         )
@@ -73,8 +77,10 @@ class MultiHeadAttention(nn.Module):
     `positions="rope"` q and k are rotated at their tokens' positions before the cache write.
     With `sliding_window` W a query at p sees keys k with p - W < k <= p.
 
-    Long inputs are attended in blocks of queries, each against only the keys its rules can
-    allow, so that no call holds heads x T x S scores (see `attend`); the result is the same.
+    Training calls, and eval calls with at most WHOLE_SCORES scores, attend every query at once
+    with the original project's arithmetic (its outputs bit for bit). Longer eval inputs are
+    attended in blocks of queries, each against only the keys its rules can allow, so that no
+    call holds heads x T x S scores (see `attend`); the result agrees to float32 rounding.
     """
 
     def __init__(
@@ -174,29 +180,30 @@ class MultiHeadAttention(nn.Module):
     ) -> torch.Tensor:
         """q (B, H, T, D) at slots start.., k and v (B, KV, S, D) -> (B, H, T, D).
 
-        A block of queries at a time, each against the keys [lo, hi) that its causal and window
-        rules can allow; when training with dropout, every query against every key at once (the
-        probabilities that dropout draws over are then the same as ever).
+        In training, or with at most WHOLE_SCORES scores, every query against every key at once
+        (dropout then draws over the same probabilities as ever); otherwise a block of queries
+        at a time, each against the keys [lo, hi) that its causal and window rules can allow.
         """
         B, H, T, _ = q.shape
         S = k.shape[2]
-        dropout = self.dropout if self.training and self.dropout.p > 0 else None
+        dropout = self.dropout if self.training else None
         if mask is not None:
             mask = mask.to(torch.bool)
             mask = mask[(None,) * (4 - mask.dim())]  # (B|1, H|1, T|1, S|1)
-        if dropout is not None:
+        if dropout is not None or B * H * T * S <= WHOLE_SCORES:
             allowed = self.allowed(start, start + T, 0, S, mask, 0, T, q.device)
             return attend(q, k, v, allowed, dropout)
-        per_query = B * S if q.dtype == torch.float32 else B * H * S  # mask entries or scores
+        fused = q.dtype == torch.float32
+        per_query = B * S if fused else B * H * S  # mask entries or scores
         rows = max(1, min(QUERY_BLOCK, SCORE_ELEMENTS // per_query))
         blocks = []
         for a in range(0, T, rows):
             b = min(T, a + rows)
             lo, hi = self.key_range(start + a, start + b, S)
             allowed = self.allowed(start + a, start + b, lo, hi, mask, a, T, q.device)
-            blocks.append(attend(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], allowed))
-        if len(blocks) == 1:
-            return blocks[0]
+            blocks.append(
+                attend(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], allowed, fused=fused)
+            )
         return torch.cat(blocks, dim=2)
 
     def key_range(self, first: int, end: int, S: int) -> tuple[int, int]:
