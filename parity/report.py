@@ -7,6 +7,7 @@ one). Adding a case module is one more line in CASE_MODULES.
 Every case runs under `parity.precision.full_precision()` (JAX's default matmul precision
 "highest", torch's TF32 off, both restored afterwards), so the float32 tolerances hold on GPUs,
 whose float32 matmuls default to TF32, as well as on CPUs. `parity.render` renders the rows.
+A run over several configurations spreads them over WORKERS spawned processes.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import multiprocessing
+import os
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from .cases import CASES, CONFIGS, Case, Setup
+from .cases import CASES, CONFIGS, ORIGINAL, Case, Setup
 from .compare import DTYPES, Row, Tolerance, compare
 from .precision import full_precision
 
@@ -32,6 +36,7 @@ __all__ = [
     "one_torch_thread",
     "run_case",
     "run_cases",
+    "run_config",
 ]
 
 # The modules whose registered cases make the report, in the order of its table.
@@ -44,24 +49,77 @@ CASE_MODULES: tuple[str, ...] = (
 
 def all_cases() -> list[Case]:
     """The cases registered by CASE_MODULES, module by module, each in registration order."""
-    for name in CASE_MODULES:
+    return _cases_of(CASE_MODULES)
+
+
+def _cases_of(modules: tuple[str, ...]) -> list[Case]:
+    for name in modules:
         importlib.import_module(name)
-    return [entry for name in CASE_MODULES for entry in CASES if entry.run.__module__ == name]
+    return [entry for name in modules for entry in CASES if entry.run.__module__ == name]
 
 
-def run_cases(config: str = "all", dtype: str = "all", seed: int = 0) -> list[Row]:
-    """Rows of every registered case that covers `config` and `dtype` ("all": every one)."""
+# Worker processes of a run over several configurations: XLA compiles a function on one core,
+# so two configurations compiling side by side use both cores of a small machine.
+WORKERS = min(2, os.cpu_count() or 1)
+
+
+def run_cases(
+    config: str = "all", dtype: str = "all", seed: int = 0, workers: int | None = None
+) -> list[Row]:
+    """Rows of every registered case that covers `config` and `dtype` ("all": every one), in
+    the order of CONFIGS, then DTYPES, then the cases.
+
+    Several configurations run in up to `workers` (default WORKERS) spawned processes, one
+    configuration at a time each (the original two and the MoE ones first: they take
+    longest); the workers import CASE_MODULES themselves. Every case seeds its own weights and
+    inputs, so the rows are those of a run in this process.
+    """
     configs = _select(config, tuple(CONFIGS), "config")
     dtypes = _select(dtype, DTYPES, "dtype")
-    cases = all_cases()
+    workers = min(WORKERS if workers is None else workers, len(configs))
+    if workers <= 1:
+        return [row for name in configs for row in run_config(name, dtypes, seed)]
+    longest_first = sorted(configs, key=lambda name: (name not in ORIGINAL, not _is_moe(name)))
+    spawn = multiprocessing.get_context("spawn")  # JAX's threads make fork unsafe
+    with _no_preallocation(), ProcessPoolExecutor(workers, mp_context=spawn) as pool:
+        futures = {
+            name: pool.submit(run_config, name, dtypes, seed, CASE_MODULES)
+            for name in longest_first
+        }
+        return [row for name in configs for row in futures[name].result()]
+
+
+def run_config(
+    config: str, dtypes: tuple[str, ...], seed: int, case_modules: tuple[str, ...] | None = None
+) -> list[Row]:
+    """Rows of the cases that cover `config`, dtype by dtype: those of `case_modules`
+    (default: `all_cases()`)."""
+    cases = all_cases() if case_modules is None else _cases_of(case_modules)
     rows = []
     with one_torch_thread():
-        for config_name in configs:
-            for dtype_name in dtypes:
-                for entry in cases:
-                    if config_name in entry.configs and dtype_name in entry.dtypes:
-                        rows += run_case(entry, Setup(config_name, dtype_name, seed))
+        for dtype_name in dtypes:
+            for entry in cases:
+                if config in entry.configs and dtype_name in entry.dtypes:
+                    rows += run_case(entry, Setup(config, dtype_name, seed))
     return rows
+
+
+@contextlib.contextmanager
+def _no_preallocation() -> Iterator[None]:
+    """Workers spawned inside take GPU memory as they need it: by default every JAX process on
+    a GPU reserves 75% of its memory, which would leave none for the second worker."""
+    key = "XLA_PYTHON_CLIENT_PREALLOCATE"
+    before = os.environ.get(key)
+    os.environ.setdefault(key, "false")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key)
+
+
+def _is_moe(config: str) -> bool:
+    return bool(CONFIGS[config].get("use_moe"))
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import replace
 
 import jax
@@ -521,6 +522,27 @@ def test_a_case_that_raises_gives_a_failing_row():
     entry = Case("broken", broken, ("dense",), ("float32",))
     (row,) = report.run_case(entry, Setup("dense", "float32", 0))
     assert not row.passed and "RuntimeError: boom" in row.note
+
+
+def test_run_cases_spreads_configurations_over_workers_and_keeps_the_order(monkeypatch, tmp_path):
+    (tmp_path / "pid_parity_cases.py").write_text(
+        "import os\n"
+        "from parity.cases import CONFIGS, case\n"
+        "from parity.compare import DTYPES, Row\n"
+        "@case('pid', configs=tuple(CONFIGS), dtypes=DTYPES)\n"
+        "def pid(setup):\n"
+        "    return [Row('pid', setup.config, setup.dtype, 0.0, 0.0, setup.tolerance, True,\n"
+        "                note=str(os.getpid()))]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get this sys.path too
+    monkeypatch.setattr(report, "CASE_MODULES", ("pid_parity_cases",))
+    rows = report.run_cases(workers=2)
+    in_order = [(config, dtype) for config in CONFIGS for dtype in ("float32", "bfloat16")]
+    assert [(row.config, row.dtype) for row in rows] == in_order
+    pids = {row.note for row in rows}
+    assert len(pids) == 2 and str(os.getpid()) not in pids
+    here = report.run_cases(config="llama", workers=2)  # one configuration: no worker
+    assert [row.note for row in here] == [str(os.getpid())] * 2
 
 
 def test_run_cases_refuses_an_unknown_config_or_dtype():
