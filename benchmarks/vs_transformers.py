@@ -51,6 +51,37 @@ def matmul_floor(torch_lm, steps: int):
     return run
 
 
+def jax_matmul_floor(params: dict, steps: int):
+    """The same for JAX: `steps` tokens' matrix products alone (every kernel of the LM and the
+    head at batch 1) in one jitted loop, each product fed by the last so none is hoisted."""
+    import jax
+    import jax.numpy as jnp
+    from flax.traverse_util import flatten_dict
+
+    flat = flatten_dict(params)
+    kernels = [w for path, w in flat.items() if path[-1] == "kernel" and w.ndim == 2]
+    head = flat[("token_embedding", "embedding")].T  # (d_model, vocab): the tied head
+    weights = tuple(kernels) + (head,)
+    sizes = sorted({w.shape[0] for w in weights} | {w.shape[1] for w in weights})
+
+    @jax.jit
+    def run_steps(weights):
+        def step(_, carry):
+            carry = dict(carry)
+            for w in weights:
+                y = carry[w.shape[0]] @ w  # (1, out)
+                carry[w.shape[1]] = carry[w.shape[1]] + 1e-30 * y
+            return carry
+
+        start = {n: jnp.ones((1, n), weights[0].dtype) for n in sizes}
+        return jax.lax.fori_loop(0, steps, step, start)
+
+    def run():
+        return block(run_steps(weights))
+
+    return run
+
+
 def transformers_gpt2(torch_lm, folder: str):
     """transformers' GPT2LMHeadModel holding torch_lm's weights (written to `folder`)."""
     import transformers
@@ -128,7 +159,7 @@ def run(quick: bool) -> Result:
         "torch compiled": run_compiled,
         "matmuls alone": matmul_floor(torch_lm, new_tokens - 1),
     }
-    runs = {"jax": run_jax}
+    runs = {"jax": run_jax, "jax matmuls alone": jax_matmul_floor(params, new_tokens - 1)}
     for threads in thread_counts:
         runs.update({(name, threads): with_threads(threads, r) for name, r in torch_runs.items()})
     times = compare_times(runs, repeats, warmup=1)
@@ -142,6 +173,8 @@ def run(quick: bool) -> Result:
     }
     rate = {key: new_tokens / t["median"] for key, t in times.items()}
     floor = {t: times[("matmuls alone", t)]["median"] / (new_tokens - 1) for t in thread_counts}
+    jax_floor = times["jax matmuls alone"]["median"] / (new_tokens - 1)
+    jax_goal = 1 / (10 * rate[("transformers", 1)])  # seconds per token at 10x transformers
     rows = []
     for threads in thread_counts:
         for name in ("transformers", "torch eager", "torch compiled", "jax"):
@@ -238,6 +271,11 @@ def run(quick: bool) -> Result:
             "matmul floor: the model's matrix products alone (every Linear and the head, "
             f"F.linear at batch 1, timed in the same rotation), {floors} (prefill included): "
             "compiling can shorten only what lies above the floor",
+            f"JAX matmul floor: the same products in one jitted loop, {1e3 * jax_floor:.2f} ms "
+            f"per token, a JAX token taking {1 / rate['jax'] / jax_floor:.2f}x that; 10x "
+            f"transformers needs {1e3 * jax_goal:.2f} ms per token, "
+            f"{jax_goal / jax_floor:.2f}x the products alone on this CPU "
+            "(at batch 1 they read every weight once per token: memory-bound)",
             "same tokens = share of greedy tokens equal to torch_block eager's",
         ],
     )

@@ -13,7 +13,7 @@ from .rope import apply_rope
 
 QUERY_BLOCK = 128  # queries attended together: one block's keys end at its last query's slot
 SCORE_ELEMENTS = 1 << 19  # the most attention scores (or mask entries) one block holds at once
-WHOLE_SCORES = 1 << 22  # eval inputs with at most this many scores (B*H*T*S) are attended whole
+WHOLE_SCORES = 1 << 20  # eval inputs with at most this many scores (B*H*T*S) are attended whole
 
 
 def check_mask(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> None:
