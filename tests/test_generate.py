@@ -30,13 +30,7 @@ NUM_SAMPLES = 20_000
 LOGITS = np.array([2.0, 0.3, 1.1, -0.4, 1.6, -1.2, 0.8, 0.0, -2.0, 1.3, -0.7, 0.5], np.float32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one intra-op thread (no spinning threads on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- sampling

@@ -24,13 +24,7 @@ PROMPT_LENGTHS, NEW_TOKENS = [12, 3, 7, 10], 64
 SEQ_LENGTHS = [76, 67, 71, 74]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one intra-op thread (no spinning threads on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_torch_lm(use_moe=False, tie_embeddings=True, seed=0) -> TransformerLM:

@@ -18,13 +18,7 @@ ATOL = 1e-5  # docs/design.md section 7: float32, unit-scale outputs
 LENGTH, PADS, STEPS = 6, (0, 3), 5  # prompts, row b left-padded by PADS[b]; new tokens fed
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one intra-op thread (no spinning threads on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_lm(name: str) -> TransformerLM:

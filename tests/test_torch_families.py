@@ -18,13 +18,7 @@ BATCH, SEQ_LEN, PADS = 2, 7, 2  # block inputs; row 1's first PADS keys are mask
 LM_LEN, LM_PADS = 9, 3  # LM batch: row 0 has LM_LEN real tokens, row 1 is left-padded by LM_PADS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one intra-op thread (no spinning threads on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

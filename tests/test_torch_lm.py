@@ -16,13 +16,7 @@ VOCAB, MAX_LEN, D_MODEL, N_LAYERS, N_HEADS, D_FF = 64, 128, 32, 2, 4, 64
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run fastest on one intra-op thread (no spinning threads on a busy CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_lm(use_moe=False, tie_embeddings=True, seed=0) -> TransformerLM:

@@ -21,12 +21,7 @@ from torch_block import TransformerBlock, TransformerLM
 D_MODEL, N_HEADS, D_FF = 64, 4, 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --------------------------------------------------------------------------- the reference
