@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors
-import safetensors.torch
 import torch
 from flax import linen as nn
 from flax import serialization
@@ -37,6 +36,7 @@ from twin_core import BlockConfig, LMConfig
 from twin_core.files import atomic_write, digest
 
 from .convert import PAIRS, config_of, flax_to_torch, to_numpy, to_torch_tensor, torch_to_flax
+from .hf_files import write_safetensors
 
 FORMAT = "twin-block/1"
 FORMATS = ("safetensors", "pt", "msgpack")
@@ -262,7 +262,8 @@ def _write(path: Path, fmt: str, naming: str, checkpoint: _Checkpoint) -> None:
         metadata = {**header, "config": json.dumps(config), "sha256": digest(tensors)}
         if naming == "jax":
             metadata["naming"] = _STORED_NAMING["jax"]
-        atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata)))
+        entries = [(k, lambda v=v: v, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+        write_safetensors(path, entries, metadata)
     elif fmt == "pt":
         state = {**header, "config": config, "sha256": digest(weights)}
         atomic_write(path, lambda f: torch.save({**state, "state_dict": weights}, f))

@@ -219,11 +219,14 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------- writing
 def write_safetensors(
-    path: Path, tensors: list[tuple[str, Callable[[], torch.Tensor], tuple[int, ...], torch.dtype]]
+    path: Path,
+    tensors: list[tuple[str, Callable[[], torch.Tensor], tuple[int, ...], torch.dtype]],
+    metadata: dict[str, str] | None = None,
 ) -> int:
     """Write (name, make tensor, shape, dtype) entries as one safetensors file, atomically,
-    making and writing one tensor at a time; returns the bytes of tensor data."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    making and writing one tensor at a time (no copy of the whole file in memory); returns the
+    bytes of tensor data. `metadata` defaults to transformers' {"format": "pt"}."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"} if metadata is None else metadata}
     offset = 0
     for name, _, shape, dtype in tensors:
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()

@@ -23,7 +23,7 @@ from flax.traverse_util import flatten_dict
 
 import jax_block
 import jax_block.lm
-from parity import from_torch
+from parity import from_torch, hf_files
 from parity.checkpoint import convert_file, load, save
 from torch_block import TransformerBlock
 from torch_block.lm import TransformerLM
@@ -270,7 +270,7 @@ def test_flax_named_safetensors_holds_flax_paths(tmp_path):
 
 # --------------------------------------------------------------------------- atomic writes
 SERIALISERS = {
-    "safetensors": (safetensors.torch, "save"),
+    "safetensors": (hf_files, "raw_bytes"),  # per tensor, after the header went to the file
     "pt": (torch, "save"),
     "msgpack": (flax.serialization, "msgpack_serialize"),
 }
