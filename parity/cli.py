@@ -114,7 +114,7 @@ def add_check_options(parser: argparse.ArgumentParser, default: object = None) -
 def run_check(args: argparse.Namespace) -> int:
     """Run the selected cases, print the report, return 0 if all pass and 1 otherwise."""
     start = time.perf_counter()
-    rows = report.run_cases(args.config, args.dtype, args.seed)
+    rows = report.run_cases(args.config, args.dtype, args.seed, workers=report.WORKERS)
     env = environment()
     if args.json:
         print(render_json(rows, env, args.seed))

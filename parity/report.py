@@ -7,7 +7,7 @@ one). Adding a case module is one more line in CASE_MODULES.
 Every case runs under `parity.precision.full_precision()` (JAX's default matmul precision
 "highest", torch's TF32 off, both restored afterwards), so the float32 tolerances hold on GPUs,
 whose float32 matmuls default to TF32, as well as on CPUs. `parity.render` renders the rows.
-A run over several configurations spreads them over WORKERS spawned processes.
+`python -m parity` spreads its configurations over WORKERS spawned processes.
 """
 
 from __future__ import annotations
@@ -64,19 +64,20 @@ WORKERS = min(2, os.cpu_count() or 1)
 
 
 def run_cases(
-    config: str = "all", dtype: str = "all", seed: int = 0, workers: int | None = None
+    config: str = "all", dtype: str = "all", seed: int = 0, workers: int = 1
 ) -> list[Row]:
     """Rows of every registered case that covers `config` and `dtype` ("all": every one), in
     the order of CONFIGS, then DTYPES, then the cases.
 
-    Several configurations run in up to `workers` (default WORKERS) spawned processes, one
-    configuration at a time each (the original two and the MoE ones first: they take
-    longest); the workers import CASE_MODULES themselves. Every case seeds its own weights and
-    inputs, so the rows are those of a run in this process.
+    With `workers` > 1 (`python -m parity` passes WORKERS) several configurations run in that
+    many spawned processes, one configuration at a time each (the original two and the MoE
+    ones first: they take longest); the workers import CASE_MODULES themselves. Every case
+    seeds its own weights and inputs, so the rows are those of a run in this process. Spawned
+    workers re-import the calling script: call it under `if __name__ == "__main__":`.
     """
     configs = _select(config, tuple(CONFIGS), "config")
     dtypes = _select(dtype, DTYPES, "dtype")
-    workers = min(WORKERS if workers is None else workers, len(configs))
+    workers = min(workers, len(configs))
     if workers <= 1:
         return [row for name in configs for row in run_config(name, dtypes, seed)]
     longest_first = sorted(configs, key=lambda name: (name not in ORIGINAL, not _is_moe(name)))

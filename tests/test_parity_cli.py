@@ -217,7 +217,8 @@ def test_no_command_checks_everything_and_exits_0_when_all_pass(monkeypatch, cap
     calls = []
     tolerance = TOLERANCES["float32"]
 
-    def fake_run_cases(config, dtype, seed):
+    def fake_run_cases(config, dtype, seed, workers):
+        assert workers == report.WORKERS  # the command line spreads configurations
         calls.append((config, dtype, seed))
         return [Row("c", "dense", "float32", 0.0, 0.0, tolerance, True)]
 
