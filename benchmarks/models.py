@@ -12,20 +12,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from twin_core import LLAMA_OPTIONS
+
 SMALL = dict(vocab_size=1024, max_seq_len=1024, d_model=256, n_layers=4, n_heads=8, d_ff=1024)
 MEDIUM = dict(vocab_size=8192, max_seq_len=1024, d_model=1024, n_layers=8, n_heads=16, d_ff=4096)
 
 GQA_GROUP = 4  # query heads per key/value head in the Llama-like models
-LLAMA_FAMILY = dict(
-    norm="rmsnorm",
-    activation="silu",
-    gated_ffn=True,
-    ffn_bias=False,
-    qkv_bias=False,
-    out_bias=False,
-    positions="rope",
-    tie_embeddings=False,
-)
+LLAMA_FAMILY = dict(LLAMA_OPTIONS, tie_embeddings=False)
 MIXTRAL_MOE = dict(use_moe=True, num_experts=8, top_k_experts=2, expert_capacity_factor=None)
 
 

@@ -18,7 +18,7 @@ from flax import linen as nn
 
 import jax_block
 import torch_block
-from twin_core import RopeScaling
+from twin_core import LLAMA_OPTIONS, RopeScaling
 
 from .compare import (
     DTYPES,
@@ -40,16 +40,10 @@ _BLOCK = dict(d_model=64, n_heads=4, d_ff=128, dropout=0.0)
 # so the scaling keeps one frequency, smooths one and divides two.
 _LLAMA = dict(
     _BLOCK,
+    **LLAMA_OPTIONS,
     n_heads=8,
     n_kv_heads=2,
-    norm="rmsnorm",
     norm_eps=1e-6,
-    activation="silu",
-    gated_ffn=True,
-    ffn_bias=False,
-    qkv_bias=False,
-    out_bias=False,
-    positions="rope",
     rope_theta=500000.0,
     rope_scaling=RopeScaling(
         factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=256

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from twin_core import LMConfig, RopeScaling
+from twin_core import LLAMA_OPTIONS, LMConfig, RopeScaling
 
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
 ARCHITECTURES = {
@@ -123,6 +123,7 @@ def _rope_family_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
     head_dim = data.get("head_dim")
     max_seq_len = _size(data, "max_position_embeddings", 2048, MAX_POSITIONS)
     fields: dict[str, Any] = dict(
+        LLAMA_OPTIONS,
         vocab_size=_size(data, "vocab_size", 32000),
         max_seq_len=max_seq_len,
         d_model=d_model,
@@ -131,14 +132,8 @@ def _rope_family_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
         n_kv_heads=None if n_kv_heads is None else _size(data, "num_key_value_heads", None),
         head_dim=None if head_dim is None else _size(data, "head_dim", None),
         d_ff=_size(data, "intermediate_size", 11008),
-        norm="rmsnorm",
         norm_eps=_positive(data, "rms_norm_eps", 1e-5 if family == "mixtral" else 1e-6),
         activation=_activation(data, "hidden_act", "silu"),
-        gated_ffn=True,
-        ffn_bias=False,
-        qkv_bias=False,
-        out_bias=False,
-        positions="rope",
         tie_embeddings=_bool(data, "tie_word_embeddings", False),
     )
     fields["rope_theta"], fields["rope_scaling"] = _rope(data, family, max_seq_len)

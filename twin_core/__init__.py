@@ -4,11 +4,19 @@ Imports only the standard library and NumPy.
 """
 
 from .checks import check_prompt, check_sampling, check_token_id, expert_capacity, prompt_bucket
-from .config import BlockConfig, LMConfig, RopeScaling, TrainConfig, check_moe_config
+from .config import (
+    LLAMA_OPTIONS,
+    BlockConfig,
+    LMConfig,
+    RopeScaling,
+    TrainConfig,
+    check_moe_config,
+)
 from .files import atomic_write, digest
 from .rope import inv_frequencies
 
 __all__ = [
+    "LLAMA_OPTIONS",
     "BlockConfig",
     "LMConfig",
     "RopeScaling",

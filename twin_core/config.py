@@ -9,12 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from collections.abc import Mapping
 from typing import Any
 
 NORMS = ("layernorm", "rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 POSITIONS = ("learned", "rope")
+# The Llama family's switches, which Mistral, Qwen2 and Mixtral start from: RMSNorm, gated SiLU
+# feed-forward, rope, no biases. `BlockConfig(**LLAMA_OPTIONS, d_model=...)`, or
+# `dict(LLAMA_OPTIONS, qkv_bias=True)` for Qwen2's attention.
+LLAMA_OPTIONS: Mapping[str, Any] = types.MappingProxyType(
+    dict(
+        norm="rmsnorm",
+        activation="silu",
+        gated_ffn=True,
+        ffn_bias=False,
+        qkv_bias=False,
+        out_bias=False,
+        positions="rope",
+    )
+)
 
 
 @dataclasses.dataclass(frozen=True)
