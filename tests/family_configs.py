@@ -8,25 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from twin_core import RopeScaling
+from twin_core import LLAMA_OPTIONS, RopeScaling
 
 BASE = dict(d_model=32, n_heads=4, d_ff=48, dropout=0.0)
 # Llama: RMSNorm, gated SiLU without biases, rope, GQA 4:1, no attention biases; head_dim given
 # (8 heads of 8 over d_model 32, so H * D != d_model).
-LLAMA = dict(
-    BASE,
-    n_heads=8,
-    n_kv_heads=2,
-    head_dim=8,
-    norm="rmsnorm",
-    norm_eps=1e-6,
-    activation="silu",
-    gated_ffn=True,
-    ffn_bias=False,
-    qkv_bias=False,
-    out_bias=False,
-    positions="rope",
-)
+LLAMA = dict(BASE, **LLAMA_OPTIONS, n_heads=8, n_kv_heads=2, head_dim=8, norm_eps=1e-6)
 # head_dim 8, theta 1e4: wavelengths 6.3, 63, 628, 6283 against 64 / 4 and 64 / 1: one
 # frequency of each llama3 branch (kept, smoothed, divided), two divided.
 LLAMA3_SCALING = RopeScaling(

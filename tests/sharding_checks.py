@@ -44,7 +44,7 @@ from jax_block.generate import generate_tokens  # noqa: E402
 from jax_block.sharded_checkpoint import restore_params, restore_train_state, save  # noqa: E402
 from jax_block.sharding import make_mesh, named_sharding  # noqa: E402
 from jax_block.train import create_train_state, train_step  # noqa: E402
-from twin_core import TrainConfig  # noqa: E402
+from twin_core import LLAMA_OPTIONS, TrainConfig  # noqa: E402
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]  # (data, tensor, expert)
 COMMON = dict(vocab_size=64, max_seq_len=32, d_model=32, n_layers=1, dropout=0.0)
@@ -63,17 +63,11 @@ MODELS = {
     ),
     "llama": dict(  # GQA 2:1, rope, RMSNorm, gated SiLU, no biases, untied head
         COMMON,
+        **LLAMA_OPTIONS,
         n_heads=16,
         n_kv_heads=8,
         head_dim=4,
         d_ff=48,
-        norm="rmsnorm",
-        activation="silu",
-        gated_ffn=True,
-        ffn_bias=False,
-        qkv_bias=False,
-        out_bias=False,
-        positions="rope",
         tie_embeddings=False,
     ),
 }
