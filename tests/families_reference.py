@@ -59,6 +59,17 @@ def torch_weights(module: Any) -> dict[str, np.ndarray]:
     return {key: value.detach().double().numpy() for key, value in module.state_dict().items()}
 
 
+def randomize_torch(module: Any, seed: int = 0) -> Any:
+    """Every parameter of a torch module redrawn at unit scale (random_array); eval mode."""
+    import torch  # only torch tests call this: the module itself needs NumPy alone
+
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            parameter.copy_(torch.from_numpy(random_array(name, tuple(parameter.shape), rng)))
+    return module.eval()
+
+
 def flax_weights(params: Mapping) -> dict[str, np.ndarray]:
     """A Flax parameter tree as float64 arrays under torch's state_dict names.
 
@@ -332,3 +343,14 @@ def lm(ids: np.ndarray, weights: Weights, s: Mapping, attention_mask: np.ndarray
     x = norm(x, weights, "norm", s)
     head = weights["token_embedding.weight" if s["tie_embeddings"] else "lm_head.weight"]
     return x @ head.T
+
+
+def greedy(ids: np.ndarray, weights: Weights, s: Mapping, mask: np.ndarray, n: int) -> np.ndarray:
+    """n greedy tokens (B, n) after left-padded prompts: the whole sequence again for each."""
+    tokens = []
+    for _ in range(n):
+        token = lm(ids, weights, s, mask)[:, -1].argmax(axis=-1)  # (B,)
+        tokens.append(token)
+        ids = np.concatenate([ids, token[:, None]], axis=1)
+        mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
+    return np.stack(tokens, axis=1)

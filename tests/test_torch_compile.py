@@ -36,19 +36,6 @@ def prompts(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def reference_greedy(lm: TransformerLM, ids, mask, n: int) -> np.ndarray:
-    """Greedy tokens by the float64 reference: the whole sequence again for every token."""
-    s, weights = ref.spec(**LMS[NAME]), ref.torch_weights(lm)
-    ids, mask = ids.numpy(), mask.numpy()
-    tokens = []
-    for _ in range(n):
-        token = ref.lm(ids, weights, s, mask)[:, -1].argmax(axis=-1)  # (B,)
-        tokens.append(token)
-        ids = np.concatenate([ids, token[:, None]], axis=1)
-        mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
-    return np.stack(tokens, axis=1)
-
-
 @pytest.fixture(scope="module")
 def compiled():
     """(lm, graphs compiled by the first compiled call, its tokens): compiled once."""
@@ -72,7 +59,12 @@ def test_compiled_greedy_tokens_are_eager_and_reference_tokens(compiled):
     ids, mask = prompts(seed=1)
     eager = torch_block.generate(lm, ids, mask, max_new_tokens=NEW_TOKENS)
     np.testing.assert_array_equal(tokens.numpy(), eager.numpy())
-    np.testing.assert_array_equal(tokens.numpy(), reference_greedy(lm, ids, mask, NEW_TOKENS))
+    np.testing.assert_array_equal(
+        tokens.numpy(),
+        ref.greedy(
+            ids.numpy(), ref.torch_weights(lm), ref.spec(**LMS[NAME]), mask.numpy(), NEW_TOKENS
+        ),
+    )
 
 
 def test_one_compilation_serves_every_position_and_later_calls(compiled):

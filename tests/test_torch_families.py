@@ -21,24 +21,14 @@ LM_LEN, LM_PADS = 9, 3  # LM batch: row 0 has LM_LEN real tokens, row 1 is left-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter redrawn at unit scale (families_reference.random_array); eval mode."""
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            value = ref.random_array(name, tuple(parameter.shape), rng)
-            parameter.copy_(torch.from_numpy(value))
-    return module.eval()
-
-
 def make_block(name: str, **overrides) -> TransformerBlock:
     torch.manual_seed(0)
-    return randomize(TransformerBlock(**{**BLOCKS[name], **overrides}))
+    return ref.randomize_torch(TransformerBlock(**{**BLOCKS[name], **overrides}))
 
 
 def make_lm(name: str) -> TransformerLM:
     torch.manual_seed(0)
-    return randomize(TransformerLM(**LMS[name]))
+    return ref.randomize_torch(TransformerLM(**LMS[name]))
 
 
 def block_input(d_model: int, length: int = SEQ_LEN, seed: int = 1) -> torch.Tensor:

@@ -35,19 +35,9 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(attention, "WHOLE_SCORES", 0)
 
 
-def randomize(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter redrawn at unit scale (families_reference.random_array); eval mode."""
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for name, parameter in module.named_parameters():
-            value = ref.random_array(name, tuple(parameter.shape), rng)
-            parameter.copy_(torch.from_numpy(value))
-    return module.eval()
-
-
 def make_block(name: str, dtype=torch.float32) -> TransformerBlock:
     torch.manual_seed(0)
-    return randomize(TransformerBlock(**BLOCKS[name])).to(dtype)
+    return ref.randomize_torch(TransformerBlock(**BLOCKS[name])).to(dtype)
 
 
 def padded_mask(batch: int, length: int, pads: list[int]) -> torch.Tensor:
@@ -159,19 +149,6 @@ def test_dropout_in_training_attends_every_key_at_once(monkeypatch):
 LMS_USED = ["gpt2", "llama", "mistral", "mixtral"]
 
 
-def reference_greedy(name: str, lm: TransformerLM, ids, mask, n: int) -> np.ndarray:
-    """Greedy tokens by the float64 reference: the whole sequence again for every token."""
-    s, weights = ref.spec(**LMS[name]), ref.torch_weights(lm)
-    ids, mask = ids.numpy(), mask.numpy()
-    tokens = []
-    for _ in range(n):
-        token = ref.lm(ids, weights, s, mask)[:, -1].argmax(axis=-1)  # (B,)
-        tokens.append(token)
-        ids = np.concatenate([ids, token[:, None]], axis=1)
-        mask = np.concatenate([mask, np.ones_like(mask[:, :1])], axis=1)
-    return np.stack(tokens, axis=1)
-
-
 @pytest.mark.parametrize("name", LMS_USED)
 def test_chunked_prefill_gives_the_reference_tokens(name, monkeypatch):
     """A 17-token left-padded prompt prefilled in chunks of 4 (LONG_PROMPT patched to 8), with
@@ -181,7 +158,7 @@ def test_chunked_prefill_gives_the_reference_tokens(name, monkeypatch):
     monkeypatch.setattr(attention, "QUERY_BLOCK", 3)
     monkeypatch.setattr(attention, "WHOLE_SCORES", 0)
     torch.manual_seed(0)
-    lm = randomize(TransformerLM(**LMS[name]))
+    lm = ref.randomize_torch(TransformerLM(**LMS[name]))
     length, new = 17, 6
     ids = torch.randint(1, lm.vocab_size, (2, length), generator=torch.Generator().manual_seed(4))
     mask = torch.ones(2, length, dtype=torch.long)
@@ -197,4 +174,7 @@ def test_chunked_prefill_gives_the_reference_tokens(name, monkeypatch):
     monkeypatch.setattr(lm, "hidden_states", counted)
     got = torch_block.generate(lm, ids, mask, max_new_tokens=new)
     assert chunks == [4, 4, 4, 4, 1]
-    np.testing.assert_array_equal(got.numpy(), reference_greedy(name, lm, ids, mask, new))
+    np.testing.assert_array_equal(
+        got.numpy(),
+        ref.greedy(ids.numpy(), ref.torch_weights(lm), ref.spec(**LMS[name]), mask.numpy(), new),
+    )
