@@ -1,7 +1,7 @@
 """The small block and language-model configurations the family tests run in both frameworks.
 
 Each is one option or one family of docs/design.md section 8, on tiny shapes so that JAX compiles
-fast; the NumPy references of tests/families_reference.py compute the same model from them.
+fast; the NumPy reference of tests/reference/ computes the same model from them.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ implementation) and against variants they must tell apart."""
 
 from __future__ import annotations
 
-import families_reference as ref
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from family_configs import BAD, BASE, BLOCKS, LLAMA3_SCALING
 

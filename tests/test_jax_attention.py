@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import jax_reference as ref
 import numpy as np
 import pytest
+import reference as ref
+from jax_keys import rbg_key
 
 from jax_block import KVCache, MultiHeadAttention
 
@@ -23,6 +24,12 @@ def assert_close(a, b, atol: float = ATOL) -> None:
     np.testing.assert_allclose(
         np.asarray(a, np.float64), np.asarray(b, np.float64), atol=atol, rtol=0
     )
+
+
+def reference(params, x, causal: bool, mask=None, query_start: int = 0) -> np.ndarray:
+    """The float64 reference of the queries x[:, query_start:] over all of x (B, L, d_model)."""
+    s = ref.spec(d_model=D_MODEL, n_heads=N_HEADS, causal=causal)
+    return ref.attention(x, ref.flax_weights(params), "", s, mask, query_start=query_start)
 
 
 def build(causal: bool, dropout: float = 0.0):
@@ -73,7 +80,7 @@ def test_no_mask_matches_reference(attn):
     x = rand_x(B, T)
     out, cache = apply(params, x)
     assert out.shape == (B, T, D_MODEL) and out.dtype == jnp.float32 and cache is None
-    assert_close(out, ref.attention(params, x, N_HEADS, mod.causal))
+    assert_close(out, reference(params, x, mod.causal))
 
 
 def test_causal_rule_hides_later_tokens(causal_attn, bidir_attn):
@@ -104,7 +111,7 @@ def test_masks_match_reference(attn, mask_name):
     x = rand_x(B, T, seed=3)
     out, _ = apply(params, x, mask)
     assert np.isfinite(np.asarray(out)).all()
-    assert_close(out, ref.attention(params, x, N_HEADS, mod.causal, mask))
+    assert_close(out, reference(params, x, mod.causal, mask))
 
 
 def test_fully_masked_row_is_zero_attention_not_nan(attn):
@@ -150,19 +157,16 @@ def test_cache_prefill_then_chunks_match_reference(attn):
 
     out, cache = apply(params, x[:, :PREFILL], None, garbage_cache(), np.int32(0))
     assert int(cache.position) == PREFILL
-    assert_close(out, ref.attention(params, x[:, :PREFILL], N_HEADS, mod.causal))
+    assert_close(out, reference(params, x[:, :PREFILL], mod.causal))
     for start in (PREFILL, PREFILL + CHUNK):
         out, cache = apply(params, x[:, start : start + CHUNK], None, cache, np.int32(start))
         assert int(cache.position) == start + CHUNK
-        expected = ref.attention(
-            params, x[:, : start + CHUNK], N_HEADS, mod.causal, query_start=start
-        )
+        expected = reference(params, x[:, : start + CHUNK], mod.causal, query_start=start)
         assert_close(out, expected)
 
     # the cache holds projected keys and values, heads split: (B, H, S, D)
-    p64 = ref.to_f64(params)
-    k_ref = ref.dense(np.asarray(x, np.float64), p64["k_proj"]).reshape(B, L, N_HEADS, HEAD_DIM)
-    v_ref = ref.dense(np.asarray(x, np.float64), p64["v_proj"]).reshape(B, L, N_HEADS, HEAD_DIM)
+    s = ref.spec(d_model=D_MODEL, n_heads=N_HEADS)
+    k_ref, v_ref = ref.keys_values(x, ref.flax_weights(params), "", s)  # (B, L, H, D)
     after_k, after_v = np.asarray(cache.k_cache), np.asarray(cache.v_cache)
     assert_close(after_k[:B, :, :L], k_ref.transpose(0, 2, 1, 3))
     assert_close(after_v[:B, :, :L], v_ref.transpose(0, 2, 1, 3))
@@ -182,7 +186,7 @@ def test_cache_mask_covers_max_seq_len_slots(attn):
     mask[0, :, 1, :L] = False  # a row with no written key allowed
     _, cache = apply(params, x[:, :PREFILL], None, garbage_cache(), np.int32(0))
     out, cache = apply(params, x[:, PREFILL:], mask, cache, np.int32(PREFILL))
-    expected = ref.attention(params, x, N_HEADS, mod.causal, mask[..., :L], query_start=PREFILL)
+    expected = reference(params, x, mod.causal, mask[..., :L], query_start=PREFILL)
     assert np.isfinite(np.asarray(out)).all()
     assert_close(out, expected)
 
@@ -193,7 +197,7 @@ def test_known_position_zero_reads_no_cache_slot(attn):
     x = rand_x(B, PREFILL, seed=12)
     out, cache = mod.apply({"params": params}, x, None, garbage_cache(), 0)
     assert int(cache.position) == PREFILL
-    assert_close(out, ref.attention(params, x, N_HEADS, mod.causal))
+    assert_close(out, reference(params, x, mod.causal))
 
 
 def test_traced_write_past_the_end_attends_only_to_the_keys_it_kept(attn):
@@ -206,7 +210,7 @@ def test_traced_write_past_the_end_attends_only_to_the_keys_it_kept(attn):
     assert bool(cache.overflowed)
     kept = np.zeros((1, 1, CHUNK, start + CHUNK), bool)
     kept[..., : start + 1] = True  # the cached slots and the one new key written
-    expected = ref.attention(params, x, N_HEADS, mod.causal, kept, query_start=start)
+    expected = reference(params, x, mod.causal, kept, query_start=start)
     assert_close(out, expected)
 
 
@@ -218,7 +222,7 @@ def test_explicit_cache_position_overrides_the_caches_own(causal_attn):
     out, cache = apply(params, x[:, PREFILL:], None, cache, np.int32(2))
     assert int(cache.position) == 2 + CHUNK
     moved = np.concatenate([x[:, :2], x[:, PREFILL:]], axis=1)
-    assert_close(out, ref.attention(params, moved, N_HEADS, True, query_start=2))
+    assert_close(out, reference(params, moved, True, query_start=2))
 
 
 # --------------------------------------------------------------------------- dropout, bad input
@@ -235,10 +239,10 @@ def test_dropout_only_in_training():
         )
 
     x = rand_x(B, T, seed=10)
-    expected = ref.attention(params, x, N_HEADS, True)
-    a, train0 = train(params, x, ref.rbg_key(1))
-    b, _ = train(params, x, ref.rbg_key(1))
-    c, _ = train(params, x, ref.rbg_key(2))
+    expected = reference(params, x, True)
+    a, train0 = train(params, x, rbg_key(1))
+    b, _ = train(params, x, rbg_key(1))
+    c, _ = train(params, x, rbg_key(2))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # the same rng, the same mask
     assert np.abs(np.asarray(a) - expected).max() > 1e-3
     assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3

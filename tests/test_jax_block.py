@@ -6,9 +6,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import jax_reference as ref
 import numpy as np
 import pytest
+import reference as ref
+from jax_keys import rbg_key
 
 from jax_block import KVCache, TransformerBlock
 
@@ -28,6 +29,15 @@ def assert_close(a, b, atol: float = ATOL) -> None:
     np.testing.assert_allclose(
         np.asarray(a, np.float64), np.asarray(b, np.float64), atol=atol, rtol=0
     )
+
+
+def reference(params, x, causal=True, mask=None, top_k=None, capacity_factor=None):
+    """The float64 reference block: (y (B, T, d_model), MoEOut or None); top_k None: dense."""
+    weights = ref.flax_weights(params)
+    s = ref.spec(d_model=D_MODEL, n_heads=N_HEADS, causal=causal, use_moe=top_k is not None)
+    if top_k is not None:
+        s.update(num_experts=len(weights["feed_forward.gate.weight"]), top_k_experts=top_k)
+    return ref.block(x, weights, s, mask, capacity_factor=capacity_factor)
 
 
 def make_block(use_moe: bool, **kw) -> TransformerBlock:
@@ -112,7 +122,7 @@ def test_fields_mirror_the_torch_constructor():
 
 def test_init_parameter_tree_dtypes_and_distinct_experts():
     block = make_block(True)
-    params = jax.jit(block.init)(ref.rbg_key(0), rand_x(1, 3))["params"]
+    params = jax.jit(block.init)(rbg_key(0), rand_x(1, 3))["params"]
     shapes = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params)
     f32 = jnp.float32
     proj = {"kernel": ((D_MODEL, D_MODEL), f32), "bias": ((D_MODEL,), f32)}
@@ -163,7 +173,7 @@ def test_block_matches_reference(use_moe, causal):
     x = rand_x(B, T, seed=2)
     mask = hard_mask(B, T)
     y, aux, _ = forward(use_moe, causal)(params, x, jnp.asarray(mask))
-    expected, moe = ref.block(params, x, N_HEADS, causal, mask, K if use_moe else None)
+    expected, moe = reference(params, x, causal, mask, K if use_moe else None)
     assert np.isfinite(np.asarray(y)).all()
     assert_close(y, expected)
     if use_moe:
@@ -171,7 +181,7 @@ def test_block_matches_reference(use_moe, causal):
     # LayerNorm eps is 1e-5: a small-variance input makes it matter
     small = rand_x(B, T, seed=3, scale=3e-3)
     y, _, _ = forward(use_moe, causal)(params, small, jnp.asarray(mask))
-    assert_close(y, ref.block(params, small, N_HEADS, causal, mask, K if use_moe else None)[0])
+    assert_close(y, reference(params, small, causal, mask, K if use_moe else None)[0])
 
 
 def test_moe_block_in_training_drops_by_capacity_and_counts_experts():
@@ -179,7 +189,7 @@ def test_moe_block_in_training_drops_by_capacity_and_counts_experts():
     x = rand_x(B, T, seed=5)
     mask = hard_mask(B, T)
     y, aux, state = forward(True, train=True, factor=0.5)(params, x, jnp.asarray(mask))
-    expected, moe = ref.block(params, x, N_HEADS, True, mask, K, capacity_factor=0.5)
+    expected, moe = reference(params, x, True, mask, K, capacity_factor=0.5)
     assert len(moe.kept) < B * T * K  # capacity really drops assignments here
     assert_close(y, expected)
     assert float(aux) == pytest.approx(moe.aux, abs=1e-6)
@@ -200,10 +210,10 @@ def test_dropout_only_in_training():
         train = block.apply({"params": params}, x, deterministic=False, rngs=rngs)[0]
         return train, block.apply({"params": params}, x)[0]
 
-    a, eval_out = run(params, x, ref.rbg_key(0))
-    b, _ = run(params, x, ref.rbg_key(0))
-    c, _ = run(params, x, ref.rbg_key(1))
-    assert_close(eval_out, ref.block(params, x, N_HEADS)[0])
+    a, eval_out = run(params, x, rbg_key(0))
+    b, _ = run(params, x, rbg_key(0))
+    c, _ = run(params, x, rbg_key(1))
+    assert_close(eval_out, reference(params, x)[0])
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.abs(np.asarray(a - eval_out)).max() > 1e-3
     assert np.abs(np.asarray(a - c)).max() > 1e-3
@@ -228,7 +238,7 @@ def moe_grad_fn():
 
 
 def ref_loss(params, x, mask, r):
-    y, moe = ref.block(params, x, N_HEADS, True, mask, K, GRAD_FACTOR)
+    y, moe = reference(params, x, True, mask, K, GRAD_FACTOR)
     return float(np.sum(y * r)) + moe.aux, moe
 
 

@@ -7,9 +7,9 @@ import warnings
 
 import jax
 import jax.numpy as jnp
-import jax_reference as ref
 import numpy as np
 import pytest
+import reference as ref
 
 from jax_block import TransformerBlock, decode_step
 

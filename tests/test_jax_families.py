@@ -1,5 +1,5 @@
-"""jax_block's architecture families (issue 12) against the float64 NumPy references of
-tests/families_reference.py: every family's block and LM, rope positions, full == prefill +
+"""jax_block's architecture families against the float64 NumPy reference of
+tests/reference/: every family's block and LM, rope positions, full == prefill +
 decode, left padding, the GQA cache, and the original block's parameter paths unchanged.
 
 Parameters are drawn with NumPy on shapes from `jax.eval_shape` (no initialiser compiles) and
@@ -7,13 +7,13 @@ every jitted function is built once per configuration (module-scoped fixtures)."
 
 from __future__ import annotations
 
-import families_reference as ref
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 from family_configs import BLOCKS, CAUSAL_BLOCKS, LMS
-from flax.traverse_util import flatten_dict, unflatten_dict
+from flax.traverse_util import flatten_dict
 
 import jax_block
 from jax_block import TransformerBlock, TransformerLM
@@ -22,17 +22,6 @@ from twin_core import BlockConfig, LMConfig
 ATOL = 1e-5  # docs/design.md section 7: float32, unit-scale outputs
 BATCH, SEQ_LEN, PADS, PREFILL = 2, 9, 2, 4  # row 1's first PADS keys are masked out
 LM_LEN, LM_PADS, LM_PREFILL = 9, 3, 5  # row 0 all real, row 1 left-padded by LM_PADS
-
-
-def random_params(module, *args, seed: int = 0) -> dict:
-    """Unit-scale float32 parameters (families_reference.random_array) of module.init's shapes."""
-    shapes = jax.eval_shape(module.init, jax.random.PRNGKey(0), *args)["params"]
-    rng = np.random.default_rng(seed)
-    flat = {
-        path: jnp.asarray(ref.random_array("/".join(path), leaf.shape, rng), leaf.dtype)
-        for path, leaf in flatten_dict(shapes).items()
-    }
-    return unflatten_dict(flat)
 
 
 def max_error(a, b) -> float:
@@ -58,7 +47,7 @@ class BlockTwin:
         self.spec = ref.spec(**BLOCKS[name])
         self.module = TransformerBlock(**BLOCKS[name])
         self.x = block_input(self.module.d_model)
-        self.params = random_params(self.module, jnp.asarray(self.x))
+        self.params = ref.random_params(self.module, jnp.asarray(self.x))
         self.weights = ref.flax_weights(self.params)
         self.forward = jax.jit(
             lambda p, x, m: self.module.apply({"params": p}, x, m, return_aux_loss=True)
@@ -80,10 +69,10 @@ def block_twin(name: str) -> BlockTwin:
 def test_block_matches_the_float64_reference(name):
     twin = block_twin(name)
     y, _, aux = twin.forward(twin.params, twin.x, key_padding())
-    want, want_aux = ref.block(twin.x.astype(np.float64), twin.weights, twin.spec, key_padding())
+    want, moe = ref.block(twin.x.astype(np.float64), twin.weights, twin.spec, key_padding())
     assert max_error(y, want) <= ATOL
     if twin.spec["use_moe"]:
-        assert abs(float(aux) - want_aux) <= ATOL
+        assert abs(float(aux) - moe.aux) <= ATOL
     else:
         assert aux is None
 
@@ -154,7 +143,7 @@ class LMTwin:
         self.ids = (rng.integers(1, LMS[name]["vocab_size"], (2, LM_LEN)) * self.mask).astype(
             np.int32
         )
-        self.params = random_params(self.module, jnp.asarray(self.ids))
+        self.params = ref.random_params(self.module, jnp.asarray(self.ids))
         self.forward = jax.jit(lambda p, ids, m: self.module.apply({"params": p}, ids, m))
 
 
@@ -165,7 +154,7 @@ def lm(request) -> LMTwin:
 
 def test_lm_matches_the_float64_reference(lm):
     logits = lm.forward(lm.params, lm.ids, lm.mask)
-    want = ref.lm(lm.ids, ref.flax_weights(lm.params), lm.spec, lm.mask)
+    want, _ = ref.lm(lm.ids, ref.flax_weights(lm.params), lm.spec, lm.mask)
     real = lm.mask.astype(bool)  # pad positions have no defined output
     assert max_error(np.asarray(logits)[real], want[real]) <= ATOL
     has_positions = "position_embedding" in lm.params

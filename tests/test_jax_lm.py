@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax_reference import block, layer_norm, random_params
+import reference as ref
 
 from jax_block.cache import KVCache
 from jax_block.generate import cached_forward, generate, prompt_bucket
@@ -48,7 +48,9 @@ class Model:
 
     def __init__(self, name: str):
         self.lm = make_lm(**CONFIGS[name])
-        self.params = random_params(self.lm, jnp.zeros((1, 1), jnp.int32), seed=3)
+        fields = dict(d_model=D_MODEL, n_heads=N_HEADS, n_layers=N_LAYERS, num_experts=EXPERTS)
+        self.spec = ref.spec(**fields, **CONFIGS[name])
+        self.params = ref.random_params(self.lm, jnp.zeros((1, 1), jnp.int32), seed=3)
         self.forward = jax.jit(
             lambda params, ids, mask: self.lm.apply(
                 {"params": params}, ids, mask, return_aux_loss=True
@@ -68,25 +70,8 @@ def get_model(name: str) -> Model:
 
 # --------------------------------------------------------------------------- reference
 def reference_logits(m: Model, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float]:
-    """The LM in float64 NumPy (blocks from jax_reference): positions by a plain loop."""
-    p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), m.params)
-    B, T = ids.shape
-    positions = np.zeros((B, T), np.int64)
-    for b in range(B):  # a token's position = the number of real tokens before it
-        seen = 0
-        for t in range(T):
-            positions[b, t] = seen
-            seen += int(mask[b, t])
-    x = p["token_embedding"]["embedding"][ids] + p["position_embedding"]["embedding"][positions]
-    key_mask = mask.astype(bool)[:, None, None, :]
-    aux = 0.0
-    top_k = m.lm.top_k_experts if m.lm.use_moe else None
-    for i in range(m.lm.n_layers):  # eval mode: dropless MoE (capacity factor None)
-        x, moe_result = block(p[f"blocks_{i}"], x, N_HEADS, True, key_mask, top_k, None)
-        aux += 0.0 if moe_result is None else moe_result.aux
-    x = layer_norm(x, p["norm"])
-    head = p["token_embedding"]["embedding"].T if m.lm.tie_embeddings else p["lm_head"]["kernel"]
-    return x @ head, aux
+    """The float64 reference LM with the model's params: logits (B, T, V) and the aux loss."""
+    return ref.lm(ids, ref.flax_weights(m.params), m.spec, mask)
 
 
 def greedy_reference(m: Model, ids: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:

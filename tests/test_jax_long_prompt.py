@@ -8,36 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 
 import jax_block.attention as attention_module
 from jax_block import KVCache, MultiHeadAttention, TransformerLM
 from jax_block.generate import generate_tokens
 
 D_MODEL, T = 32, 500  # T spans several query and key blocks, with a ragged end
-
-
-def reference(q, k, v, allowed):
-    """float64 NumPy attention: q (B, H, T, D), k/v (B, H, S, D), allowed (B, H, T, S)."""
-    scores = np.einsum("bhtd,bhsd->bhts", q, k) / np.sqrt(q.shape[-1])
-    scores = np.where(allowed, scores, -np.inf)
-    top = np.max(scores, axis=-1, keepdims=True)
-    top = np.where(np.isfinite(top), top, 0)
-    e = np.where(allowed, np.exp(scores - top), 0)
-    total = e.sum(-1, keepdims=True)
-    return np.einsum("bhts,bhsd->bhtd", e / np.where(total > 0, total, 1), v)
-
-
-def projections(module, params, x):
-    """q, k, v (B, H, T, D) in float64, computed from the module's own weights."""
-    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
-    H, KV = module.n_heads, module.n_kv_heads or module.n_heads
-    D = D_MODEL // H
-    out = []
-    for name, heads in (("q_proj", H), ("k_proj", KV), ("v_proj", KV)):
-        y = np.asarray(x, np.float64) @ p[name]["kernel"] + p[name]["bias"]
-        y = y.reshape(*x.shape[:2], heads, D).transpose(0, 2, 1, 3)
-        out.append(np.repeat(y, H // heads, axis=1))  # query head h reads kv head h // G
-    return out, p
 
 
 @pytest.mark.parametrize(
@@ -63,16 +40,10 @@ def test_blocked_attention_equals_a_float64_reference(causal, window, n_kv_heads
     finally:
         attention_module.BLOCKED_MIN_SCORES = old
 
-    (q, k, v), p = projections(module, params, x)
-    pos = np.arange(T)
-    allowed = np.ones((T, T), bool)
-    if causal:
-        allowed &= pos[None, :] <= pos[:, None]
-    if window is not None:
-        allowed &= pos[None, :] > pos[:, None] - window
-    allowed = allowed[None, None] & key_mask[:, None, None, :]
-    heads = reference(q, k, v, allowed).transpose(0, 2, 1, 3).reshape(2, T, D_MODEL)
-    want = heads @ p["out_proj"]["kernel"] + p["out_proj"]["bias"]
+    s = ref.spec(
+        d_model=D_MODEL, n_heads=4, causal=causal, n_kv_heads=n_kv_heads, sliding_window=window
+    )
+    want = ref.attention(x, ref.flax_weights(params), "", s, key_mask[:, None, None, :])
     np.testing.assert_allclose(blocked, want, atol=1e-5)
     np.testing.assert_allclose(full, want, atol=1e-5)
 
@@ -97,7 +68,6 @@ def test_blocked_attention_over_a_cache_at_a_traced_position():
     finally:
         attention_module.BLOCKED_MIN_SCORES = old
     np.testing.assert_allclose(got, full, atol=1e-5)
-
 
 
 @pytest.fixture(scope="module")

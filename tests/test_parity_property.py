@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import reference as ref
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -27,7 +28,7 @@ LLAMA3 = RopeScaling(
 
 @st.composite
 def families(draw, use_moe: bool, causal: bool) -> dict:
-    """The family fields (issue 12): heads, norm, feed-forward, biases, rope, window, MoE."""
+    """The family fields: heads, norm, feed-forward, biases, rope, window, MoE."""
     n_heads = draw(st.sampled_from([1, 2, 4]))
     positions = draw(st.sampled_from(["learned", "rope"]))
     shared = draw(st.one_of(st.none(), st.sampled_from([8, 16]))) if use_moe else None
@@ -93,9 +94,10 @@ def near_tie_tokens(block: torch_block.TransformerBlock, router_input: torch.Ten
     B, T, _ = router_input.shape
     if not block.use_moe:
         return np.zeros((B, T), bool)
-    gate = block.feed_forward.gate.weight.detach().double()  # (E, d_model)
-    logits = router_input.double() @ gate.T  # (B, T, E)
-    probs = torch.softmax(logits, dim=-1).numpy()
+    tokens = router_input.detach().double().numpy().reshape(B * T, -1)  # (N, d_model)
+    s = ref.spec(top_k_experts=block.feed_forward.top_k)
+    routing = ref.route(tokens, ref.torch_weights(block), "feed_forward", s)
+    probs = routing.probs.reshape(B, T, -1)  # (B, T, E)
     top = -np.sort(-probs, axis=-1)[..., : block.feed_forward.top_k + 1]  # (B, T, k+1)
     return np.any(top[..., :-1] - top[..., 1:] < NEAR_TIE, axis=-1)
 

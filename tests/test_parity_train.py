@@ -34,8 +34,8 @@ from twin_core import LMConfig, TrainConfig
 CONFIGS = ("dense", "moe")
 STEPS = tc.TRAIN_KWARGS["steps"]
 GRAD_RTOL = 1e-4  # docs/design.md section 7
-LOSS_ATOL = 1e-4  # issue 6, every step
-WEIGHT_RTOL = 1e-4  # issue 6, final weights
+LOSS_ATOL = 1e-4  # every step
+WEIGHT_RTOL = 1e-4  # final weights
 NOISE = 1e-6  # a gradient below this fraction of the largest one is rounding noise
 RNG = jax.random.PRNGKey(0)
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
+import reference as ref
 import torch
 
 from torch_block import KVCache, MultiHeadAttention, TransformerBlock
@@ -14,53 +13,27 @@ HEAD_DIM = D_MODEL // N_HEADS
 ATOL = 1e-5
 
 
-def linear64(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    return x.double() @ layer.weight.detach().double().T + layer.bias.detach().double()
-
-
-def split_heads(t: torch.Tensor) -> torch.Tensor:
-    b, n, _ = t.shape
-    return t.reshape(b, n, N_HEADS, HEAD_DIM).permute(0, 2, 1, 3)  # (B, H, n, D)
-
-
 def ref_attention(
     mod: MultiHeadAttention,
     x: torch.Tensor,
     mask: torch.Tensor | None = None,
     causal: bool = True,
-    start: int = 0,
-    past_k: torch.Tensor | None = None,
-    past_v: torch.Tensor | None = None,
+    query_start: int = 0,
 ) -> torch.Tensor:
-    """The attention output in float64, written out step by step.
+    """The float64 reference of the queries x[:, query_start:] over all of x (B, L, d_model),
+    with the module's weights: (B, L - query_start, d_model)."""
+    s = ref.spec(d_model=D_MODEL, n_heads=N_HEADS, causal=causal)
+    mask = None if mask is None else mask.numpy()
+    x64 = x.detach().double().numpy()
+    out = ref.attention(x64, ref.torch_weights(mod), "", s, mask, query_start=query_start)
+    return torch.from_numpy(out)
 
-    x (B, T, d_model) sits at absolute positions start .. start+T-1; past_k/past_v (B, H, start, D)
-    are the keys and values of the earlier positions.
-    """
-    B, T, _ = x.shape
-    q = split_heads(linear64(x, mod.q_proj))
-    k = split_heads(linear64(x, mod.k_proj))
-    v = split_heads(linear64(x, mod.v_proj))
-    if past_k is not None:
-        k = torch.cat([past_k.double(), k], dim=2)
-        v = torch.cat([past_v.double(), v], dim=2)
-    S = k.shape[2]
-    assert S == start + T
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(HEAD_DIM)  # (B, H, T, S)
-    allowed = torch.ones(B, N_HEADS, T, S, dtype=torch.bool)
-    if causal:
-        for t in range(T):
-            allowed[:, :, t, start + t + 1 :] = False
-    if mask is not None:
-        allowed = allowed & mask.bool().expand(B, N_HEADS, T, S)
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    e = torch.exp(scores - row_max)  # exp(-inf) = 0 on blocked keys
-    denom = e.sum(dim=-1, keepdim=True)
-    probs = torch.where(denom > 0, e / torch.where(denom > 0, denom, 1.0), 0.0)
-    out = (probs @ v).permute(0, 2, 1, 3).reshape(B, T, D_MODEL)
-    return linear64(out, mod.out_proj)
+
+def ref_keys_values(mod: MultiHeadAttention, x: torch.Tensor) -> list[torch.Tensor]:
+    """The float64 keys and values of x (B, L, d_model) in the cache's layout (B, H, L, D)."""
+    s = ref.spec(d_model=D_MODEL, n_heads=N_HEADS)
+    k, v = ref.keys_values(x.detach().double().numpy(), ref.torch_weights(mod), "", s)
+    return [torch.from_numpy(a).permute(0, 2, 1, 3) for a in (k, v)]
 
 
 def make_attention(causal: bool = True, dropout: float = 0.0, seed: int = 0) -> MultiHeadAttention:
@@ -178,8 +151,7 @@ def test_cache_prefill_then_decode_matches_reference():
         assert close(out, full_ref[:, t : t + 1])
 
     # the cache holds the projected keys and values, heads split, of every token written
-    k_ref = split_heads(linear64(x, mod.k_proj))
-    v_ref = split_heads(linear64(x, mod.v_proj))
+    k_ref, v_ref = ref_keys_values(mod, x)
     keys, values = cache.get()
     assert keys.shape == (B, N_HEADS, T_pre + T_dec, HEAD_DIM)
     assert close(keys, k_ref) and close(values, v_ref)
@@ -209,9 +181,9 @@ def test_cache_chunk_attends_causally_within_itself():
     mod(x[:, :3], kv_cache=cache)
     past_k, past_v = (t.clone() for t in cache.get())
     out = mod(x[:, 3:], kv_cache=cache)
-    ref = ref_attention(mod, x[:, 3:], start=3, past_k=past_k, past_v=past_v)
-    assert close(out, ref)
-    assert close(out, ref_attention(mod, x)[:, 3:])
+    assert cache.cache_position == 7
+    assert close(torch.cat([past_k, past_v]), torch.cat(ref_keys_values(mod, x[:, :3])))
+    assert close(out, ref_attention(mod, x, query_start=3))
 
 
 def test_fully_masked_query_row_gives_zeros_and_finite_gradients():
@@ -270,8 +242,8 @@ def test_block_attention_with_cache_matches_reference():
     torch.manual_seed(14)
     block = TransformerBlock(D_MODEL, N_HEADS, 32, dropout=0.0).eval()
     x = rand_x(1, 6, seed=15)
-    ref = ref_attention(block.attention, x)
+    want = ref_attention(block.attention, x)
     cache = block.create_kv_cache(1, 6)
     outs = [block.attention(x[:, :4], kv_cache=cache)]
     outs += [block.attention(x[:, t : t + 1], kv_cache=cache) for t in (4, 5)]
-    assert close(torch.cat(outs, dim=1), ref)
+    assert close(torch.cat(outs, dim=1), want)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import pytest
+import reference as ref
 import torch
 
 from torch_block import FeedForward, KVCache, MixtureOfExperts, MultiHeadAttention, TransformerBlock
@@ -15,64 +15,14 @@ ATOL = 1e-5
 
 
 # --------------------------------------------------------------------------- reference
-def linear64(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    out = x.double() @ layer.weight.double().T
-    return out if layer.bias is None else out + layer.bias.double()
-
-
-def layer_norm64(x: torch.Tensor, ln: torch.nn.LayerNorm, eps: float = 1e-5) -> torch.Tensor:
-    x = x.double()
-    mu = x.mean(dim=-1, keepdim=True)
-    var = ((x - mu) ** 2).mean(dim=-1, keepdim=True)
-    return (x - mu) / torch.sqrt(var + eps) * ln.weight.double() + ln.bias.double()
-
-
-def gelu64(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-def ffn64(ff: FeedForward, x: torch.Tensor) -> torch.Tensor:
-    return linear64(gelu64(linear64(x, ff.fc1)), ff.fc2)
-
-
-def heads(t: torch.Tensor) -> torch.Tensor:
-    b, n, _ = t.shape
-    return t.reshape(b, n, N_HEADS, HEAD_DIM).permute(0, 2, 1, 3)
-
-
-def attention64(att: MultiHeadAttention, x, mask=None, causal=True) -> torch.Tensor:
-    B, T, _ = x.shape
-    q, k, v = (heads(linear64(x, p)) for p in (att.q_proj, att.k_proj, att.v_proj))
-    scores = q @ k.transpose(-1, -2) / math.sqrt(HEAD_DIM)  # (B, H, T, T)
-    allowed = torch.ones(B, N_HEADS, T, T, dtype=torch.bool)
-    if causal:
-        allowed &= torch.ones(T, T, dtype=torch.bool).tril()
-    if mask is not None:
-        allowed &= mask.bool().expand(B, N_HEADS, T, T)
-    e = torch.exp(scores - scores.detach().amax(dim=-1, keepdim=True)) * allowed
-    denom = e.sum(dim=-1, keepdim=True)
-    probs = e / torch.where(denom > 0, denom, torch.ones_like(denom))  # empty row -> zeros
-    out = (probs @ v).permute(0, 2, 1, 3).reshape(B, T, D_MODEL)
-    return linear64(out, att.out_proj)
-
-
-def moe64(moe: MixtureOfExperts, x: torch.Tensor) -> torch.Tensor:
-    """Dropless MoE, one token at a time."""
-    tokens = x.reshape(-1, D_MODEL)
-    rows = []
-    for n in range(tokens.shape[0]):
-        p = torch.softmax(linear64(tokens[n : n + 1], moe.gate)[0], dim=-1)
-        order = sorted(range(moe.num_experts), key=lambda e: (-p[e].item(), e))[: moe.top_k]
-        total = sum(p[e] for e in order)
-        rows.append(sum(p[e] / total * ffn64(moe.experts[e], tokens[n]) for e in order))
-    return torch.stack(rows).reshape(x.shape)
-
-
 def block64(block: TransformerBlock, x, mask=None, causal=True) -> torch.Tensor:
-    h = x.double() + attention64(block.attention, layer_norm64(x, block.norm1), mask, causal)
-    ln2 = layer_norm64(h, block.norm2)
-    ff = moe64(block.feed_forward, ln2) if block.use_moe else ffn64(block.feed_forward, ln2)
-    return h + ff
+    """The float64 reference block (eval, dropless MoE) with the block's weights (B, T, d_model)."""
+    s = ref.spec(d_model=D_MODEL, n_heads=N_HEADS, causal=causal, use_moe=block.use_moe)
+    if block.use_moe:
+        s.update(num_experts=block.feed_forward.num_experts, top_k_experts=block.feed_forward.top_k)
+    mask = None if mask is None else mask.numpy()
+    y, _ = ref.block(x.detach().double().numpy(), ref.torch_weights(block), s, mask)
+    return torch.from_numpy(y)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> bool:
@@ -294,25 +244,39 @@ def test_layer_norm_eps_is_1e_5():
     x = rand_x(1, 4, seed=14, scale=3e-3)
     y = block(x)[0]
     assert close(y, block64(block, x))
-    ln = torch.nn.LayerNorm(D_MODEL)  # weight 1, bias 0
+    weights = ref.torch_weights(block.norm1)
     row = x[0, 0]
     for eps, should_match in ((1e-5, True), (1e-6, False)):
-        got = layer_norm64(row, ln, eps=eps)
+        got = ref.layer_norm(row.double().numpy(), weights["weight"], weights["bias"], eps)
+        got = torch.from_numpy(got)
         assert close(block.norm1(row), got, atol=1e-4) is should_match
 
 
 def test_gradients_match_reference():
+    """Gradients of sum(y^2) against central differences of the float64 reference, a few
+    entries of x and of every parameter."""
     block = make_block(seed=15)
     x = rand_x(2, 4, seed=16).requires_grad_(True)
-    params = [p for _, p in block.named_parameters()]
+    names = [name for name, _ in block.named_parameters()]
     y = block(x)[0]
-    grads = torch.autograd.grad(y.square().sum(), [x, *params])
-    x64 = x.detach().double().requires_grad_(True)
-    ref = block64(block, x64)
-    ref_grads = torch.autograd.grad(ref.square().sum(), [x64, *params])
-    for g, r in zip(grads, ref_grads, strict=True):
-        # k_proj.bias has an exactly zero gradient (softmax ignores a per-query shift): atol
-        assert torch.allclose(g.double(), r.double(), rtol=1e-4, atol=1e-6)
+    grads = torch.autograd.grad(y.square().sum(), [x, *block.parameters()])
+    s = ref.spec(d_model=D_MODEL, n_heads=N_HEADS)
+    arrays = {"x": x.detach().double().numpy(), **ref.torch_weights(block)}
+
+    def loss(arrays: dict) -> float:
+        return float(np.sum(ref.block(arrays["x"], arrays, s)[0] ** 2))
+
+    rng, eps = np.random.default_rng(17), 1e-6
+    for name, g in zip(["x", *names], grads, strict=True):
+        for _ in range(3):
+            idx = tuple(int(rng.integers(0, n)) for n in g.shape)
+            plus, minus = dict(arrays), dict(arrays)
+            plus[name], minus[name] = arrays[name].copy(), arrays[name].copy()
+            plus[name][idx] += eps
+            minus[name][idx] -= eps
+            numeric = (loss(plus) - loss(minus)) / (2 * eps)
+            # k_proj.bias has an exactly zero gradient (softmax ignores a per-query shift): abs
+            assert float(g[idx]) == pytest.approx(numeric, rel=1e-4, abs=1e-6), (name, idx)
 
 
 # --------------------------------------------------------------------------- cache

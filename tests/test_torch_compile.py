@@ -5,9 +5,9 @@ RMSNorm, SwiGLU, sliding window; left-padded prompts)."""
 
 from __future__ import annotations
 
-import families_reference as ref
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from family_configs import LMS
 

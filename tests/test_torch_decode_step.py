@@ -1,13 +1,13 @@
 """torch_block.decode_step, the step of generate, against the float64 NumPy reference of
-tests/families_reference.py: the logits of every new token for every family (MoE included), on
+tests/reference/: the logits of every new token for every family (MoE included), on
 left-padded prompts, eagerly (cache read up to the slot) and in the static form that
 torch.compile takes (whole cache, masked), without compiling it."""
 
 from __future__ import annotations
 
-import families_reference as ref
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from family_configs import LMS
 
@@ -52,7 +52,7 @@ def test_step_logits_equal_the_reference(name, static):
         for slot in range(LENGTH, LENGTH + STEPS):
             pos = torch.tensor(slot)
             logits = decode_step(spec, state, ids[:, slot], pos, None if static else slot)
-            want = ref.lm(ids[:, : slot + 1].numpy(), weights, s, mask[:, : slot + 1].numpy())
+            want, _ = ref.lm(ids[:, : slot + 1].numpy(), weights, s, mask[:, : slot + 1].numpy())
             assert np.max(np.abs(logits.double().numpy() - want[:, -1])) <= ATOL, slot
     # the caches hold the keys the model's own forward writes
     full = lm.create_kv_cache(B, LENGTH + STEPS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import reference as ref
 import torch
 
 import torch_block
@@ -41,29 +42,12 @@ def left_padded(lengths: list[int], seed: int = 1) -> tuple[torch.Tensor, torch.
 
 # --------------------------------------------------------------------------- reference
 def reference_logits(lm: TransformerLM, ids: torch.Tensor, mask: torch.Tensor):
-    """Embeddings, positions, final norm and head in float64 NumPy; the blocks are the modules."""
-    emb = lm.token_embedding.weight.detach().double().numpy()
-    pos_emb = lm.position_embedding.weight.detach().double().numpy()
-    B, T = ids.shape
-    positions = np.zeros((B, T), np.int64)
-    for b in range(B):  # a token's position = the number of real tokens before it
-        seen = 0
-        for t in range(T):
-            positions[b, t] = seen
-            seen += int(mask[b, t])
-    x = emb[ids.numpy()] + pos_emb[positions]  # (B, T, d)
-    h = torch.tensor(x, dtype=torch.float32)
-    aux = 0.0
-    with torch.no_grad():
-        for block in lm.blocks:
-            h, _, block_aux = block(h, mask.bool()[:, None, None, :], return_aux_loss=True)
-            aux += 0.0 if block_aux is None else float(block_aux)
-    h = h.double().numpy()
-    mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
-    ln = (h - mu) / np.sqrt(var + 1e-5) * lm.norm.weight.detach().double().numpy()
-    ln = ln + lm.norm.bias.detach().double().numpy()
-    head = emb if lm.lm_head is None else lm.lm_head.weight.detach().double().numpy()
-    return ln @ head.T, aux  # (B, T, V)
+    """The float64 reference LM with lm's weights: logits (B, T, V) and the aux loss."""
+    s = ref.spec(
+        d_model=D_MODEL, n_heads=N_HEADS, n_layers=N_LAYERS, num_experts=4,
+        use_moe=lm.blocks[0].use_moe, tie_embeddings=lm.lm_head is None,
+    )  # fmt: skip
+    return ref.lm(ids.numpy(), ref.torch_weights(lm), s, mask.numpy())
 
 
 def greedy_reference(lm: TransformerLM, ids, mask, n: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Long prompts in torch_block: attention in blocks of queries equals full attention (the
-float64 NumPy references of tests/families_reference.py), with masks, left padding, a cache
+float64 NumPy reference of tests/reference/), with masks, left padding, a cache
 offset, sliding windows and GQA; no block holds more scores than its budget; and generate's
 chunked prefill gives the tokens of the full forward."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import importlib
 
-import families_reference as ref
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from family_configs import BLOCKS, LMS
 

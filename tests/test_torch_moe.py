@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import reference as ref
 import torch
 
 from torch_block import FeedForward, MixtureOfExperts, TransformerBlock
@@ -14,59 +15,23 @@ ATOL = 1e-5
 
 
 # --------------------------------------------------------------------------- reference
-def linear64(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    return x.double() @ layer.weight.detach().double().T + layer.bias.detach().double()
-
-
-def expert_ref(ff: FeedForward, x: torch.Tensor) -> torch.Tensor:
-    h = linear64(x, ff.fc1)
-    h = 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))  # exact GELU
-    return linear64(h, ff.fc2)
-
-
-def route_ref(moe: MixtureOfExperts, x: torch.Tensor):
-    """Per token: the router probabilities and the top-k [(expert, renormalised weight), ...]."""
-    tokens = x.reshape(-1, x.shape[-1]).double()
-    W = moe.gate.weight.detach().double()
-    E, k = moe.num_experts, moe.top_k
-    probs, choices = [], []
-    for n in range(tokens.shape[0]):
-        logits = [float(tokens[n] @ W[e]) for e in range(E)]
-        m = max(logits)
-        p = [math.exp(v - m) for v in logits]
-        total = sum(p)
-        p = [v / total for v in p]
-        top = sorted(range(E), key=lambda e: (-p[e], e))[:k]  # ties: lower index first
-        top_total = sum(p[e] for e in top)
-        probs.append(p)
-        choices.append([(e, p[e] / top_total) for e in top])
-    return probs, choices
+def reference(moe: MixtureOfExperts, x: torch.Tensor, capacity_factor: float | None):
+    """The float64 reference MoE of x (..., d_model) with the module's weights (ref.MoEOut)."""
+    s = ref.spec(num_experts=moe.num_experts, top_k_experts=moe.top_k)
+    x64 = x.detach().double().numpy()
+    return ref.moe(x64, ref.torch_weights(moe), "", s, capacity_factor)
 
 
 def ref_moe(moe: MixtureOfExperts, x: torch.Tensor, capacity_factor: float | None):
     """Output (float64, shape of x) and the set of kept (token, slot) assignments."""
-    tokens = x.reshape(-1, x.shape[-1]).double()
-    N, E, k = tokens.shape[0], moe.num_experts, moe.top_k
-    _, choices = route_ref(moe, x)
-    if capacity_factor is None:
-        capacity = N
-    else:
-        capacity = max(1, math.ceil(capacity_factor * N * k / E))
-    load = [0] * E
-    kept = set()
-    for s in range(k):  # slot-major: every first choice, then every second choice ...
-        for n in range(N):
-            e = choices[n][s][0]
-            if load[e] < capacity:
-                load[e] += 1
-                kept.add((n, s))
-    out = torch.zeros_like(tokens)
-    for n in range(N):
-        for s in range(k):
-            if (n, s) in kept:
-                e, w = choices[n][s]
-                out[n] += w * expert_ref(moe.experts[e], tokens[n])
-    return out.reshape(x.shape), kept
+    result = reference(moe, x, capacity_factor)
+    return torch.from_numpy(result.out), result.kept
+
+
+def expert_ref(ff: FeedForward, x: torch.Tensor) -> torch.Tensor:
+    """One expert (a FeedForward) applied to x (..., d_model), in float64."""
+    x64 = x.detach().double().numpy()
+    return torch.from_numpy(ref.feed_forward(x64, ref.torch_weights(ff), "", ref.spec()))
 
 
 def close(a: torch.Tensor, b: torch.Tensor, atol: float = ATOL) -> bool:
@@ -137,9 +102,9 @@ def test_eval_is_dropless_and_matches_loop_reference(E, k):
     moe = make_moe(E, k, factor=0.25, seed=E * 10 + k).eval()
     x = rand_x(2, 5, seed=3)
     out, _ = moe(x)
-    ref, kept = ref_moe(moe, x, capacity_factor=None)
+    want, kept = ref_moe(moe, x, capacity_factor=None)
     assert len(kept) == 10 * k
-    assert close(out, ref)
+    assert close(out, want)
 
 
 @pytest.mark.parametrize("factor", [0.5, 1.0, 1.25, None])
@@ -147,10 +112,10 @@ def test_training_with_capacity_matches_loop_reference(factor):
     moe = make_moe(4, 2, dropout=0.0, factor=factor, seed=4).train()
     x = rand_x(3, 4, seed=5)
     out, _ = moe(x)
-    ref, kept = ref_moe(moe, x, capacity_factor=factor)
+    want, kept = ref_moe(moe, x, capacity_factor=factor)
     if factor == 0.5:
         assert len(kept) < 24  # this case really drops something
-    assert close(out, ref)
+    assert close(out, want)
 
 
 def test_ties_go_to_the_lower_expert_index():
@@ -297,7 +262,7 @@ def test_aux_loss_counts_assignments_before_dropping():
     moe = make_moe(4, 2, dropout=0.0, factor=0.5, seed=7).train()
     set_identity_gate(moe)
     x = tokens_with_logits(hand_logits(), 2, 3)
-    probs, _ = route_ref(moe, x)
+    probs = reference(moe, x, None).probs  # (6, 4)
     counts = [0, 0, 0, 0]
     for a, b in HAND_CHOICES:
         counts[a] += 1
@@ -378,10 +343,10 @@ def test_gradient_of_output_reaches_gate_through_weights():
 def test_expert_dropout_active_only_in_training():
     moe = make_moe(4, 2, dropout=0.5, factor=None, seed=14)
     x = rand_x(2, 4, seed=15)
-    ref, _ = ref_moe(moe, x, None)
-    assert close(moe.eval()(x)[0], ref)
+    want, _ = ref_moe(moe, x, None)
+    assert close(moe.eval()(x)[0], want)
     torch.manual_seed(0)
-    assert not close(moe.train()(x)[0], ref, atol=1e-3)
+    assert not close(moe.train()(x)[0], want, atol=1e-3)
 
 
 # --------------------------------------------------------------------------- through the block
@@ -403,8 +368,6 @@ def test_no_nan_through_moe_block_with_fully_masked_rows(training):
     if not training:
         # an empty row's attention is out_proj's bias alone, so h = x + bias there
         h_row = (x[0, 1] + block.attention.out_proj.bias).detach().double()
-        mu, var = h_row.mean(), h_row.var(unbiased=False)
-        ln = (h_row - mu) / torch.sqrt(var + 1e-5) * block.norm2.weight.detach().double()
-        ln = ln + block.norm2.bias.detach().double()
-        ff, _ = ref_moe(block.feed_forward, ln[None, None], None)
+        normed = ref.norm(h_row.numpy(), ref.torch_weights(block), "norm2", ref.spec())
+        ff, _ = ref_moe(block.feed_forward, torch.from_numpy(normed)[None, None], None)
         assert close(out[0, 1], h_row + ff[0, 0])
