@@ -73,11 +73,12 @@ def test_blocked_attention_over_a_cache_at_a_traced_position():
 @pytest.fixture(scope="module")
 def tiny_lm():
     lm = TransformerLM(64, 2080, D_MODEL, 2, 4, 64, dropout=0.0, positions="rope", n_kv_heads=2)
-    return lm, lm.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    return lm, ref.random_params(lm, jnp.zeros((1, 1), jnp.int32))
 
 
 def test_chunked_prefill_gives_the_tokens_of_a_full_forward_loop(tiny_lm, monkeypatch):
-    """A prompt longer than LONG_PROMPT is prefilled chunk by chunk, through the cache.
+    """A prompt longer than LONG_PROMPT is prefilled chunk by chunk, through the cache, and
+    gives the greedy tokens of the float64 reference.
 
     (`jax_block.generate` is the function; the module is reached by its import path.)
     """
@@ -89,13 +90,9 @@ def test_chunked_prefill_gives_the_tokens_of_a_full_forward_loop(tiny_lm, monkey
     mask = np.ones((2, 64), np.int32)
     mask[1, :9] = 0  # a left-padded row
     got = np.asarray(generate_module.generate(lm, params, ids, mask, max_new_tokens=4))
-    seq, full_mask = ids, mask
-    for _ in range(4):  # reference: the whole sequence through the model, no cache
-        logits = lm.apply({"params": params}, jnp.asarray(seq), jnp.asarray(full_mask))
-        token = np.asarray(logits[:, -1].argmax(-1))
-        seq = np.concatenate([seq, token[:, None]], 1)
-        full_mask = np.concatenate([full_mask, np.ones((2, 1), np.int32)], 1)
-    np.testing.assert_array_equal(got, seq[:, 64:])
+    s = ref.spec(d_model=D_MODEL, n_heads=4, n_layers=2, positions="rope", n_kv_heads=2)
+    want = ref.greedy(ids, ref.flax_weights(params), s, mask, 4)  # the whole sequence each time
+    np.testing.assert_array_equal(got, want)
 
 
 def test_a_long_prefill_needs_no_score_matrix(tiny_lm):
