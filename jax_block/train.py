@@ -129,7 +129,7 @@ def create_train_state(
     default `jax_block.sharding.DEFAULT_RULES`), the moments like them, and `train_step` runs
     sharded (batch over data, gradients reduced by the partitioner).
     """
-    check_model_fits(config, lm.max_seq_len)
+    check_model_fits(config, lm.config.max_seq_len)
     if mesh is not None:
         mesh, rules = check_mesh(mesh), check_rules(rules)
         check_batch(config.batch_size, mesh, rules)

@@ -86,8 +86,8 @@ class TransformerLM(nn.Module):
             if embedding is not None:  # drawn in this order: the original project's weights
                 nn.init.normal_(embedding.weight, std=0.02)
         self.dropout = nn.Dropout(dropout)
-        block = config.block()
-        self.blocks = nn.ModuleList([TransformerBlock.from_config(block) for _ in range(n_layers)])
+        blocks = config.block_configs()
+        self.blocks = nn.ModuleList([TransformerBlock.from_config(block) for block in blocks])
         self.norm = make_norm(config.norm, d_model, config.norm_eps)
         self.lm_head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
 
