@@ -277,8 +277,7 @@ def test_bad_input_raises_before_any_computation(framework, case, models):
                 return super().__call__(*args, **kwargs)
 
         flax_lm, params = models[1]
-        lm = CountingLM(**{f: getattr(flax_lm, f) for f in ("vocab_size", "max_seq_len",
-                        "d_model", "n_layers", "n_heads", "d_ff", "dropout")})  # fmt: skip
+        lm = CountingLM.from_config(flax_lm.config)
         with pytest.raises(ValueError, match=message):
             jax_generate(lm, params, ids, None if mask is None else np.asarray(mask), **kw)
         assert traces == []

@@ -99,10 +99,19 @@ def test_blocked_attention_over_a_cache_at_a_traced_position():
     np.testing.assert_allclose(got, full, atol=1e-5)
 
 
-
 @pytest.fixture(scope="module")
 def tiny_lm():
-    lm = TransformerLM(64, 2080, D_MODEL, 2, 4, 64, dropout=0.0, positions="rope", n_kv_heads=2)
+    lm = TransformerLM.create(
+        vocab_size=64,
+        max_seq_len=2080,
+        d_model=D_MODEL,
+        n_layers=2,
+        n_heads=4,
+        d_ff=64,
+        dropout=0.0,
+        positions="rope",
+        n_kv_heads=2,
+    )
     return lm, lm.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
 
 

@@ -71,7 +71,7 @@ def torch_original(case: str, dtype: str) -> TransformerBlock:
 
 def flax_module_of(case: str, dtype: str) -> jax_block.TransformerBlock:
     jdt = DTYPES[dtype][1]
-    return jax_block.TransformerBlock(**CASES[case], dtype=jdt, param_dtype=jdt)
+    return jax_block.TransformerBlock.create(**CASES[case], dtype=jdt, param_dtype=jdt)
 
 
 def flax_original(case: str, dtype: str) -> tuple[jax_block.TransformerBlock, dict]:
