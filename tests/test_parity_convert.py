@@ -138,7 +138,7 @@ def test_from_torch_to_torch_keeps_the_configuration(config):
     block = torch_block.TransformerBlock(**config)
     module, params = from_torch(block)
     for name, value in block.config.kwargs().items():
-        assert getattr(module, name) == value, name
+        assert getattr(module.config, name) == value, name
     back = to_torch(module, params)
     assert back.config == block.config
     assert not back.training
