@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -30,6 +30,26 @@ def position_ids(attention_mask: torch.Tensor | None, start: int, length: int) -
         return start + torch.arange(length)[None, :]  # (1, T)
     real_so_far = torch.cumsum(attention_mask.long(), dim=-1)  # (B, S)
     return (real_so_far - 1).clamp(min=0)[:, start : start + length]  # (B, T)
+
+
+class EmbeddingParams(NamedTuple):
+    """What `embed` reads of a TransformerLM."""
+
+    token: torch.Tensor  # (vocab_size, d_model)
+    position: torch.Tensor | None  # (max_seq_len, d_model) with learned positions
+
+
+def embed(ids: torch.Tensor, positions: torch.Tensor, params: EmbeddingParams) -> torch.Tensor:
+    """The inputs (B, T, d_model) of the first block: token ids (B, T) at positions (B|1, T)."""
+    x = F.embedding(ids, params.token)  # (B, T, d_model)
+    if params.position is not None:
+        x = x + F.embedding(positions, params.position)
+    return x
+
+
+def unembed(x: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """The logits (..., vocab_size) of final hidden states x (..., d_model); head (V, d_model)."""
+    return F.linear(x, head)
 
 
 class TransformerLM(nn.Module):
@@ -181,10 +201,7 @@ class TransformerLM(nn.Module):
         start = 0 if kv_cache is None else kv_cache[0].cache_position
         T = input_ids.shape[1]
         positions = position_ids(attention_mask, start, T).to(input_ids.device)  # (B|1, T)
-        x = self.token_embedding(input_ids)  # (B, T, d_model)
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(positions)
-        x = self.dropout(x)
+        x = self.dropout(embed(input_ids, positions, self.embedding_params()))  # (B, T, d_model)
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         aux = torch.zeros((), device=x.device)
         for i, block in enumerate(self.blocks):
@@ -203,8 +220,16 @@ class TransformerLM(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The LM head: x (..., d_model) -> logits (..., vocab_size)."""
-        head = self.token_embedding.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head)
+        return unembed(x, self.head_weight())
+
+    def embedding_params(self) -> EmbeddingParams:
+        """The tables `embed` reads."""
+        position = None if self.position_embedding is None else self.position_embedding.weight
+        return EmbeddingParams(self.token_embedding.weight, position)
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's matrix (vocab_size, d_model): the token embedding when tied."""
+        return self.token_embedding.weight if self.lm_head is None else self.lm_head.weight
 
 
 def _describe(value) -> str:
