@@ -11,4 +11,3 @@ Linear = tuple[torch.Tensor, torch.Tensor | None]  # (weight (out, in), bias (ou
 def linear_params(layer: nn.Linear) -> Linear:
     """The weight and bias of `layer` (the tensors themselves, not copies)."""
     return layer.weight, layer.bias
-

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from twin_core import LMConfig
 
+from .arguments import config_from_arguments
 from .block import TransformerBlock
 from .cache import KVCache
 from .norm import make_norm
@@ -78,38 +79,29 @@ class TransformerLM(nn.Module):
         router_z_loss_coef: float = 0.0,
         **architecture: Any,
     ):
+        config = config_from_arguments(LMConfig, locals())
         super().__init__()
-        config = LMConfig(
-            vocab_size=vocab_size,
-            max_seq_len=max_seq_len,
-            d_model=d_model,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            d_ff=d_ff,
-            dropout=dropout,
-            use_moe=use_moe,
-            num_experts=num_experts,
-            top_k_experts=top_k_experts,
-            expert_capacity_factor=expert_capacity_factor,
-            tie_embeddings=tie_embeddings,
-            router_z_loss_coef=router_z_loss_coef,
-            **architecture,
-        )
         self.config = config
-        self.vocab_size = vocab_size
-        self.max_seq_len = max_seq_len
-        self.tie_embeddings = tie_embeddings
+        self.vocab_size = config.vocab_size
+        self.max_seq_len = config.max_seq_len
+        self.tie_embeddings = config.tie_embeddings
         learned = config.positions == "learned"
-        self.token_embedding = nn.Embedding(vocab_size, d_model)
-        self.position_embedding = nn.Embedding(max_seq_len, d_model) if learned else None
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.position_embedding = (
+            nn.Embedding(config.max_seq_len, config.d_model) if learned else None
+        )
         for embedding in (self.token_embedding, self.position_embedding):
             if embedding is not None:  # drawn in this order: the original project's weights
                 nn.init.normal_(embedding.weight, std=0.02)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(config.dropout)
         block = config.block()
         self.blocks = nn.ModuleList([TransformerBlock.from_config(block) for _ in range(n_layers)])
-        self.norm = make_norm(config.norm, d_model, config.norm_eps)
-        self.lm_head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
+        self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        )
 
     @classmethod
     def from_config(cls, config: LMConfig) -> TransformerLM:
