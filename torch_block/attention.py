@@ -47,6 +47,11 @@ class AttentionParams(NamedTuple):
     inv_freq: torch.Tensor | None  # (D/2,) float32 with rope
 
 
+def split_heads(y: torch.Tensor, B: int, T: int, n: int, D: int) -> torch.Tensor:
+    """(B * T, n * D) -> (B, n, T, D). One token per row (a decode step) is a view alone."""
+    return y.view(B, n, 1, D) if T == 1 else y.view(B, T, n, D).transpose(1, 2)
+
+
 def project(
     x: torch.Tensor, params: AttentionParams, positions: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -55,9 +60,9 @@ def project(
     B, T, d_model = x.shape
     H, KV, D = params.n_heads, params.n_kv_heads, params.head_dim
     tokens = x.reshape(B * T, d_model)  # nn.Linear's own product of a 3-d input
-    q = F.linear(tokens, *params.q).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-    k = F.linear(tokens, *params.k).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
-    v = F.linear(tokens, *params.v).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+    q = split_heads(F.linear(tokens, *params.q), B, T, H, D)
+    k = split_heads(F.linear(tokens, *params.k), B, T, KV, D)
+    v = split_heads(F.linear(tokens, *params.v), B, T, KV, D)
     if params.inv_freq is not None:
         q = apply_rope(q, positions, params.inv_freq)
         k = apply_rope(k, positions, params.inv_freq)
@@ -65,9 +70,10 @@ def project(
 
 
 def merge_heads(out: torch.Tensor, params: AttentionParams) -> torch.Tensor:
-    """The heads' outputs (B, H, T, D) through the output projection -> (B, T, d_model)."""
+    """The heads' outputs (B, H, T, D) through the output projection -> (B * T, d_model)."""
     B, H, T, D = out.shape
-    return F.linear(out.transpose(1, 2).reshape(B, T, H * D), *params.out)
+    heads = out.reshape(B, H * D) if T == 1 else out.transpose(1, 2).reshape(B * T, H * D)
+    return F.linear(heads, *params.out)
 
 
 def attend(
@@ -212,7 +218,8 @@ class MultiHeadAttention(nn.Module):
             # attend to what the cache holds after the write: new keys rounded to its dtype
             k, v = kv_cache.write(k, v, start)  # (B, KV, S, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        return merge_heads(self.attend_blocks(q, k, v, start, mask), params)  # (B, T, d_model)
+        out = self.attend_blocks(q, k, v, start, mask)  # (B, H, T, D)
+        return merge_heads(out, params).view(B, T, -1)  # (B, T, d_model)
 
     def attend_blocks(
         self,

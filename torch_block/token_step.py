@@ -139,7 +139,7 @@ def token_step(
         write_slots(k_cache, k, at)
         write_slots(v_cache, v, at)
         out = attend(q, k_cache[:, :, keys], v_cache[:, :, keys], allowed)  # (B, H, 1, D)
-        x = x + merge_heads(out, layer.attention).view(B, -1)
+        x = x + merge_heads(out, layer.attention)
         h = norm(x, layer.norm2)
         if layer.moe is None:
             x = x + feed_forward(h, layer.feed_forward)
