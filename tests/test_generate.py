@@ -155,15 +155,15 @@ def left_padded(lengths: list[int], seed: int = 1) -> tuple[np.ndarray, np.ndarr
 def run_generate(framework, models, ids, mask, **kw) -> tuple[np.ndarray, int, int | None]:
     """(tokens, reported number of steps, counted forward calls or None) in one framework."""
     if framework == "torch":
-        module = importlib.import_module("torch_block.generate")  # counts its decode steps
-        step, calls = module.decode_step, []
-        module.decode_step = lambda *args: calls.append(1) or step(*args)
+        module = importlib.import_module("torch_block.generate")  # counts its token steps
+        step, calls = module.token_step, []
+        module.token_step = lambda *args: calls.append(1) or step(*args)
         try:
             tokens, steps = torch_block.generate(
                 models[0], torch.tensor(ids), torch.tensor(mask), return_num_steps=True, **kw
             )
         finally:
-            module.decode_step = step
+            module.token_step = step
         return tokens.numpy(), steps, 1 + len(calls)  # the prefill, then one call per step
     flax_lm, params = models[1]
     tokens, steps = jax_generate(flax_lm, params, ids, mask, return_num_steps=True, **kw)
