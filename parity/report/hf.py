@@ -17,8 +17,9 @@ import torch
 import jax_block
 import torch_block
 
-from .compare import JAX_DTYPES, TORCH_DTYPES, Row, Tolerance, compare, compare_tokens
-from .hf import HFCheckpoint
+from ..dtypes import JAX_DTYPES, TORCH_DTYPES
+from ..hf import HFCheckpoint
+from .compare import Row, Tolerance, compare, compare_tokens
 from .render import environment
 
 PROMPT_LENGTHS = (7, 4)  # the check's left-padded prompts
