@@ -2,9 +2,9 @@
 
 The training command `python -m parity train --framework jax` (flags, run files, the loop's
 bookkeeping) calls the hooks at the end of this file; the torch twin `torch_block/train.py` has
-the same names in the same order. Both take the
-same batches and learning rates step for step, so the same initial weights give the same
-trajectory. Files hold Flax names (metadata "naming": "flax"), so jax_block never imports torch.
+the same names in the same order. Both take the same batches and learning rates step for step,
+so the same initial weights give the same trajectory. Files hold Flax names (metadata "naming":
+"flax"), so jax_block never imports torch.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def _flat(tree: dict) -> dict[str, np.ndarray]:
 
 
 def save_model(path: str | os.PathLike, lm: TransformerLM, params: dict) -> None:
-    """A safetensors checkpoint that `parity.checkpoint.load` reads (Flax names, "naming": "flax").
+    """A safetensors checkpoint that `parity.load` reads (Flax names, "naming": "flax").
 
     `python -m parity convert` rewrites it with torch names.
     """

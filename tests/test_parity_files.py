@@ -270,7 +270,7 @@ def test_flax_named_safetensors_holds_flax_paths(tmp_path):
 
 # --------------------------------------------------------------------------- atomic writes
 SERIALISERS = {
-    "safetensors": (twin_files, "safetensors_dtype"),  # per tensor, after the header went to the file
+    "safetensors": (twin_files, "safetensors_dtype"),  # per tensor, after the header is written
     "pt": (torch, "save"),
     "msgpack": (flax.serialization, "msgpack_serialize"),
 }

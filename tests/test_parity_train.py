@@ -1,7 +1,7 @@
 """Training in torch and JAX from the same weights: gradients, 50-step trajectories, learning
 rates, weight-decay groups, training state carried from one framework to the other.
 
-Every comparison is computed here with NumPy; `parity.train_cases` only builds the models.
+Every comparison is computed here with NumPy; `parity.report.cases.train` only builds the models.
 The attention key bias is compared apart: the loss does not depend on it (softmax cancels a
 shift common to a query's scores; proven below), so its exact gradient is 0 and AdamW turns
 each framework's rounding noise into unrelated steps.

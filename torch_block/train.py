@@ -2,8 +2,8 @@
 
 The training command `python -m parity train --framework torch` (flags, run files, the loop's
 bookkeeping) calls the hooks at the end of this file; the JAX twin `jax_block/train.py` has the
-same names in the same order. Both take the same
-batches and learning rates step for step, so the same initial weights give the same trajectory.
+same names in the same order. Both take the same batches and learning rates step for step, so
+the same initial weights give the same trajectory.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def train_step(state: TrainState, batch: torch.Tensor) -> dict[str, torch.Tensor
 
 # --------------------------------------------------------------------------- checkpoints
 def save_model(path: str | os.PathLike, model: TransformerLM) -> None:
-    """A safetensors checkpoint that `parity.checkpoint.load` reads (torch state_dict keys)."""
+    """A safetensors checkpoint that `parity.load` reads (torch state_dict keys)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = model_metadata(NAMINGS[FRAMEWORK], model.config, tensors)
     atomic_write(path, safetensors.torch.save(tensors, metadata))

@@ -19,7 +19,7 @@ from typing import Any
 from .config import LMConfig, TrainConfig
 from .files import digest, read_safetensors_header
 
-MODEL_FORMAT = "twin-block/1"  # the checkpoint format of parity.checkpoint
+MODEL_FORMAT = "twin-block/1"  # the checkpoint format of parity.convert.checkpoint
 TRAIN_FORMAT = "twin-block-train/1"
 TRAIN_GROUPS = ("params", "exp_avg", "exp_avg_sq")
 FRAMEWORKS = ("torch", "jax")
@@ -84,7 +84,7 @@ def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def model_metadata(naming: str, lm_config: LMConfig, tensors: Mapping[str, Any]) -> dict:
-    """Metadata of a model checkpoint that `parity.checkpoint.load` reads."""
+    """Metadata of a model checkpoint that `parity.load` reads."""
     return {
         "format": MODEL_FORMAT,
         "module": "TransformerLM",

@@ -12,9 +12,9 @@ from pathlib import Path
 from ..dtypes import DTYPES
 from ..hf import HFCheckpoint
 from ..report import runner
+from ..report.cases.hf import hf_report
 from ..report.cases.lm import LM_CONFIGS, NEW_TOKENS, PROMPT_LENGTHS
 from ..report.compare import NEAR_TIES
-from ..report.hf import hf_report
 from ..report.registry import BATCH, CONFIGS, SEQ_LEN
 from ..report.render import environment, render_json, render_report
 from .arguments import EXIT_FAILED, EXIT_OK, error

@@ -151,7 +151,12 @@ class Source:
 
     @property
     def config(self) -> LMConfig:
-        return (self.model[0] if isinstance(self.model, tuple) else self.model).config
+        return lm_config(self.model)
+
+
+def lm_config(model: Any) -> LMConfig:
+    """The configuration of a torch TransformerLM or of `(flax_module, params)`."""
+    return (model[0] if isinstance(model, tuple) else model).config
 
 
 def open_source(args: argparse.Namespace) -> Source:
@@ -166,7 +171,7 @@ def open_source(args: argparse.Namespace) -> Source:
         model = lm if args.framework == "torch" else from_torch(lm)
     else:
         model = _checkpoint_model(args.checkpoint, args.framework)
-    vocab = (model[0] if isinstance(model, tuple) else model).config.vocab_size
+    vocab = lm_config(model).vocab_size
     no_text = (
         f"--prompt needs a vocabulary of 256 (bytes as tokens); the model has "
         f"vocab_size={vocab}: use --ids"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import os
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ import numpy as np
 
 import jax_block.train
 import torch_block.train
-from twin_core import LMConfig, TrainConfig, atomic_write
+from twin_core import LMConfig, TrainConfig
 from twin_core.data import (
     BYTE_VOCAB_SIZE,
     DEFAULT_TEXT,
@@ -37,6 +36,7 @@ from twin_core.run_files import NAMINGS, RunPaths, safetensors_metadata
 
 from ..convert import convert_train_state
 from .arguments import add_framework_option, error
+from .plot import plot_histories
 
 
 class Trainer(Protocol):
@@ -370,22 +370,6 @@ def plot(trainer: Trainer, run: Run, args: argparse.Namespace) -> None:
         runs.append((label, history))
     plot_histories(run.paths.plot, runs)
     print(f"plot: {run.paths.plot}")
-
-
-def plot_histories(path: str | os.PathLike, runs: list[tuple[str, list[dict]]]) -> None:
-    """A PNG of the loss curves of (label, history) runs, written atomically."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4), dpi=120)
-    ax = fig.subplots()
-    for label, history in runs:
-        ax.plot([r["step"] for r in history], [r["loss"] for r in history], label=label, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats per byte)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -135,7 +135,8 @@ class HFCheckpoint:
         return model.eval()
 
     def flax(self) -> tuple[jax_block.TransformerLM, dict]:
-        """(Flax LM, params), built row by row of parity.mapping's table from the HF tensors."""
+        """(Flax LM, params), built row by row of parity.convert.mapping's table from the HF
+        tensors."""
         dtype = JAX_DTYPES[self.dtype]
         lm = jax_block.TransformerLM.from_config(self.hf.config, dtype=dtype, param_dtype=dtype)
         source = {ours: (hf_name, row) for ours, hf_name, row in self.entries}
