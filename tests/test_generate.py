@@ -17,8 +17,8 @@ import torch_block
 import torch_block.sampling as torch_sampling
 from jax_block.generate import generate as jax_generate
 from jax_block.lm import TransformerLM as FlaxLM
+from parity.cli.generate import add_generate_command
 from parity.convert import from_torch
-from parity.generate_cli import add_generate_command
 from torch_block.block import TransformerBlock
 from torch_block.lm import TransformerLM
 
@@ -298,7 +298,7 @@ def cli(*argv: str):
 
 
 def test_cli_checkpoint_ids_both_frameworks(models, tmp_path, capsys):
-    from parity.checkpoint import save
+    from parity.convert import save
 
     lm = models[0]
     path = tmp_path / "lm.safetensors"
@@ -326,7 +326,7 @@ def test_cli_text_prompt_with_random_weights_is_the_same_in_both_frameworks(caps
 
 
 def test_cli_errors(models, tmp_path, capsys):
-    from parity.checkpoint import save
+    from parity.convert import save
 
     path = tmp_path / "lm.safetensors"
     save(path, models[0])

@@ -1,7 +1,7 @@
 """Training in each framework alone: the run configuration, batches, loss, AdamW steps against
 a NumPy reference, checkpoint files and bad input. The training command: tests/test_train_cli.py.
 
-The tiny model and run are those of `parity.train_cases` (dense), so that the jitted JAX step
+The tiny model and run are those of `parity.report.cases.train` (dense), so that the jitted JAX step
 compiles once for this file and tests/test_parity_train.py.
 """
 
