@@ -68,7 +68,7 @@ def jax_lm(config: dict, seed: int = 0, **extra):
 
     from jax_block.lm import TransformerLM
 
-    flax_lm = TransformerLM(**config, dropout=0.0, **extra)
+    flax_lm = TransformerLM.create(**config, dropout=0.0, **extra)
     params = flax_lm.init(jax.random.PRNGKey(seed), jnp.zeros((1, 1), jnp.int32))["params"]
     return flax_lm, params
 

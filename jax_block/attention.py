@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twin_core import RopeScaling, inv_frequencies
+from twin_core import RopeScaling, check_heads, inv_frequencies
 
 from .cache import KVCache
 from .rope import apply_rope
@@ -205,11 +205,7 @@ class MultiHeadAttention(AxisNamedModule):
 
         `positions` (B|1, T) are the rope positions (default: cache position + arange(T)).
         """
-        if self.n_heads < 1 or (self.head_dim is None and self.d_model % self.n_heads != 0):
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), "
-                "n_heads >= 1"
-            )
+        check_heads(self.d_model, self.n_heads, self.head_dim)
         B, T, _ = x.shape
         H = self.n_heads
         KV = H if self.n_kv_heads is None else self.n_kv_heads

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from twin_core import BlockConfig, RopeScaling
+from twin_core import BlockConfig
 
 from .attention import MultiHeadAttention
 from .cache import KVCache
@@ -19,61 +19,57 @@ from .moe import MixtureOfExperts
 from .norm import make_norm
 from .sharding import ACTIVATION_AXES, AxisNamedModule, constrain, kv_cache_sharding
 
+MODULE_ARGS = ("dtype", "param_dtype", "name", "parent")
 
-def config_of(module: nn.Module, config_cls: type) -> Any:
-    """The `config_cls` dataclass (BlockConfig or LMConfig) of a module's same-named fields."""
-    return config_cls(**{f.name: getattr(module, f.name) for f in dataclasses.fields(config_cls)})
+
+def split_module_args(config_cls: type, owner: str, kwargs: dict[str, Any]) -> tuple[Any, dict]:
+    """`kwargs` as (the `config_cls` their config fields make, the module's own arguments).
+
+    TypeError naming every keyword that is neither a field of `config_cls` nor in MODULE_ARGS.
+    """
+    fields = [f.name for f in dataclasses.fields(config_cls)]
+    unknown = sorted(set(kwargs) - set(fields) - set(MODULE_ARGS))
+    if unknown:
+        raise TypeError(
+            f"{owner}.create: unknown keyword(s) {unknown}; it takes the {config_cls.__name__} "
+            f"fields {fields} and {list(MODULE_ARGS)}"
+        )
+    module_args = {k: v for k, v in kwargs.items() if k in MODULE_ARGS}
+    config = config_cls(**{k: v for k, v in kwargs.items() if k not in MODULE_ARGS})
+    return config, module_args
 
 
 class TransformerBlock(AxisNamedModule):
     """h = x + Dropout(Attention(Norm1(x))); y = h + Dropout(FFN(Norm2(h))).
 
-    The fields are those of `twin_core.BlockConfig` (read back as `.config`), plus the compute
-    and parameter dtypes.
+    `config` (a `twin_core.BlockConfig`) defines the block; `dtype` is the compute dtype and
+    `param_dtype` the parameters'. `TransformerBlock.create(d_model=64, n_heads=4, d_ff=256)`
+    builds one from config fields by keyword.
     """
 
-    d_model: int
-    n_heads: int
-    d_ff: int
-    dropout: float = 0.1
-    use_moe: bool = False
-    num_experts: int = 8
-    top_k_experts: int = 2
-    causal: bool = True
-    expert_capacity_factor: float | None = 1.25
-    router_z_loss_coef: float = 0.0
+    config: BlockConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    n_kv_heads: int | None = None
-    head_dim: int | None = None
-    qkv_bias: bool = True
-    out_bias: bool = True
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    activation: str = "gelu"
-    gated_ffn: bool = False
-    ffn_bias: bool = True
-    positions: str = "learned"
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | None = None
-    sliding_window: int | None = None
-    norm_topk_prob: bool = True
-    shared_expert_d_ff: int | None = None
-    shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
-        config_of(self, BlockConfig)  # raises ValueError on a field that cannot work
+        if not isinstance(self.config, BlockConfig):
+            raise TypeError(
+                f"TransformerBlock.config must be a twin_core.BlockConfig, "
+                f"got {type(self.config).__name__}"
+            )
         super().__post_init__()
 
-    @property
-    def config(self) -> BlockConfig:
-        """The framework-free configuration of this block."""
-        return config_of(self, BlockConfig)
+    @classmethod
+    def create(cls, **kwargs: Any) -> TransformerBlock:
+        """The block of the BlockConfig fields given by keyword (the rest at their defaults);
+        dtype, param_dtype, name and parent go to the module. TypeError on any other keyword."""
+        config, module_args = split_module_args(BlockConfig, cls.__name__, kwargs)
+        return cls(config, **module_args)
 
     @classmethod
     def from_config(cls, config: BlockConfig, **module_args: Any) -> TransformerBlock:
         """The block that `config` describes; `module_args`: dtype, param_dtype, name, parent."""
-        return cls(**config.kwargs(), **module_args)
+        return cls(config, **module_args)
 
     def create_kv_cache(
         self,
@@ -114,57 +110,58 @@ class TransformerBlock(AxisNamedModule):
         position) and attend to everything cached before them; the cache passed in is unchanged.
         `positions` (B|1, T) are the rope positions (default: cache position + arange(T)).
         """
-        if x.ndim != 3 or x.shape[-1] != self.d_model or min(x.shape[:2]) < 1:
+        config = self.config
+        if x.ndim != 3 or x.shape[-1] != config.d_model or min(x.shape[:2]) < 1:
             raise ValueError(
-                f"x must be (batch >= 1, seq_len >= 1, d_model={self.d_model}), "
+                f"x must be (batch >= 1, seq_len >= 1, d_model={config.d_model}), "
                 f"got {tuple(x.shape)}"
             )
         x = constrain(x.astype(self.dtype), ACTIVATION_AXES)  # the residual stream, in dtype
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attention = MultiHeadAttention(
-            self.d_model,
-            self.n_heads,
-            self.dropout,
-            self.causal,
-            n_kv_heads=self.n_kv_heads,
-            head_dim=self.head_dim,
-            qkv_bias=self.qkv_bias,
-            out_bias=self.out_bias,
-            positions=self.positions,
-            rope_theta=self.rope_theta,
-            rope_scaling=self.rope_scaling,
-            sliding_window=self.sliding_window,
+            config.d_model,
+            config.n_heads,
+            config.dropout,
+            config.causal,
+            n_kv_heads=config.n_kv_heads,
+            head_dim=config.head_dim,
+            qkv_bias=config.qkv_bias,
+            out_bias=config.out_bias,
+            positions=config.positions,
+            rope_theta=config.rope_theta,
+            rope_scaling=config.rope_scaling,
+            sliding_window=config.sliding_window,
             name="attention",
             **dtypes,
         )
-        norm1 = make_norm(self.norm, self.norm_eps, name="norm1", **dtypes)
+        norm1 = make_norm(config.norm, config.norm_eps, name="norm1", **dtypes)
         attn, new_cache = attention(
             norm1(x), mask, kv_cache, cache_position, deterministic, positions
         )
-        dropout = nn.Dropout(self.dropout, name="dropout")
+        dropout = nn.Dropout(config.dropout, name="dropout")
         h = x + dropout(attn, deterministic=deterministic)
         aux = None
-        normed = make_norm(self.norm, self.norm_eps, name="norm2", **dtypes)(h)
-        ffn = dict(activation=self.activation, gated=self.gated_ffn, bias=self.ffn_bias)
-        if self.use_moe:
+        normed = make_norm(config.norm, config.norm_eps, name="norm2", **dtypes)(h)
+        ffn = dict(activation=config.activation, gated=config.gated_ffn, bias=config.ffn_bias)
+        if config.use_moe:
             ff, aux = MixtureOfExperts(
-                self.d_model,
-                self.d_ff,
-                self.num_experts,
-                self.top_k_experts,
-                self.dropout,
-                self.expert_capacity_factor,
-                self.router_z_loss_coef,
-                norm_topk_prob=self.norm_topk_prob,
-                shared_expert_d_ff=self.shared_expert_d_ff,
-                shared_expert_gate=self.shared_expert_gate,
+                config.d_model,
+                config.d_ff,
+                config.num_experts,
+                config.top_k_experts,
+                config.dropout,
+                config.expert_capacity_factor,
+                config.router_z_loss_coef,
+                norm_topk_prob=config.norm_topk_prob,
+                shared_expert_d_ff=config.shared_expert_d_ff,
+                shared_expert_gate=config.shared_expert_gate,
                 name="feed_forward",
                 **ffn,
                 **dtypes,
             )(normed, deterministic, return_aux_loss)
         else:
             ff = FeedForward(
-                self.d_model, self.d_ff, self.dropout, name="feed_forward", **ffn, **dtypes
+                config.d_model, config.d_ff, config.dropout, name="feed_forward", **ffn, **dtypes
             )(normed, deterministic)
         y = constrain(h + dropout(ff, deterministic=deterministic), ACTIVATION_AXES)
         return y, new_cache, aux

@@ -95,8 +95,8 @@ def generate(
     ids, mask = check_prompt(
         input_ids,
         attention_mask,
-        vocab_size=lm.vocab_size,
-        max_seq_len=lm.max_seq_len,
+        vocab_size=lm.config.vocab_size,
+        max_seq_len=lm.config.max_seq_len,
         max_new_tokens=max_new_tokens,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,

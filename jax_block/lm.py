@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from twin_core import LMConfig, RopeScaling
+from twin_core import LMConfig
 
-from .block import TransformerBlock, config_of
+from .block import TransformerBlock, split_module_args
 from .cache import KVCache
 from .norm import make_norm
 from .sharding import (
@@ -20,7 +20,6 @@ from .sharding import (
     AxisNamedModule,
     constrain,
     dense_axes,
-    kv_cache_sharding,
     named_init,
 )
 
@@ -40,57 +39,37 @@ def position_ids(attention_mask: jax.Array | None, start: jax.Array, length: int
 class TransformerLM(AxisNamedModule):
     """Token embedding [+ learned positions] -> dropout -> blocks -> norm -> LM head.
 
-    The fields are those of `twin_core.LMConfig` (read back as `.config`), plus the compute
-    and parameter dtypes; the defaults are GPT-2's layout. The blocks are the submodules
-    `blocks_0` ... `blocks_{n_layers-1}`. With `tie_embeddings` the head is the token embedding
-    matrix (`token_embedding.attend`) and there is no `lm_head`.
+    `config` (a `twin_core.LMConfig`, GPT-2's layout by default) defines the model; `dtype` is
+    the compute dtype and `param_dtype` the parameters'. Block i is the submodule `blocks_{i}`,
+    built from `config.block_configs()[i]`. With `tie_embeddings` the head is the token
+    embedding matrix (`token_embedding.attend`) and there is no `lm_head`.
+    `TransformerLM.create(vocab_size=256, max_seq_len=64, ...)` builds one from config fields
+    by keyword.
     """
 
-    vocab_size: int
-    max_seq_len: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    d_ff: int
-    dropout: float = 0.1
-    use_moe: bool = False
-    num_experts: int = 8
-    top_k_experts: int = 2
-    expert_capacity_factor: float | None = 1.25
-    tie_embeddings: bool = True
-    router_z_loss_coef: float = 0.0
+    config: LMConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-    n_kv_heads: int | None = None
-    head_dim: int | None = None
-    qkv_bias: bool = True
-    out_bias: bool = True
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    activation: str = "gelu"
-    gated_ffn: bool = False
-    ffn_bias: bool = True
-    positions: str = "learned"
-    rope_theta: float = 10000.0
-    rope_scaling: RopeScaling | None = None
-    sliding_window: int | None = None
-    norm_topk_prob: bool = True
-    shared_expert_d_ff: int | None = None
-    shared_expert_gate: bool = False
 
     def __post_init__(self) -> None:
-        config_of(self, LMConfig)  # raises ValueError on a field that cannot work
+        if not isinstance(self.config, LMConfig):
+            raise TypeError(
+                f"TransformerLM.config must be a twin_core.LMConfig, "
+                f"got {type(self.config).__name__}"
+            )
         super().__post_init__()
 
-    @property
-    def config(self) -> LMConfig:
-        """The framework-free configuration of this language model."""
-        return config_of(self, LMConfig)
+    @classmethod
+    def create(cls, **kwargs: Any) -> TransformerLM:
+        """The model of the LMConfig fields given by keyword (the rest at their defaults);
+        dtype, param_dtype, name and parent go to the module. TypeError on any other keyword."""
+        config, module_args = split_module_args(LMConfig, cls.__name__, kwargs)
+        return cls(config, **module_args)
 
     @classmethod
     def from_config(cls, config: LMConfig, **module_args: Any) -> TransformerLM:
         """The language model that `config` describes; `module_args`: dtype, param_dtype, ..."""
-        return cls(**config.kwargs(), **module_args)
+        return cls(config, **module_args)
 
     def create_kv_cache(
         self,
@@ -101,20 +80,14 @@ class TransformerLM(AxisNamedModule):
         mesh: Mesh | None = None,
         rules=None,
     ) -> tuple[KVCache, ...]:
-        """One empty cache per block, each with `max_seq_len` slots; with `mesh`, placed on it
-        (batch over data, kv heads over tensor: `jax_block.sharding.DEFAULT_RULES` or `rules`)."""
-        config = self.config
-        sharding = kv_cache_sharding(config, max_batch_size, max_seq_len, mesh, rules)
+        """One empty cache per block, sized by that block's config, each with `max_seq_len` slots;
+        with `mesh`, placed on it (batch over data, kv heads over tensor:
+        `jax_block.sharding.DEFAULT_RULES` or `rules`)."""
         return tuple(
-            KVCache.create(
-                max_batch_size,
-                max_seq_len,
-                config.resolved_n_kv_heads,
-                config.resolved_head_dim,
-                dtype,
-                sharding,
+            TransformerBlock.from_config(block, parent=None).create_kv_cache(
+                max_batch_size, max_seq_len, dtype, mesh=mesh, rules=rules
             )
-            for _ in range(self.n_layers)
+            for block in self.config.block_configs()
         )
 
     def check_inputs(
@@ -128,6 +101,7 @@ class TransformerLM(AxisNamedModule):
         Token ids are checked when they are concrete; under jit an id >= vocab_size or a
         position >= max_seq_len gives NaN logits (never a silent wrap).
         """
+        config = self.config
         if not hasattr(input_ids, "dtype") or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must be an integer array, got {_describe(input_ids)}")
         if input_ids.ndim != 2 or input_ids.size == 0:
@@ -137,16 +111,16 @@ class TransformerLM(AxisNamedModule):
         if not isinstance(input_ids, jax.core.Tracer):
             ids = np.asarray(input_ids)
             low, high = int(ids.min()), int(ids.max())
-            if low < 0 or high >= self.vocab_size:
+            if low < 0 or high >= config.vocab_size:
                 raise ValueError(
-                    f"token ids must be in [0, vocab_size={self.vocab_size}), got values in "
+                    f"token ids must be in [0, vocab_size={config.vocab_size}), got values in "
                     f"[{low}, {high}]"
                 )
         B, T = input_ids.shape
-        if kv_cache is None and T > self.max_seq_len:
-            raise ValueError(f"seq_len {T} exceeds max_seq_len={self.max_seq_len}")
-        if kv_cache is not None and len(kv_cache) != self.n_layers:
-            raise ValueError(f"kv_cache must hold {self.n_layers} caches, got {len(kv_cache)}")
+        if kv_cache is None and T > config.max_seq_len:
+            raise ValueError(f"seq_len {T} exceeds max_seq_len={config.max_seq_len}")
+        if kv_cache is not None and len(kv_cache) != config.n_layers:
+            raise ValueError(f"kv_cache must hold {config.n_layers} caches, got {len(kv_cache)}")
         S = T if kv_cache is None else kv_cache[0].max_seq_len
         if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
             raise ValueError(
@@ -172,34 +146,34 @@ class TransformerLM(AxisNamedModule):
         last. aux is the sum of the blocks' MoE losses (0 for dense blocks).
         """
         self.check_inputs(input_ids, attention_mask, kv_cache)
+        config = self.config
         start = jnp.zeros((), jnp.int32) if kv_cache is None else kv_cache[0].position
         T = input_ids.shape[1]
         positions = position_ids(attention_mask, start, T)  # (B|1, T)
-        embed = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         normal = nn.initializers.normal(stddev=0.02)
         token_embedding = nn.Embed(
-            self.vocab_size,
-            self.d_model,
+            config.vocab_size,
+            config.d_model,
             name="token_embedding",
             embedding_init=named_init(normal, "vocab", "embed"),
-            **embed,
+            **dtypes,
         )
         x = token_embedding(input_ids)  # (B, T, d_model)
-        if self.positions == "learned":
+        if config.positions == "learned":
             x = x + nn.Embed(
-                self.max_seq_len,
-                self.d_model,
+                config.max_seq_len,
+                config.d_model,
                 name="position_embedding",
                 embedding_init=named_init(normal, "length", "embed"),
-                **embed,
+                **dtypes,
             )(positions)
         x = constrain(x, ACTIVATION_AXES)
-        x = nn.Dropout(self.dropout, name="dropout")(x, deterministic=deterministic)
+        x = nn.Dropout(config.dropout, name="dropout")(x, deterministic=deterministic)
         key_mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
         aux = jnp.zeros((), jnp.float32)
-        block = self.config.block()
         new_cache = []
-        for i in range(self.n_layers):
+        for i, block in enumerate(config.block_configs()):
             layer_cache = None if kv_cache is None else kv_cache[i]
             x, layer_cache, block_aux = TransformerBlock.from_config(
                 block, dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}"
@@ -207,15 +181,12 @@ class TransformerLM(AxisNamedModule):
             new_cache.append(layer_cache)
             if block_aux is not None:
                 aux = aux + block_aux
-        norm = make_norm(
-            self.norm, self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name="norm"
-        )
-        x = norm(x)  # (B, T, d_model)
-        if self.tie_embeddings:
+        x = make_norm(config.norm, config.norm_eps, name="norm", **dtypes)(x)  # (B, T, d_model)
+        if config.tie_embeddings:
             logits = token_embedding.attend(x)  # (B, T, vocab_size)
         else:
             logits = nn.Dense(
-                self.vocab_size,
+                config.vocab_size,
                 use_bias=False,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,

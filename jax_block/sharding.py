@@ -206,10 +206,10 @@ def param_axes(module: nn.Module) -> Any:
     Read from the module's initializers (`jax.eval_shape`: nothing is computed). `module` is a
     TransformerLM (example input: token ids) or a block (example input: activations).
     """
-    if hasattr(module, "vocab_size"):
+    if hasattr(module.config, "vocab_size"):
         example = jnp.zeros((1, 1), jnp.int32)
     else:
-        example = jnp.zeros((1, 1, module.d_model), jnp.float32)
+        example = jnp.zeros((1, 1, module.config.d_model), jnp.float32)
     boxed = jax.eval_shape(
         lambda: nn.Module.init_with_output(module, jax.random.PRNGKey(0), example)[1]
     )

@@ -1,10 +1,10 @@
 """Training TransformerLM with optax: the optimizer, the jitted step and the checkpoint tensors.
 
-`python -m jax_block.train --help` trains a byte-level model on a text file; the command
-itself (flags, run files, the loop's bookkeeping) is `twin_core.train_cli`, shared with the
-torch twin `torch_block/train.py`, which has the same names in the same order. Both take the
-same batches and learning rates step for step, so the same initial weights give the same
-trajectory. Files hold Flax names (metadata "naming": "flax"), so jax_block never imports torch.
+The training command `python -m parity train --framework jax` (flags, run files, the loop's
+bookkeeping) calls the hooks at the end of this file; the torch twin `torch_block/train.py` has
+the same names in the same order. Both take the same batches and learning rates step for step,
+so the same initial weights give the same trajectory. Files hold Flax names (metadata "naming":
+"flax"), so jax_block never imports torch.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import safetensors.numpy
 from flax.training import train_state
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from twin_core import LMConfig, TrainConfig, atomic_write, train_cli
+from twin_core import LMConfig, TrainConfig, atomic_write
 from twin_core.data import batch_windows, check_model_fits
 from twin_core.run_files import (
     NAMINGS,
@@ -129,7 +129,7 @@ def create_train_state(
     default `jax_block.sharding.DEFAULT_RULES`), the moments like them, and `train_step` runs
     sharded (batch over data, gradients reduced by the partitioner).
     """
-    check_model_fits(config, lm.max_seq_len)
+    check_model_fits(config, lm.config.max_seq_len)
     if mesh is not None:
         mesh, rules = check_mesh(mesh), check_rules(rules)
         check_batch(config.batch_size, mesh, rules)
@@ -211,7 +211,7 @@ def _flat(tree: dict) -> dict[str, np.ndarray]:
 
 
 def save_model(path: str | os.PathLike, lm: TransformerLM, params: dict) -> None:
-    """A safetensors checkpoint that `parity.checkpoint.load` reads (Flax names, "naming": "flax").
+    """A safetensors checkpoint that `parity.load` reads (Flax names, "naming": "flax").
 
     `python -m parity convert` rewrites it with torch names.
     """
@@ -226,7 +226,7 @@ def save_train_state(
     """Everything needed to resume: params, Adam moments, step, model and run configuration.
 
     Tensors are `params/<name>`, `exp_avg/<name>` and `exp_avg_sq/<name>` with Flax names;
-    `parity.train_cases.convert_train_state` rewrites the file for torch_block.
+    `parity.convert.convert_train_state` rewrites the file for torch_block.
     """
     groups = {
         "params": state.params,
@@ -328,10 +328,11 @@ def sample(
     return bytes(np.asarray(tokens[0]).astype(np.uint8))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The training command (`twin_core.train_cli`) with JAX: returns the exit status."""
-    return train_cli.main(sys.modules[__name__], argv)
-
+MOVED = (
+    "python -m jax_block.train moved: use python -m parity train --framework jax "
+    "(same flags; python -m parity train --help)"
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    print(MOVED, file=sys.stderr)
+    sys.exit(2)

@@ -1,4 +1,4 @@
-"""`python -m parity`: see parity/cli.py."""
+"""`python -m parity`: see parity/cli/__init__.py."""
 
 import sys
 

@@ -154,7 +154,7 @@ def copy(tree):
 def init(config: dict, seed: int = 3) -> tuple[TransformerLM, dict]:
     """The model and random NumPy parameters on its shapes (nothing compiles): kernels
     N(0, 1/fan_in), embeddings N(0, 1/4), norm scales 1 + N(0, 1/100), biases N(0, 1/100)."""
-    lm = TransformerLM(**config)
+    lm = TransformerLM.create(**config)
     shapes = jax.eval_shape(lm.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
     rng = np.random.default_rng(seed)
 
@@ -180,8 +180,8 @@ ONE_DEVICE: dict[str, dict] = {}  # decode() of each model on one device
 def check_model(name: str, config: dict, out: dict) -> None:
     """Every mesh of MESHES against one device, for one model; generate on (2, 2, 2)."""
     lm, params = init(config)
-    ids, mask = prompts(lm.vocab_size)
-    batch, rng = train_batch(lm.vocab_size), jax.random.PRNGKey(5)
+    ids, mask = prompts(lm.config.vocab_size)
+    batch, rng = train_batch(lm.config.vocab_size), jax.random.PRNGKey(5)
     one = ONE_DEVICE[name] = decode(lm, copy(params), ids, mask)
     one_state, one_metrics = train_step(create_train_state(lm, copy(params), TRAIN), batch, rng)
     out["config"] = {k: v for k, v in config.items() if isinstance(v, (int, float, str))}
@@ -231,7 +231,7 @@ def check_generate(lm, sharded, ids, mask, mesh, expected: np.ndarray, case: dic
 def check_missing_axis(out: dict) -> None:
     """A (data, expert) mesh without `tensor`: the rules naming it replicate (the dense model)."""
     lm, params = init(MODELS["dense"])
-    ids, mask = prompts(lm.vocab_size)
+    ids, mask = prompts(lm.config.vocab_size)
     mesh = jax.make_mesh((4, 2), ("data", "expert"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     sharded = shard_params(lm, params, mesh)
     run = decode(lm, sharded, ids, mask, mesh)
@@ -247,7 +247,7 @@ def check_decode_step(out: dict) -> None:
     prefill of 5 tokens, then single tokens, every step compiled once per shape."""
     config = {k: v for k, v in MODELS["llama"].items() if k not in ("vocab_size", "max_seq_len")}
     config.pop("n_layers"), config.pop("tie_embeddings")
-    block = TransformerBlock(**config)
+    block = TransformerBlock.create(**config)
     shapes = jax.eval_shape(block.init, jax.random.PRNGKey(0), jnp.zeros((1, 1, 32)))["params"]
     rng = np.random.default_rng(4)
     params = jax.tree.map(lambda s: (rng.standard_normal(s.shape) / 4).astype(np.float32), shapes)
@@ -293,7 +293,7 @@ def check_bad_inputs(out: dict) -> None:
     few_heads, few_params = init(dict(MODELS["dense"], n_heads=4))
     few_kv, few_kv_params = init(dict(MODELS["llama"], n_kv_heads=2))
     data8, tensor8 = make_mesh(8, 1, 1), make_mesh(1, 8, 1)
-    ids6, mask6 = (a[:6] for a in prompts(lm.vocab_size))
+    ids6, mask6 = (a[:6] for a in prompts(lm.config.vocab_size))
     sharded = shard_params(lm, params, data8)
     cache6, ids6_on_device = lm.create_kv_cache(6, S), jnp.asarray(ids6)
     six = TrainConfig(steps=10, batch_size=6, seq_len=12, warmup_steps=0)
@@ -316,7 +316,7 @@ def check_checkpoint(out: dict) -> None:
     """Params and a train state saved from (2, 2, 2) after one step, restored on (1, 4, 2):
     the next step there against the next step on (2, 2, 2)."""
     lm, params = init(MODELS["dense"])
-    batch, rng = train_batch(lm.vocab_size), jax.random.PRNGKey(5)
+    batch, rng = train_batch(lm.config.vocab_size), jax.random.PRNGKey(5)
     old, new = make_mesh(2, 2, 2), make_mesh(1, 4, 2)
     before = train_step._cache_size()
     state, _ = train_step(create_train_state(lm, params, TRAIN, mesh=old), batch, rng)

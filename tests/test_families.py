@@ -24,9 +24,9 @@ def test_a_bad_configuration_is_refused_with_the_same_message_in_both(name, modu
     fields, words = BAD[name]
     kwargs = {**BASE, **fields, **(LM_FIELDS if module == "TransformerLM" else {})}
     messages = []
-    for package in (torch_block, jax_block):
+    for build in (getattr(torch_block, module), getattr(jax_block, module).create):
         with pytest.raises(ValueError) as info:
-            getattr(package, module)(**kwargs)
+            build(**kwargs)
         messages.append(str(info.value))
     assert messages[0] == messages[1]
     for word in words:

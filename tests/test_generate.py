@@ -17,8 +17,8 @@ import torch_block
 import torch_block.sampling as torch_sampling
 from jax_block.generate import generate as jax_generate
 from jax_block.lm import TransformerLM as FlaxLM
+from parity.cli.generate import add_generate_command
 from parity.convert import from_torch
-from parity.generate_cli import add_generate_command
 from torch_block.block import TransformerBlock
 from torch_block.lm import TransformerLM
 
@@ -155,15 +155,15 @@ def left_padded(lengths: list[int], seed: int = 1) -> tuple[np.ndarray, np.ndarr
 def run_generate(framework, models, ids, mask, **kw) -> tuple[np.ndarray, int, int | None]:
     """(tokens, reported number of steps, counted forward calls or None) in one framework."""
     if framework == "torch":
-        module = importlib.import_module("torch_block.generate")  # counts its decode steps
-        step, calls = module.decode_step, []
-        module.decode_step = lambda *args: calls.append(1) or step(*args)
+        module = importlib.import_module("torch_block.generate")  # counts its token steps
+        step, calls = module.token_step, []
+        module.token_step = lambda *args: calls.append(1) or step(*args)
         try:
             tokens, steps = torch_block.generate(
                 models[0], torch.tensor(ids), torch.tensor(mask), return_num_steps=True, **kw
             )
         finally:
-            module.decode_step = step
+            module.token_step = step
         return tokens.numpy(), steps, 1 + len(calls)  # the prefill, then one call per step
     flax_lm, params = models[1]
     tokens, steps = jax_generate(flax_lm, params, ids, mask, return_num_steps=True, **kw)
@@ -277,8 +277,7 @@ def test_bad_input_raises_before_any_computation(framework, case, models):
                 return super().__call__(*args, **kwargs)
 
         flax_lm, params = models[1]
-        lm = CountingLM(**{f: getattr(flax_lm, f) for f in ("vocab_size", "max_seq_len",
-                        "d_model", "n_layers", "n_heads", "d_ff", "dropout")})  # fmt: skip
+        lm = CountingLM.from_config(flax_lm.config)
         with pytest.raises(ValueError, match=message):
             jax_generate(lm, params, ids, None if mask is None else np.asarray(mask), **kw)
         assert traces == []
@@ -299,7 +298,7 @@ def cli(*argv: str):
 
 
 def test_cli_checkpoint_ids_both_frameworks(models, tmp_path, capsys):
-    from parity.checkpoint import save
+    from parity.convert import save
 
     lm = models[0]
     path = tmp_path / "lm.safetensors"
@@ -327,7 +326,7 @@ def test_cli_text_prompt_with_random_weights_is_the_same_in_both_frameworks(caps
 
 
 def test_cli_errors(models, tmp_path, capsys):
-    from parity.checkpoint import save
+    from parity.convert import save
 
     path = tmp_path / "lm.safetensors"
     save(path, models[0])

@@ -22,8 +22,8 @@ from hf_models import FAMILIES, VOCAB, WINDOW
 import jax_block
 import parity
 import torch_block
-from parity.hf_config import family_of
-from parity.hf_mapping import markdown_tables
+from parity.hf.config import family_of
+from parity.hf.mapping import markdown_tables
 
 PROMPTS = ([5, 17, 33], [9, 2, 41, 77, 3, 60, 12])  # left-padded into one batch
 NEW_TOKENS = 12  # 7 + 12 = 19 positions: well past mistral's window of WINDOW

@@ -19,9 +19,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 import parity
 import torch_block
-from parity import hf_report
 from parity.cli import main
 from parity.hf import HFCheckpoint
+from parity.report.cases import hf as hf_report
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = ["[UNK]", *(f"w{i}" for i in range(1, hf_models.VOCAB))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -11,7 +12,8 @@ import pytest
 import reference as ref
 from jax_keys import rbg_key
 
-from jax_block import KVCache, TransformerBlock
+from jax_block import KVCache, TransformerBlock, TransformerLM
+from twin_core import BlockConfig, LMConfig
 
 D_MODEL, N_HEADS, D_FF = 16, 4, 32
 HEAD_DIM = D_MODEL // N_HEADS
@@ -42,7 +44,9 @@ def reference(params, x, causal=True, mask=None, top_k=None, capacity_factor=Non
 
 def make_block(use_moe: bool, **kw) -> TransformerBlock:
     kw = {"dropout": 0.0, "num_experts": E, "top_k_experts": K, **kw}
-    return TransformerBlock(D_MODEL, N_HEADS, D_FF, use_moe=use_moe, **kw)
+    return TransformerBlock.create(
+        d_model=D_MODEL, n_heads=N_HEADS, d_ff=D_FF, use_moe=use_moe, **kw
+    )
 
 
 @functools.cache
@@ -91,14 +95,15 @@ def hard_mask(batch: int, length: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- API
 def test_fields_mirror_the_torch_constructor():
-    block = TransformerBlock(D_MODEL, N_HEADS, D_FF)
-    assert (block.dropout, block.use_moe, block.num_experts, block.top_k_experts) == (
+    block = TransformerBlock.create(d_model=D_MODEL, n_heads=N_HEADS, d_ff=D_FF)
+    config = block.config
+    assert (config.dropout, config.use_moe, config.num_experts, config.top_k_experts) == (
         0.1,
         False,
         8,
         2,
     )
-    assert (block.causal, block.expert_capacity_factor, block.router_z_loss_coef) == (
+    assert (config.causal, config.expert_capacity_factor, config.router_z_loss_coef) == (
         True,
         1.25,
         0.0,
@@ -116,8 +121,46 @@ def test_fields_mirror_the_torch_constructor():
         expert_capacity_factor=None,
         router_z_loss_coef=0.1,
     )
-    block = TransformerBlock(**kw)
-    assert {name: getattr(block, name) for name in kw} == kw
+    block = TransformerBlock.create(**kw)
+    assert {name: getattr(block.config, name) for name in kw} == kw
+
+
+LM_FIELDS = dict(vocab_size=32, max_seq_len=8, d_model=8, n_layers=2, n_heads=2, d_ff=16)
+CREATE_CASES = [
+    (TransformerBlock, BlockConfig, dict(d_model=8, n_heads=2, d_ff=16)),
+    (TransformerLM, LMConfig, LM_FIELDS),
+]
+
+
+@pytest.mark.parametrize("module, config_cls, fields", CREATE_CASES, ids=["block", "lm"])
+def test_create_holds_twin_cores_config_with_its_defaults(module, config_cls, fields):
+    assert [f.name for f in dataclasses.fields(module)] == [
+        "config",
+        "dtype",
+        "param_dtype",
+        "parent",
+        "name",
+    ]
+    assert module.create(**fields).config == config_cls(**fields)
+    built = module.create(**fields, use_moe=True, dtype=jnp.bfloat16, name="m")
+    config = config_cls(**fields, use_moe=True)
+    assert built == module.from_config(config, dtype=jnp.bfloat16, name="m")
+    assert (built.config, built.dtype, built.param_dtype) == (config, jnp.bfloat16, jnp.float32)
+
+
+@pytest.mark.parametrize("module, config_cls, fields", CREATE_CASES, ids=["block", "lm"])
+def test_create_refuses_an_unknown_keyword_by_name(module, config_cls, fields):
+    with pytest.raises(
+        TypeError, match=rf"{module.__name__}.create: unknown keyword\(s\) \['d_modle'\]"
+    ):
+        module.create(**fields, d_modle=8)
+    other = (
+        BlockConfig(d_model=8, n_heads=2, d_ff=16)
+        if config_cls is LMConfig
+        else LMConfig(**LM_FIELDS)
+    )
+    with pytest.raises(TypeError, match=rf"config must be a twin_core.{config_cls.__name__}"):
+        module(other)
 
 
 def test_init_parameter_tree_dtypes_and_distinct_experts():
@@ -280,20 +323,31 @@ def test_gradients_reach_the_router_and_used_experts_only():
 
 # --------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
-    "args, kwargs, match",
+    "kwargs, match",
     [
-        ((30, 4, 64), {}, r"d_model \(30\) must be divisible by n_heads \(4\)"),
-        ((16, 0, 64), {}, r"d_model \(16\) must be divisible by n_heads \(0\), n_heads >= 1"),
-        ((16, 4, 64, 0.0, True, 0, 1), {}, r"num_experts must be >= 1, got 0"),
-        ((16, 4, 64, 0.0, True, 4, 0), {}, r"top_k must be in \[1, num_experts=4\], got 0"),
-        ((16, 4, 64, 0.0, True, 4, 5), {}, r"top_k must be in \[1, num_experts=4\], got 5"),
-        ((16, 4, 64, 0.0, True), {"expert_capacity_factor": 0.0}, r"> 0 or None, got 0\.0"),
-        ((16, 4, 64, 0.0, True), {"expert_capacity_factor": -1.0}, r"> 0 or None, got -1\.0"),
+        ({"d_model": 30}, r"d_model \(30\) must be divisible by n_heads \(4\)"),
+        ({"n_heads": 0}, r"d_model \(16\) must be divisible by n_heads \(0\), n_heads >= 1"),
+        (
+            {"use_moe": True, "num_experts": 0, "top_k_experts": 1},
+            r"num_experts must be >= 1, got 0",
+        ),
+        (
+            {"use_moe": True, "num_experts": 4, "top_k_experts": 0},
+            r"top_k must be in \[1, num_experts=4\], got 0",
+        ),
+        (
+            {"use_moe": True, "num_experts": 4, "top_k_experts": 5},
+            r"top_k must be in \[1, num_experts=4\], got 5",
+        ),
+        ({"use_moe": True, "expert_capacity_factor": 0.0}, r"> 0 or None, got 0\.0"),
+        ({"use_moe": True, "expert_capacity_factor": -1.0}, r"> 0 or None, got -1\.0"),
     ],
 )
-def test_bad_constructor_arguments(args, kwargs, match):
+def test_bad_constructor_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        TransformerBlock(*args, **kwargs)
+        TransformerBlock.create(
+            **{"d_model": 16, "n_heads": 4, "d_ff": 64, "dropout": 0.0, **kwargs}
+        )
 
 
 B_MAX, S_MAX, PREFILL = 2, 8, 5

@@ -65,7 +65,9 @@ def test_repr_shows_shape_dtype_and_position_also_under_jit():
 
 
 def test_block_create_kv_cache_on_the_unbound_module():
-    cache = TransformerBlock(16, 4, 32).create_kv_cache(2, 7, dtype=jnp.bfloat16)
+    cache = TransformerBlock.create(d_model=16, n_heads=4, d_ff=32).create_kv_cache(
+        2, 7, dtype=jnp.bfloat16
+    )
     assert cache.k_cache.shape == (2, 4, 7, 4) and cache.k_cache.dtype == jnp.bfloat16
     assert int(cache.position) == 0
 

@@ -23,7 +23,9 @@ def rand_x(batch: int, length: int, seed: int = 1) -> np.ndarray:
 
 
 def make_block(use_moe: bool = False, d_ff: int = D_FF) -> TransformerBlock:
-    return TransformerBlock(D_MODEL, N_HEADS, d_ff, dropout=0.1, use_moe=use_moe, num_experts=4)
+    return TransformerBlock.create(
+        d_model=D_MODEL, n_heads=N_HEADS, d_ff=d_ff, dropout=0.1, use_moe=use_moe, num_experts=4
+    )
 
 
 @functools.cache

@@ -45,8 +45,8 @@ class BlockTwin:
     def __init__(self, name: str):
         self.name = name
         self.spec = ref.spec(**BLOCKS[name])
-        self.module = TransformerBlock(**BLOCKS[name])
-        self.x = block_input(self.module.d_model)
+        self.module = TransformerBlock.create(**BLOCKS[name])
+        self.x = block_input(self.module.config.d_model)
         self.params = ref.random_params(self.module, jnp.asarray(self.x))
         self.weights = ref.flax_weights(self.params)
         self.forward = jax.jit(
@@ -121,10 +121,10 @@ def test_sliding_window_holds_across_multi_token_chunks():
 def test_gqa_cache_holds_kv_heads_only():
     for name, ratio in (("llama", 4), ("mqa_gated_gelu", 4)):
         spec = ref.spec(**BLOCKS[name])
-        cache = TransformerBlock(**BLOCKS[name]).create_kv_cache(2, 16)
+        cache = TransformerBlock.create(**BLOCKS[name]).create_kv_cache(2, 16)
         want = (2, spec["n_kv_heads"], 16, spec["head_dim"])
         assert cache.k_cache.shape == cache.v_cache.shape == want
-        mha = TransformerBlock(**{**BLOCKS[name], "n_kv_heads": None}).create_kv_cache(2, 16)
+        mha = TransformerBlock.create(**{**BLOCKS[name], "n_kv_heads": None}).create_kv_cache(2, 16)
         nbytes = cache.k_cache.nbytes + cache.v_cache.nbytes
         assert mha.k_cache.nbytes + mha.v_cache.nbytes == ratio * nbytes
         assert spec["n_heads"] // spec["n_kv_heads"] == ratio
@@ -136,7 +136,7 @@ class LMTwin:
 
     def __init__(self, name: str):
         self.spec = ref.spec(**LMS[name])
-        self.module = TransformerLM(**LMS[name])
+        self.module = TransformerLM.create(**LMS[name])
         rng = np.random.default_rng(2)
         self.mask = np.ones((2, LM_LEN), np.int32)
         self.mask[1, :LM_PADS] = 0
@@ -213,11 +213,13 @@ ORIGINAL_MOE = {
 def test_the_original_blocks_parameter_paths_are_todays():
     x, ids = jnp.zeros((1, 3, 32)), jnp.zeros((1, 3), jnp.int32)
     block = {**ORIGINAL_ATTENTION, **ORIGINAL_NORMS}
-    dense = TransformerBlock(32, 4, 64, dropout=0.0)
+    dense = TransformerBlock.create(d_model=32, n_heads=4, d_ff=64, dropout=0.0)
     assert param_shapes(dense, x) == {**block, **ORIGINAL_DENSE}
-    moe = TransformerBlock(32, 4, 64, 0.0, True, 4, 2)
+    moe = TransformerBlock.from_config(BlockConfig(32, 4, 64, 0.0, True, 4, 2))
     assert param_shapes(moe, x) == {**block, **ORIGINAL_MOE}
-    lm = TransformerLM(64, 32, 32, 2, 4, 64, 0.0, True, 4, 2, tie_embeddings=False)
+    lm = TransformerLM.from_config(
+        LMConfig(64, 32, 32, 2, 4, 64, 0.0, True, 4, 2, tie_embeddings=False)
+    )
     assert param_shapes(lm, ids) == {
         **{f"blocks_{i}/{k}": v for i in range(2) for k, v in {**block, **ORIGINAL_MOE}.items()},
         "token_embedding/embedding": (64, 32),
@@ -231,7 +233,7 @@ def test_the_original_blocks_parameter_paths_are_todays():
 def test_family_parameter_paths_and_shapes():
     """Llama: no biases, no norm bias, fc3 beside fc1; GQA k/v kernels (d_model, KV*D)."""
     x = jnp.zeros((1, 3, 32))
-    assert param_shapes(TransformerBlock(**BLOCKS["llama"]), x) == {
+    assert param_shapes(TransformerBlock.create(**BLOCKS["llama"]), x) == {
         "attention/q_proj/kernel": (32, 64),
         "attention/k_proj/kernel": (32, 16),
         "attention/v_proj/kernel": (32, 16),
@@ -242,7 +244,7 @@ def test_family_parameter_paths_and_shapes():
         "feed_forward/fc2/kernel": (48, 32),
         "feed_forward/fc3/kernel": (32, 48),
     }
-    shapes = param_shapes(TransformerBlock(**BLOCKS["qwen2_moe"]), x)
+    shapes = param_shapes(TransformerBlock.create(**BLOCKS["qwen2_moe"]), x)
     assert shapes["attention/q_proj/bias"] == (64,) and "attention/out_proj/bias" not in shapes
     assert shapes["feed_forward/experts/fc3/kernel"] == (4, 32, 48)
     assert shapes["feed_forward/shared_expert/fc1/kernel"] == (32, 40)
@@ -254,7 +256,7 @@ def test_family_parameter_paths_and_shapes():
 def test_config_and_from_config_round_trip():
     config = BlockConfig(**BLOCKS["qwen2_moe"])
     block = TransformerBlock.from_config(config)
-    assert block.config == config and block == TransformerBlock(**BLOCKS["qwen2_moe"])
+    assert block.config == config and block == TransformerBlock.create(**BLOCKS["qwen2_moe"])
     lm_config = LMConfig(**LMS["llama"])
     lm = TransformerLM.from_config(lm_config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     assert lm.config == lm_config and lm.dtype == jnp.bfloat16

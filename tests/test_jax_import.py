@@ -38,7 +38,9 @@ USE_JAX_BLOCK = """
 
     import jax_block
 
-    block = jax_block.TransformerBlock(8, 2, 16, dropout=0.0, use_moe=True, num_experts=2)
+    block = jax_block.TransformerBlock.create(
+        d_model=8, n_heads=2, d_ff=16, dropout=0.0, use_moe=True, num_experts=2
+    )
     x = jnp.ones((1, 3, 8))
     params = jax.eval_shape(block.init, jax.random.PRNGKey(0), x)["params"]
     cache = block.create_kv_cache(1, 4)

@@ -41,13 +41,21 @@ def test_the_copy_count_sees_a_copied_cache():
 
 @pytest.fixture(scope="module")
 def lm_and_params():
-    lm = TransformerLM(64, S, H * D_HEAD, N_LAYERS, H, 64, dropout=0.0)
+    lm = TransformerLM.create(
+        vocab_size=64,
+        max_seq_len=S,
+        d_model=H * D_HEAD,
+        n_layers=N_LAYERS,
+        n_heads=H,
+        d_ff=64,
+        dropout=0.0,
+    )
     params = lm.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"]
     return lm, params
 
 
 def test_decode_step_copies_no_cache_buffer():
-    block = TransformerBlock(H * D_HEAD, H, 64, dropout=0.0)
+    block = TransformerBlock.create(d_model=H * D_HEAD, n_heads=H, d_ff=64, dropout=0.0)
     x = jnp.ones((B, 1, H * D_HEAD), jnp.float32)
     params = block.init(jax.random.PRNGKey(0), x)["params"]
     cache = block.create_kv_cache(B, S)

@@ -25,10 +25,18 @@ CONFIGS = {
 }
 
 
+SIZES = dict(
+    vocab_size=VOCAB,
+    max_seq_len=MAX_LEN,
+    d_model=D_MODEL,
+    n_layers=N_LAYERS,
+    n_heads=N_HEADS,
+    d_ff=D_FF,
+)
+
+
 def make_lm(**kw) -> TransformerLM:
-    return TransformerLM(
-        VOCAB, MAX_LEN, D_MODEL, N_LAYERS, N_HEADS, D_FF, dropout=0.0, num_experts=EXPERTS, **kw
-    )
+    return TransformerLM.create(**SIZES, dropout=0.0, num_experts=EXPERTS, **kw)
 
 
 def left_padded(lengths: list[int], seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +145,7 @@ def test_forward_matches_reference_on_left_padded_batch(name):
     real = mask.astype(bool)  # pad positions have no defined output
     np.testing.assert_allclose(np.asarray(logits)[real], want[real], atol=ATOL, rtol=0)
     assert aux.shape == () and float(aux) == pytest.approx(want_aux, abs=1e-6)
-    if m.lm.use_moe:
+    if m.lm.config.use_moe:
         assert float(aux) > 0.5 * N_LAYERS  # each layer's loss is near 1 at random routing
 
 
@@ -193,7 +201,7 @@ def test_prompts_in_one_bucket_compile_once():
             traces.append(1)
             return super().__call__(*args, **kwargs)
 
-    lm = CountingLM(VOCAB, MAX_LEN, D_MODEL, N_LAYERS, N_HEADS, D_FF, dropout=0.0)
+    lm = CountingLM.create(**SIZES, dropout=0.0)
     params = get_model("dense").params
     first = generate(lm, params, left_padded([5, 2])[0], max_new_tokens=4)
     assert len(traces) == 2  # one compilation: the prefill and the loop body trace the model
@@ -226,9 +234,8 @@ def test_forward_rejects_bad_inputs():
 
 def test_constructor_rejects_bad_config():
     with pytest.raises(ValueError, match="vocab_size must be a positive int, got 0"):
-        TransformerLM(0, MAX_LEN, D_MODEL, N_LAYERS, N_HEADS, D_FF)
+        TransformerLM.create(**{**SIZES, "vocab_size": 0})
     with pytest.raises(ValueError, match="divisible"):
-        TransformerLM(VOCAB, MAX_LEN, 30, N_LAYERS, N_HEADS, D_FF)
+        TransformerLM.create(**{**SIZES, "d_model": 30})
     with pytest.raises(ValueError, match="top_k must be in"):
-        TransformerLM(VOCAB, MAX_LEN, D_MODEL, N_LAYERS, N_HEADS, D_FF, use_moe=True,
-                      num_experts=2, top_k_experts=3)  # fmt: skip
+        TransformerLM.create(**SIZES, use_moe=True, num_experts=2, top_k_experts=3)

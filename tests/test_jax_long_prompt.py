@@ -72,7 +72,17 @@ def test_blocked_attention_over_a_cache_at_a_traced_position():
 
 @pytest.fixture(scope="module")
 def tiny_lm():
-    lm = TransformerLM(64, 2080, D_MODEL, 2, 4, 64, dropout=0.0, positions="rope", n_kv_heads=2)
+    lm = TransformerLM.create(
+        vocab_size=64,
+        max_seq_len=2080,
+        d_model=D_MODEL,
+        n_layers=2,
+        n_heads=4,
+        d_ff=64,
+        dropout=0.0,
+        positions="rope",
+        n_kv_heads=2,
+    )
     return lm, ref.random_params(lm, jnp.zeros((1, 1), jnp.int32))
 
 

@@ -13,10 +13,13 @@ import torch
 from flax.traverse_util import flatten_dict
 
 import torch_block
-from parity import checkpoint, cli, from_torch, report
-from parity.cases import Case, Setup
-from parity.compare import TOLERANCES, Row
-from parity.run import run_both
+from parity import cli, from_torch
+from parity.cli.check import case_list
+from parity.convert import checkpoint
+from parity.report import runner as report
+from parity.report.compare import TOLERANCES, Row
+from parity.report.registry import Case, Setup
+from parity.report.run import run_both
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_FIELDS = {
@@ -69,9 +72,9 @@ def declared_rows() -> set[str]:
     """The row names that `check --help` lists, read from its text."""
     rows = set()
     for entry in report.all_cases():
-        assert f"  {entry.name} " in cli.case_list()
+        assert f"  {entry.name} " in case_list()
         rows.update(entry.row_names)
-    help_text = cli.case_list()
+    help_text = case_list()
     assert all(name in help_text for name in rows)
     return rows
 

@@ -35,7 +35,7 @@ def random_torch_block(config: dict, dtype: torch.dtype, seed: int = 0) -> torch
 
 def random_flax_params(config: dict, dtype: jnp.dtype, seed: int = 0):
     """A Flax block and params whose every leaf is distinct random numbers."""
-    module = jax_block.TransformerBlock(**config, dtype=dtype, param_dtype=dtype)
+    module = jax_block.TransformerBlock.create(**config, dtype=dtype, param_dtype=dtype)
     shapes = jax.eval_shape(module.init, jax.random.PRNGKey(seed), jnp.zeros((1, 1, D_MODEL)))
     rng = np.random.default_rng(seed)
     return module, jax.tree_util.tree_map(
@@ -138,7 +138,7 @@ def test_from_torch_to_torch_keeps_the_configuration(config):
     block = torch_block.TransformerBlock(**config)
     module, params = from_torch(block)
     for name, value in block.config.kwargs().items():
-        assert getattr(module, name) == value, name
+        assert getattr(module.config, name) == value, name
     back = to_torch(module, params)
     assert back.config == block.config
     assert not back.training
@@ -151,7 +151,7 @@ def test_from_torch_refuses_an_unknown_module():
 
 # --------------------------------------------------------------------------- errors
 def flax_module(config: dict) -> jax_block.TransformerBlock:
-    return jax_block.TransformerBlock(**config)
+    return jax_block.TransformerBlock.create(**config)
 
 
 def conversion_error(state_dict: dict, config: dict) -> str:

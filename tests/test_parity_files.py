@@ -23,11 +23,11 @@ from flax.traverse_util import flatten_dict
 
 import jax_block
 import jax_block.lm
-from parity import from_torch, hf_files
-from parity.checkpoint import convert_file, load, save
+from parity import convert_file, from_torch, load, save
 from torch_block import TransformerBlock
 from torch_block.lm import TransformerLM
 from twin_core import BlockConfig, LMConfig
+from twin_core import files as twin_files
 
 D_MODEL = 16
 CASES = {
@@ -71,7 +71,7 @@ def torch_original(case: str, dtype: str) -> TransformerBlock:
 
 def flax_module_of(case: str, dtype: str) -> jax_block.TransformerBlock:
     jdt = DTYPES[dtype][1]
-    return jax_block.TransformerBlock(**CASES[case], dtype=jdt, param_dtype=jdt)
+    return jax_block.TransformerBlock.create(**CASES[case], dtype=jdt, param_dtype=jdt)
 
 
 def flax_original(case: str, dtype: str) -> tuple[jax_block.TransformerBlock, dict]:
@@ -270,7 +270,7 @@ def test_flax_named_safetensors_holds_flax_paths(tmp_path):
 
 # --------------------------------------------------------------------------- atomic writes
 SERIALISERS = {
-    "safetensors": (hf_files, "raw_bytes"),  # per tensor, after the header went to the file
+    "safetensors": (twin_files, "safetensors_dtype"),  # per tensor, after the header is written
     "pt": (torch, "save"),
     "msgpack": (flax.serialization, "msgpack_serialize"),
 }

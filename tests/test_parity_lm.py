@@ -13,8 +13,7 @@ from flax.traverse_util import flatten_dict
 import torch_block
 from jax_block.generate import cached_forward
 from jax_block.generate import generate as jax_generate
-from parity.checkpoint import load, save
-from parity.convert import flax_to_torch, from_torch, to_torch, torch_to_flax
+from parity.convert import flax_to_torch, from_torch, load, save, to_torch, torch_to_flax
 from torch_block.lm import TransformerLM
 
 VOCAB, MAX_LEN, D_MODEL, N_LAYERS, N_HEADS, D_FF, EXPERTS = 64, 128, 32, 2, 4, 64, 4

@@ -16,8 +16,21 @@ import reference as ref
 import torch
 
 import torch_block
-from parity import from_torch, lm_cases, report
-from parity.cases import (
+from parity import from_torch
+from parity.report import runner as report
+from parity.report.cases import lm as lm_cases
+from parity.report.compare import (
+    IDENTICAL,
+    TOLERANCES,
+    Agreement,
+    Row,
+    Tolerance,
+    compare,
+    compare_tokens,
+    routing_agreement,
+)
+from parity.report.precision import full_precision
+from parity.report.registry import (
     BATCH,
     CONFIGS,
     FAMILIES,
@@ -28,19 +41,8 @@ from parity.cases import (
     Case,
     Setup,
 )
-from parity.compare import (
-    IDENTICAL,
-    TOLERANCES,
-    Agreement,
-    Row,
-    Tolerance,
-    compare,
-    compare_tokens,
-    routing_agreement,
-)
-from parity.precision import full_precision
-from parity.render import environment, render_json, render_table, summary
-from parity.run import assert_parity
+from parity.report.render import environment, render_json, render_table, summary
+from parity.report.run import assert_parity
 
 CASE_KEYS = [
     (entry.name, config, dtype)
@@ -529,8 +531,8 @@ def test_a_case_that_raises_gives_a_failing_row():
 def test_run_cases_spreads_configurations_over_workers_and_keeps_the_order(monkeypatch, tmp_path):
     (tmp_path / "pid_parity_cases.py").write_text(
         "import os\n"
-        "from parity.cases import CONFIGS, case\n"
-        "from parity.compare import DTYPES, Row\n"
+        "from parity.report.registry import CONFIGS, case\n"
+        "from parity.dtypes import DTYPES\nfrom parity.report.compare import Row\n"
         "@case('pid', configs=tuple(CONFIGS), dtypes=DTYPES)\n"
         "def pid(setup):\n"
         "    return [Row('pid', setup.config, setup.dtype, 0.0, 0.0, setup.tolerance, True,\n"
@@ -628,7 +630,7 @@ def test_a_case_module_is_one_more_entry_of_case_modules(monkeypatch, tmp_path):
     before = [entry.name for entry in report.all_cases()]
     assert before[0] == "forward causal" and "lm greedy generation" in before
     (tmp_path / "extra_parity_cases.py").write_text(
-        "from parity.cases import case\n"
+        "from parity.report.registry import case\n"
         "@case('extra', configs=('dense',))\n"
         "def extra(setup):\n"
         "    return []\n"

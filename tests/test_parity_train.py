@@ -1,7 +1,7 @@
 """Training in torch and JAX from the same weights: gradients, 50-step trajectories, learning
 rates, weight-decay groups, training state carried from one framework to the other.
 
-Every comparison is computed here with NumPy; `parity.train_cases` only builds the models.
+Every comparison is computed here with NumPy; `parity.report.cases.train` only builds the models.
 The attention key bias is compared apart: the loss does not depend on it (softmax cancels a
 shift common to a query's scores; proven below), so its exact gradient is 0 and AdamW turns
 each framework's rounding noise into unrelated steps.
@@ -23,11 +23,10 @@ from flax.traverse_util import flatten_dict
 
 import jax_block.train as jt
 import torch_block.train as tt
-from parity import train_cases as tc
-from parity.cases import CASES, Setup
-from parity.checkpoint import load
-from parity.convert import flax_to_torch, from_torch, torch_to_flax
-from parity.mapping import lm_table
+from parity.convert import convert_train_state, flax_to_torch, from_torch, load, torch_to_flax
+from parity.convert.mapping import lm_table
+from parity.report.cases import train as tc
+from parity.report.registry import CASES, Setup
 from torch_block.lm import TransformerLM
 from twin_core import LMConfig, TrainConfig
 
@@ -362,7 +361,7 @@ def test_torch_run_continues_in_jax_with_the_same_losses(config, tmp_path):
     continue_torch(torch_state, 0, 10)
     src, dst = tmp_path / "t.train.safetensors", tmp_path / "j.train.safetensors"
     tt.save_train_state(src, torch_state)
-    tc.convert_train_state(src, dst, "jax")
+    convert_train_state(src, dst, "jax")
     lm, jax_state, _ = jt.load_train_state(dst)
     assert int(jax_state.step) == 10
 
@@ -383,7 +382,7 @@ def test_jax_run_continues_in_torch_with_the_same_losses(config, tmp_path):
     jax_state, _ = continue_jax(jax_state, 0, 10)
     src, dst = tmp_path / "j.train.safetensors", tmp_path / "t.train.safetensors"
     jt.save_train_state(src, flax_lm, jax_state)
-    tc.convert_train_state(src, dst, "torch")
+    convert_train_state(src, dst, "torch")
     _, torch_state, _ = tt.load_train_state(dst)
     assert torch_state.step == 10
 
@@ -397,8 +396,8 @@ def test_train_state_round_trip_keeps_every_tensor(tmp_path):
     continue_torch(torch_state, 0, 3)
     src, mid, back = (tmp_path / f"{n}.train.safetensors" for n in ("t", "j", "t2"))
     tt.save_train_state(src, torch_state)
-    tc.convert_train_state(src, mid, "flax")
-    tc.convert_train_state(mid, back, "torch")
+    convert_train_state(src, mid, "flax")
+    convert_train_state(mid, back, "torch")
     with safetensors.safe_open(src, "np") as a, safetensors.safe_open(back, "np") as b:
         assert set(a.keys()) == set(b.keys())
         for key in a.keys():
@@ -414,18 +413,18 @@ def test_convert_train_state_rejects_bad_requests(tmp_path):
     path = tmp_path / "t.train.safetensors"
     tt.save_train_state(path, torch_state)
     with pytest.raises(ValueError, match="to must be"):
-        tc.convert_train_state(path, tmp_path / "x", "keras")
+        convert_train_state(path, tmp_path / "x", "keras")
     with pytest.raises(ValueError, match="already holds torch"):
-        tc.convert_train_state(path, tmp_path / "x", "torch")
+        convert_train_state(path, tmp_path / "x", "torch")
     with pytest.raises(FileNotFoundError):
-        tc.convert_train_state(tmp_path / "missing", tmp_path / "x", "jax")
+        convert_train_state(tmp_path / "missing", tmp_path / "x", "jax")
     with pytest.raises(ValueError, match="holds torch names, not flax.*--resume` converts it"):
         jt.load_train_state(path)
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF
     (tmp_path / "bad.train.safetensors").write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="corrupt"):
-        tc.convert_train_state(tmp_path / "bad.train.safetensors", tmp_path / "x", "jax")
+        convert_train_state(tmp_path / "bad.train.safetensors", tmp_path / "x", "jax")
     assert not (tmp_path / "x").exists()
 
 

@@ -116,7 +116,8 @@ FAMILIES = {
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_every_parameter_has_logical_names_and_init_stays_plain(family):
-    lm = TransformerLM(vocab_size=32, max_seq_len=16, d_model=16, n_layers=1, **FAMILIES[family])
+    sizes = dict(vocab_size=32, max_seq_len=16, d_model=16, n_layers=1)
+    lm = TransformerLM.create(**sizes, **FAMILIES[family])
     variables = jax.eval_shape(lm.init, jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))
     leaves = jax.tree_util.tree_leaves_with_path(variables["params"])
     assert all(isinstance(leaf, jax.ShapeDtypeStruct) for _, leaf in leaves)  # no boxes

@@ -1,7 +1,7 @@
 """Training in each framework alone: the run configuration, batches, loss, AdamW steps against
 a NumPy reference, checkpoint files and bad input. The training command: tests/test_train_cli.py.
 
-The tiny model and run are those of `parity.train_cases` (dense), so that the jitted JAX step
+The tiny model and run are those of `parity.report.cases.train` (dense), so that the jitted JAX step
 compiles once for this file and tests/test_parity_train.py.
 """
 
@@ -56,7 +56,7 @@ def new_state(framework: str, seed: int = 0, **lm_overrides):
     if framework == "torch":
         torch.manual_seed(seed)
         return tt.create_train_state(torch_block.lm.TransformerLM(**config), TrainConfig(**RUN))
-    lm = jax_block.lm.TransformerLM(**config)
+    lm = jax_block.lm.TransformerLM.create(**config)
     return jt.create_train_state(lm, numpy_params(lm, seed), TrainConfig(**RUN))
 
 
@@ -320,7 +320,7 @@ def test_weight_decay_mask_is_the_linear_weights(framework):
         assert [g["weight_decay"] for g in state.optimizer.param_groups] == [0.1, 0.0]
         assert groups == [{n for n in mask if mask[n]}, {n for n in mask if not mask[n]}]
     else:
-        flax_lm = jax_block.lm.TransformerLM(**lm)
+        flax_lm = jax_block.lm.TransformerLM.create(**lm)
         shapes = jax.eval_shape(flax_lm.init, RNG, jnp.zeros((1, 1), jnp.int32))["params"]
         mask = flatten_dict(jt.weight_decay_mask(shapes), sep="/")
     wanted = {

@@ -1,4 +1,4 @@
-"""The training command of both frameworks (`twin_core.train_cli`), mostly through subprocesses:
+"""The training command of both frameworks (`python -m parity train`), mostly through subprocesses:
 the files a run writes and where, runs that never replace each other, resume, extension and
 resume across frameworks, the default warm-up, and one-line errors.
 
@@ -22,6 +22,7 @@ import safetensors
 
 import jax_block.train as jt
 import torch_block.train as tt
+from parity import cli as parity_cli
 from twin_core.run_files import RunPaths
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,15 +33,17 @@ ROWS = ["--batch-size", "4", "--seq-len", "16"]
 LOGS = ["--checkpoint-every", "4", "--log-every", "4"]
 LR = 2e-3  # the default peak learning rate
 LOSS_ATOL = 1e-4  # the two frameworks' losses at every step (tests/test_parity_train.py)
+ERROR = "python -m parity train: error: "
 
 
 def command(framework: str, *args: object) -> list[str]:
     threads = ["--threads", "1"] if framework == "torch" else []
-    return [sys.executable, "-m", f"{framework}_block.train", *threads, *map(str, args)]
+    train = [sys.executable, "-m", "parity", "train", "--framework", framework]
+    return [*train, *threads, *map(str, args)]
 
 
 def cli(framework: str, *args: object, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m <framework>_block.train ARGS` run in folder `cwd`."""
+    """`python -m parity train --framework FRAMEWORK ARGS` run in folder `cwd`."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         command(framework, *args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300
@@ -57,7 +60,7 @@ def one_line_error(result: subprocess.CompletedProcess, message: str) -> None:
     """Exit 2 and one line on stderr that contains `message`: no traceback."""
     assert result.returncode == 2, (result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith(ERROR), result.stderr
     assert message in lines[0], lines[0]
 
 
@@ -207,17 +210,22 @@ def test_resume_accepts_the_other_frameworks_training_state(cross_root):
     assert back[:12] == jax_steps and [r["step"] for r in back] == list(range(1, 15))
 
 
-def test_resuming_across_frameworks_without_both_installed_is_a_one_line_error(cross_root):
-    blocked = (
-        "import sys; sys.modules['torch'] = None; import jax_block.train as m; "
-        "sys.exit(m.main(['--resume', 't', '--out', 'x']))"
-    )
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_the_old_command_says_where_it_went(framework, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, "-c", blocked], cwd=cross_root, env=env, capture_output=True, text=True
+        [sys.executable, "-m", f"{framework}_block.train", "--steps", "1"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
     )
-    one_line_error(result, "needs both torch and jax installed")
-    assert not (cross_root / "x.safetensors").exists()
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"python -m {framework}_block.train moved: use python -m parity train --framework "
+        f"{framework} (same flags; python -m parity train --help)"
+    ]
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------- interruption
@@ -226,7 +234,7 @@ CLI_RUN = [*MODEL, *ROWS, "--steps", 12, "--warmup-steps", 2]
 
 def run_cli(framework: str, *args: object) -> int:
     """The command in this process (so that a test can interrupt a step)."""
-    return MODULES[framework].main([*map(str, args)])
+    return parity_cli.main(["train", "--framework", framework, *map(str, args)])
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -315,8 +323,7 @@ def test_flag_errors_are_one_line(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "error: argument --steps: invalid int value: 'many' "
-        "(see python -m torch_block.train --help)"
+        f"{ERROR}argument --steps: invalid int value: 'many' (see python -m parity train --help)"
     ]
 
 
@@ -326,5 +333,5 @@ def test_command_line_errors_are_one_line_without_traceback(framework, tmp_path)
     one_line_error(cli(framework, "--resume", "x", cwd=tmp_path), "not a readable safetensors")
     assert files_under(tmp_path) == {"x.train.safetensors": b"\x08" + b"\x00" * 7 + b"not json"}
     result = ok(cli(framework, "--help", cwd=tmp_path))
-    assert f"python -m {framework}_block.train" in result.stdout
+    assert "python -m parity train" in result.stdout
     assert "min(100, steps // 4)" in result.stdout and result.stderr == ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ import torch.nn.functional as F
 from twin_core import RopeScaling, inv_frequencies
 
 from .cache import KVCache
+from .linear import Linear, linear_params
 from .rope import apply_rope
 
 QUERY_BLOCK = 128  # queries attended together: one block's keys end at its last query's slot
@@ -29,6 +32,48 @@ def check_mask(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> None:
             f"mask of shape {tuple(mask.shape)} does not broadcast to (batch, heads, query_len, "
             f"key_len) = {shape}"
         )
+
+
+class AttentionParams(NamedTuple):
+    """What `project` and `merge_heads` read of a MultiHeadAttention."""
+
+    q: Linear  # (H * D, d_model)
+    k: Linear  # (KV * D, d_model)
+    v: Linear  # (KV * D, d_model)
+    out: Linear  # (d_model, H * D)
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    inv_freq: torch.Tensor | None  # (D/2,) float32 with rope
+
+
+def split_heads(y: torch.Tensor, B: int, T: int, n: int, D: int) -> torch.Tensor:
+    """(B * T, n * D) -> (B, n, T, D). One token per row (a decode step) is a view alone."""
+    return y.view(B, n, 1, D) if T == 1 else y.view(B, T, n, D).transpose(1, 2)
+
+
+def project(
+    x: torch.Tensor, params: AttentionParams, positions: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (B, H, T, D), k and v (B, KV, T, D) of x (B, T, d_model); with rope, q and k rotated
+    at `positions` (B|1, T)."""
+    B, T, d_model = x.shape
+    H, KV, D = params.n_heads, params.n_kv_heads, params.head_dim
+    tokens = x.reshape(B * T, d_model)  # nn.Linear's own product of a 3-d input
+    q = split_heads(F.linear(tokens, *params.q), B, T, H, D)
+    k = split_heads(F.linear(tokens, *params.k), B, T, KV, D)
+    v = split_heads(F.linear(tokens, *params.v), B, T, KV, D)
+    if params.inv_freq is not None:
+        q = apply_rope(q, positions, params.inv_freq)
+        k = apply_rope(k, positions, params.inv_freq)
+    return q, k, v
+
+
+def merge_heads(out: torch.Tensor, params: AttentionParams) -> torch.Tensor:
+    """The heads' outputs (B, H, T, D) through the output projection -> (B * T, d_model)."""
+    B, H, T, D = out.shape
+    heads = out.reshape(B, H * D) if T == 1 else out.transpose(1, 2).reshape(B * T, H * D)
+    return F.linear(heads, *params.out)
 
 
 def attend(
@@ -130,6 +175,19 @@ class MultiHeadAttention(nn.Module):
             self.inv_freq = inv_freq.to(self.inv_freq.device)
         return self
 
+    def params(self) -> AttentionParams:
+        """The tensors and sizes `project` and `merge_heads` read."""
+        return AttentionParams(
+            q=linear_params(self.q_proj),
+            k=linear_params(self.k_proj),
+            v=linear_params(self.v_proj),
+            out=linear_params(self.out_proj),
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            head_dim=self.head_dim,
+            inv_freq=self.inv_freq if self.rope else None,
+        )
+
     def forward(
         self,
         x: torch.Tensor,
@@ -152,23 +210,16 @@ class MultiHeadAttention(nn.Module):
         if mask is not None:
             check_mask(mask, (B, H, T, S))
 
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
-        if self.rope:
-            if positions is None:
-                positions = start + torch.arange(T, device=x.device)[None, :]  # (1, T)
-            q = apply_rope(q, positions, self.inv_freq)
-            k = apply_rope(k, positions, self.inv_freq)
-
+        if self.rope and positions is None:
+            positions = start + torch.arange(T, device=x.device)[None, :]  # (1, T)
+        params = self.params()
+        q, k, v = project(x, params, positions)  # (B, H, T, D), (B, KV, T, D) twice
         if kv_cache is not None:
             # attend to what the cache holds after the write: new keys rounded to its dtype
             k, v = kv_cache.write(k, v, start)  # (B, KV, S, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
-
         out = self.attend_blocks(q, k, v, start, mask)  # (B, H, T, D)
-        out = out.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H * D)
-        return self.out_proj(out)
+        return merge_heads(out, params).view(B, T, -1)  # (B, T, d_model)
 
     def attend_blocks(
         self,

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from twin_core import BlockConfig
 
+from .arguments import config_from_arguments
 from .attention import MultiHeadAttention
 from .cache import KVCache
 from .feed_forward import FeedForward
@@ -38,29 +39,17 @@ class TransformerBlock(nn.Module):
         router_z_loss_coef: float = 0.0,
         **architecture: Any,
     ):
+        config = config_from_arguments(BlockConfig, locals())
         super().__init__()
-        config = BlockConfig(
-            d_model=d_model,
-            n_heads=n_heads,
-            d_ff=d_ff,
-            dropout=dropout,
-            use_moe=use_moe,
-            num_experts=num_experts,
-            top_k_experts=top_k_experts,
-            causal=causal,
-            expert_capacity_factor=expert_capacity_factor,
-            router_z_loss_coef=router_z_loss_coef,
-            **architecture,
-        )
         self.config = config
-        self.d_model = d_model
-        self.n_heads = n_heads
-        self.use_moe = use_moe
+        self.d_model = config.d_model
+        self.n_heads = config.n_heads
+        self.use_moe = config.use_moe
         self.attention = MultiHeadAttention(
-            d_model,
-            n_heads,
-            dropout,
-            causal=causal,
+            config.d_model,
+            config.n_heads,
+            config.dropout,
+            causal=config.causal,
             n_kv_heads=config.n_kv_heads,
             head_dim=config.head_dim,
             qkv_bias=config.qkv_bias,
@@ -70,26 +59,26 @@ class TransformerBlock(nn.Module):
             rope_scaling=config.rope_scaling,
             sliding_window=config.sliding_window,
         )
-        self.norm1 = make_norm(config.norm, d_model, config.norm_eps)
-        self.norm2 = make_norm(config.norm, d_model, config.norm_eps)
+        self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps)
+        self.norm2 = make_norm(config.norm, config.d_model, config.norm_eps)
         ffn = dict(activation=config.activation, gated=config.gated_ffn, bias=config.ffn_bias)
-        if use_moe:
+        if config.use_moe:
             self.feed_forward = MixtureOfExperts(
-                d_model,
-                d_ff,
-                num_experts,
-                top_k_experts,
-                dropout,
-                expert_capacity_factor,
-                router_z_loss_coef=router_z_loss_coef,
+                config.d_model,
+                config.d_ff,
+                config.num_experts,
+                config.top_k_experts,
+                config.dropout,
+                config.expert_capacity_factor,
+                router_z_loss_coef=config.router_z_loss_coef,
                 norm_topk_prob=config.norm_topk_prob,
                 shared_expert_d_ff=config.shared_expert_d_ff,
                 shared_expert_gate=config.shared_expert_gate,
                 **ffn,
             )
         else:
-            self.feed_forward = FeedForward(d_model, d_ff, dropout, **ffn)
-        self.dropout = nn.Dropout(dropout)
+            self.feed_forward = FeedForward(config.d_model, config.d_ff, config.dropout, **ffn)
+        self.dropout = nn.Dropout(config.dropout)
 
     @classmethod
     def from_config(cls, config: BlockConfig) -> TransformerBlock:

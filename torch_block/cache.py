@@ -5,6 +5,16 @@ from __future__ import annotations
 import torch
 
 
+def write_slots(cache: torch.Tensor, new: torch.Tensor, start: int | torch.Tensor) -> None:
+    """Write new (B, H, T, D) into slots start.. of cache (B, H, S, D), in the cache's dtype.
+    A 0-d int64 tensor `start` (T = 1) is written with index_copy_: the form in which
+    torch.compile serves every position with one graph."""
+    if isinstance(start, torch.Tensor):
+        cache.index_copy_(2, start.view(1), new.to(cache.dtype))
+    else:
+        cache[:, :, start : start + new.shape[2]] = new  # cast by the copy
+
+
 class KVCache:
     """Preallocated keys and values of shape (max_batch_size, n_heads, max_seq_len, head_dim).
 
@@ -84,8 +94,8 @@ class KVCache:
         """`update` for a write already checked with `check_write`: no check of its own."""
         B, _, T, _ = k.shape
         end = start + T
-        self.k_cache[:B, :, start:end] = k.to(self.k_cache.dtype)
-        self.v_cache[:B, :, start:end] = v.to(self.v_cache.dtype)
+        write_slots(self.k_cache[:B], k, start)
+        write_slots(self.v_cache[:B], v, start)
         self.cache_position = end
         return self.k_cache[:B, :, :end], self.v_cache[:B, :, :end]
 

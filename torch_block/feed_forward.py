@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .linear import Linear, linear_params
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf)
@@ -12,6 +16,27 @@ ACTIVATIONS = {
     "silu": F.silu,
     "relu": F.relu,
 }
+
+
+class FeedForwardParams(NamedTuple):
+    """What `feed_forward` reads of a FeedForward."""
+
+    fc1: Linear  # (d_ff, d_model)
+    fc3: Linear | None  # (d_ff, d_model) when gated
+    fc2: Linear  # (d_model, d_ff)
+    activation: str  # a key of ACTIVATIONS
+
+
+def feed_forward(
+    x: torch.Tensor, params: FeedForwardParams, dropout: nn.Dropout | None = None
+) -> torch.Tensor:
+    """fc2(dropout(act(fc1(x)) [* fc3(x)])): x (..., d_model) -> (..., d_model)."""
+    h = ACTIVATIONS[params.activation](F.linear(x, *params.fc1))  # (..., d_ff)
+    if params.fc3 is not None:
+        h = h * F.linear(x, *params.fc3)
+    if dropout is not None:
+        h = dropout(h)
+    return F.linear(h, *params.fc2)
 
 
 class FeedForward(nn.Module):
@@ -31,15 +56,21 @@ class FeedForward(nn.Module):
         bias: bool = True,
     ):
         super().__init__()
-        self.activation = ACTIVATIONS[activation]
+        if activation not in ACTIVATIONS:
+            raise KeyError(activation)
+        self.activation = activation
         self.fc1 = nn.Linear(d_model, d_ff, bias=bias)
         self.fc3 = nn.Linear(d_model, d_ff, bias=bias) if gated else None
         self.fc2 = nn.Linear(d_ff, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
+    def params(self) -> FeedForwardParams:
+        """The tensors and switches `feed_forward` reads."""
+        fc3 = None if self.fc3 is None else linear_params(self.fc3)
+        return FeedForwardParams(
+            linear_params(self.fc1), fc3, linear_params(self.fc2), self.activation
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., d_model) -> (..., d_model)."""
-        h = self.activation(self.fc1(x))  # (..., d_ff)
-        if self.fc3 is not None:
-            h = h * self.fc3(x)
-        return self.fc2(self.dropout(h))
+        return feed_forward(x, self.params(), self.dropout)

@@ -7,9 +7,9 @@ import torch
 from twin_core import check_prompt, check_sampling
 
 from .cache import KVCache
-from .decode_step import compiled_decode_step, decode_step, step_inputs
 from .lm import TransformerLM
 from .sampling import sample_next_token
+from .token_step import compiled_token_step, step_inputs, token_step
 
 LONG_PROMPT = 1024  # longer prompts are prefilled in chunks of PREFILL_CHUNK tokens
 PREFILL_CHUNK = 512
@@ -39,7 +39,7 @@ def generate(
     the number of token positions generated.
 
     A prompt longer than LONG_PROMPT is prefilled PREFILL_CHUNK tokens at a time, so that its
-    activations stay small next to the cache; each new token is then one `decode_step`.
+    activations stay small next to the cache; each new token is then one `token_step`.
 
     With `compile=True` that step runs under torch.compile with static shapes. It compiles on
     the first call for a model layout, dtype, batch size and cache length (L + max_new_tokens
@@ -125,8 +125,8 @@ def _decode(
     padless = bool(mask.all())
     logits = prefill(lm, input_ids, None if padless else mask, cache)  # (B, V)
     key_valid = torch.cat([mask, mask.new_ones(B, S - L)], dim=1)  # (B, S)
-    spec, state = step_inputs(lm, cache, key_valid)
-    step = compiled_decode_step() if compile else decode_step
+    inputs = step_inputs(lm, cache, key_valid)
+    step = compiled_token_step() if compile else token_step
     pos = torch.tensor(L, device=device)  # the slot of the token fed to the next step
     finished = None if eos_token_id is None else torch.zeros(B, dtype=torch.bool, device=device)
     chosen = []
@@ -138,7 +138,7 @@ def _decode(
         chosen.append(next_token)
         if i + 1 == max_new_tokens or (finished is not None and bool(finished.all())):
             break
-        logits = step(spec, state, next_token, pos, None if compile else L + i)  # (B, V)
+        logits = step(inputs, next_token, pos, None if compile else L + i)  # (B, V)
         pos += 1
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     tokens[:, : len(chosen)] = torch.stack(chosen, dim=1)

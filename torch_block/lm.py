@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from twin_core import LMConfig
 
+from .arguments import config_from_arguments
 from .block import TransformerBlock
 from .cache import KVCache
 from .norm import make_norm
@@ -30,6 +31,26 @@ def position_ids(attention_mask: torch.Tensor | None, start: int, length: int) -
         return start + torch.arange(length)[None, :]  # (1, T)
     real_so_far = torch.cumsum(attention_mask.long(), dim=-1)  # (B, S)
     return (real_so_far - 1).clamp(min=0)[:, start : start + length]  # (B, T)
+
+
+class EmbeddingParams(NamedTuple):
+    """What `embed` reads of a TransformerLM."""
+
+    token: torch.Tensor  # (vocab_size, d_model)
+    position: torch.Tensor | None  # (max_seq_len, d_model) with learned positions
+
+
+def embed(ids: torch.Tensor, positions: torch.Tensor, params: EmbeddingParams) -> torch.Tensor:
+    """The inputs (B, T, d_model) of the first block: token ids (B, T) at positions (B|1, T)."""
+    x = F.embedding(ids, params.token)  # (B, T, d_model)
+    if params.position is not None:
+        x = x + F.embedding(positions, params.position)
+    return x
+
+
+def unembed(x: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """The logits (..., vocab_size) of final hidden states x (..., d_model); head (V, d_model)."""
+    return F.linear(x, head)
 
 
 class TransformerLM(nn.Module):
@@ -58,38 +79,29 @@ class TransformerLM(nn.Module):
         router_z_loss_coef: float = 0.0,
         **architecture: Any,
     ):
+        config = config_from_arguments(LMConfig, locals())
         super().__init__()
-        config = LMConfig(
-            vocab_size=vocab_size,
-            max_seq_len=max_seq_len,
-            d_model=d_model,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            d_ff=d_ff,
-            dropout=dropout,
-            use_moe=use_moe,
-            num_experts=num_experts,
-            top_k_experts=top_k_experts,
-            expert_capacity_factor=expert_capacity_factor,
-            tie_embeddings=tie_embeddings,
-            router_z_loss_coef=router_z_loss_coef,
-            **architecture,
-        )
         self.config = config
-        self.vocab_size = vocab_size
-        self.max_seq_len = max_seq_len
-        self.tie_embeddings = tie_embeddings
+        self.vocab_size = config.vocab_size
+        self.max_seq_len = config.max_seq_len
+        self.tie_embeddings = config.tie_embeddings
         learned = config.positions == "learned"
-        self.token_embedding = nn.Embedding(vocab_size, d_model)
-        self.position_embedding = nn.Embedding(max_seq_len, d_model) if learned else None
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.position_embedding = (
+            nn.Embedding(config.max_seq_len, config.d_model) if learned else None
+        )
         for embedding in (self.token_embedding, self.position_embedding):
             if embedding is not None:  # drawn in this order: the original project's weights
                 nn.init.normal_(embedding.weight, std=0.02)
-        self.dropout = nn.Dropout(dropout)
-        block = config.block()
-        self.blocks = nn.ModuleList([TransformerBlock.from_config(block) for _ in range(n_layers)])
-        self.norm = make_norm(config.norm, d_model, config.norm_eps)
-        self.lm_head = None if tie_embeddings else nn.Linear(d_model, vocab_size, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+        blocks = config.block_configs()
+        self.blocks = nn.ModuleList([TransformerBlock.from_config(block) for block in blocks])
+        self.norm = make_norm(config.norm, config.d_model, config.norm_eps)
+        self.lm_head = (
+            None
+            if config.tie_embeddings
+            else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        )
 
     @classmethod
     def from_config(cls, config: LMConfig) -> TransformerLM:
@@ -181,10 +193,7 @@ class TransformerLM(nn.Module):
         start = 0 if kv_cache is None else kv_cache[0].cache_position
         T = input_ids.shape[1]
         positions = position_ids(attention_mask, start, T).to(input_ids.device)  # (B|1, T)
-        x = self.token_embedding(input_ids)  # (B, T, d_model)
-        if self.position_embedding is not None:
-            x = x + self.position_embedding(positions)
-        x = self.dropout(x)
+        x = self.dropout(embed(input_ids, positions, self.embedding_params()))  # (B, T, d_model)
         key_mask = None if attention_mask is None else attention_mask.bool()[:, None, None, :]
         aux = torch.zeros((), device=x.device)
         for i, block in enumerate(self.blocks):
@@ -203,8 +212,16 @@ class TransformerLM(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The LM head: x (..., d_model) -> logits (..., vocab_size)."""
-        head = self.token_embedding.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, head)
+        return unembed(x, self.head_weight())
+
+    def embedding_params(self) -> EmbeddingParams:
+        """The tables `embed` reads."""
+        position = None if self.position_embedding is None else self.position_embedding.weight
+        return EmbeddingParams(self.token_embedding.weight, position)
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's matrix (vocab_size, d_model): the token embedding when tied."""
+        return self.token_embedding.weight if self.lm_head is None else self.lm_head.weight
 
 
 def _describe(value) -> str:

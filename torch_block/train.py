@@ -1,9 +1,9 @@
 """Training TransformerLM with torch.optim: the optimizer, the step and the checkpoint tensors.
 
-`python -m torch_block.train --help` trains a byte-level model on a text file; the command
-itself (flags, run files, the loop's bookkeeping) is `twin_core.train_cli`, shared with the JAX
-twin `jax_block/train.py`, which has the same names in the same order. Both take the same
-batches and learning rates step for step, so the same initial weights give the same trajectory.
+The training command `python -m parity train --framework torch` (flags, run files, the loop's
+bookkeeping) calls the hooks at the end of this file; the JAX twin `jax_block/train.py` has the
+same names in the same order. Both take the same batches and learning rates step for step, so
+the same initial weights give the same trajectory.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from twin_core import LMConfig, TrainConfig, atomic_write, train_cli
+from twin_core import LMConfig, TrainConfig, atomic_write
 from twin_core.data import batch_windows, check_model_fits
 from twin_core.run_files import (
     NAMINGS,
@@ -168,7 +168,7 @@ def train_step(state: TrainState, batch: torch.Tensor) -> dict[str, torch.Tensor
 
 # --------------------------------------------------------------------------- checkpoints
 def save_model(path: str | os.PathLike, model: TransformerLM) -> None:
-    """A safetensors checkpoint that `parity.checkpoint.load` reads (torch state_dict keys)."""
+    """A safetensors checkpoint that `parity.load` reads (torch state_dict keys)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = model_metadata(NAMINGS[FRAMEWORK], model.config, tensors)
     atomic_write(path, safetensors.torch.save(tensors, metadata))
@@ -178,7 +178,7 @@ def save_train_state(path: str | os.PathLike, state: TrainState, data_sha256: st
     """Everything needed to resume: params, Adam moments, step, model and run configuration.
 
     Tensors are `params/<key>` (the state_dict), `exp_avg/<name>` and `exp_avg_sq/<name>` with
-    torch names; `parity.train_cases.convert_train_state` rewrites the file for jax_block.
+    torch names; `parity.convert.convert_train_state` rewrites the file for jax_block.
     """
     params = dict(state.model.named_parameters())
     moments = {name: state.optimizer.state.get(p, {}) for name, p in params.items()}
@@ -291,10 +291,11 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """The training command (`twin_core.train_cli`) with torch: returns the exit status."""
-    return train_cli.main(sys.modules[__name__], argv)
-
+MOVED = (
+    "python -m torch_block.train moved: use python -m parity train --framework torch "
+    "(same flags; python -m parity train --help)"
+)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    print(MOVED, file=sys.stderr)
+    sys.exit(2)

@@ -10,6 +10,7 @@ from .config import (
     LMConfig,
     RopeScaling,
     TrainConfig,
+    check_heads,
     check_moe_config,
 )
 from .files import atomic_write, digest
@@ -22,6 +23,7 @@ __all__ = [
     "RopeScaling",
     "TrainConfig",
     "atomic_write",
+    "check_heads",
     "check_moe_config",
     "check_prompt",
     "check_sampling",

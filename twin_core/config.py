@@ -186,11 +186,6 @@ class Architecture:
                 )
         if self.head_dim is not None:
             _check_positive_int("head_dim", self.head_dim)
-        elif self.n_heads < 1 or self.d_model % self.n_heads != 0:
-            raise ValueError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}), "
-                "n_heads >= 1"
-            )
         if self.positions == "rope" and self.resolved_head_dim % 2 != 0:
             raise ValueError(
                 f"positions='rope' needs an even head_dim, got head_dim={self.resolved_head_dim}"
@@ -258,9 +253,14 @@ class LMConfig(Architecture):
                 raise ValueError(f"TransformerLM: {name} must be a positive int, got {value!r}")
         _check_block(self)
 
-    def block(self) -> BlockConfig:
-        """The config of each of the LM's blocks."""
-        return BlockConfig(
+    def block_configs(self) -> tuple[BlockConfig, ...]:
+        """The config of each block, layer 0 first (n_layers of them).
+
+        Today every layer's config is the same; a later per-layer field (attention kind,
+        window, rope base, dense or MoE) will make them differ, and the LMs build and size
+        each layer from its own entry.
+        """
+        block = BlockConfig(
             d_model=self.d_model,
             n_heads=self.n_heads,
             d_ff=self.d_ff,
@@ -273,6 +273,7 @@ class LMConfig(Architecture):
             router_z_loss_coef=self.router_z_loss_coef,
             **self.architecture(),
         )
+        return (block,) * self.n_layers
 
 
 def check_moe_config(num_experts: int, top_k: int, expert_capacity_factor: float | None) -> None:
@@ -290,16 +291,21 @@ def check_moe_config(num_experts: int, top_k: int, expert_capacity_factor: float
         )
 
 
+def check_heads(d_model: int, n_heads: int, head_dim: int | None) -> None:
+    """Raise ValueError unless n_heads >= 1 and, without a head_dim, d_model splits into
+    n_heads heads."""
+    if n_heads < 1 or (head_dim is None and d_model % n_heads != 0):
+        raise ValueError(
+            f"d_model ({d_model}) must be divisible by n_heads ({n_heads}), n_heads >= 1"
+        )
+
+
 def _check_block(config: BlockConfig | LMConfig) -> None:
     for name in ("d_model", "n_heads", "d_ff"):
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if config.n_heads < 1 or (config.head_dim is None and config.d_model % config.n_heads != 0):
-        raise ValueError(
-            f"d_model ({config.d_model}) must be divisible by n_heads ({config.n_heads}), "
-            "n_heads >= 1"
-        )
+    check_heads(config.d_model, config.n_heads, config.head_dim)
     if config.use_moe:
         check_moe_config(config.num_experts, config.top_k_experts, config.expert_capacity_factor)
     config._check_architecture()

@@ -1,7 +1,4 @@
-"""A run's loss history: one JSON file per run (a record per step), and a PNG of the curves.
-
-matplotlib is imported only when a plot is drawn.
-"""
+"""A run's loss history: one JSON file per run, a record per step."""
 
 from __future__ import annotations
 
@@ -12,16 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from .files import atomic_write
+from .run_files import framework_name
 
-FRAMEWORK_ALIASES = {"torch": "torch", "jax": "jax", "flax": "jax"}  # older files say "flax"
 LABELS = {"jax": "JAX / optax", "torch": "PyTorch / torch.optim"}
-
-
-def framework_name(name: str) -> str:
-    """The user-facing name of a framework: "torch" or "jax" ("flax" is read as "jax")."""
-    if name not in FRAMEWORK_ALIASES:
-        raise ValueError(f"framework must be 'torch' or 'jax' (or 'flax'), got {name!r}")
-    return FRAMEWORK_ALIASES[name]
 
 
 def save_history(
@@ -56,19 +46,3 @@ def load_history(path: str | os.PathLike) -> tuple[str, list[dict]]:
     ):
         raise ValueError(f"{path}: 'history' must be a list of records with 'step' and 'loss'")
     return framework, history
-
-
-def plot_histories(path: str | os.PathLike, runs: list[tuple[str, list[dict]]]) -> None:
-    """A PNG of the loss curves of (label, history) runs, written atomically."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4), dpi=120)
-    ax = fig.subplots()
-    for label, history in runs:
-        ax.plot([r["step"] for r in history], [r["loss"] for r in history], label=label, lw=1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("training loss (nats per byte)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"))

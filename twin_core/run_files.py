@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import LMConfig, TrainConfig
-from .files import digest
+from .files import digest, read_safetensors_header
 
-MODEL_FORMAT = "twin-block/1"  # the checkpoint format of parity.checkpoint
+MODEL_FORMAT = "twin-block/1"  # the checkpoint format of parity.convert.checkpoint
 TRAIN_FORMAT = "twin-block-train/1"
 TRAIN_GROUPS = ("params", "exp_avg", "exp_avg_sq")
+FRAMEWORKS = ("torch", "jax")
+FRAMEWORK_ALIASES = {"flax": "jax"}  # another name accepted for a framework
 NAMINGS = {"torch": "torch", "jax": "flax"}  # framework -> the tensor names its files hold
 SUFFIXES = (".train.safetensors", ".safetensors")
-MAX_HEADER = 100_000_000  # bytes; safetensors' own limit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,24 +64,27 @@ class RunPaths:
         return self.checkpoint.resolve() == other.checkpoint.resolve()
 
 
+def framework_name(name: str, what: str = "framework") -> str:
+    """'torch' or 'jax' ('flax' is read as 'jax'); ValueError naming `what` for anything else."""
+    name = FRAMEWORK_ALIASES.get(name, name) if isinstance(name, str) else name
+    if name not in FRAMEWORKS:
+        raise ValueError(f"{what} must be one of {FRAMEWORKS} (or 'flax' for 'jax'), got {name!r}")
+    return name
+
+
 def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file, read from its JSON header alone."""
+    """The `__metadata__` of a safetensors file, read from its header alone."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no training state file at {path}")
-    with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        raw = f.read(size) if 0 < size <= MAX_HEADER else b""
     try:
-        header = json.loads(raw)
-        metadata = header.get("__metadata__", {})
-    except (ValueError, AttributeError) as err:
+        return read_safetensors_header(path).metadata
+    except ValueError as err:
         raise ValueError(f"{path} is not a readable safetensors file: bad header") from err
-    return dict(metadata) if isinstance(metadata, dict) else {}
 
 
 def model_metadata(naming: str, lm_config: LMConfig, tensors: Mapping[str, Any]) -> dict:
-    """Metadata of a model checkpoint that `parity.checkpoint.load` reads."""
+    """Metadata of a model checkpoint that `parity.load` reads."""
     return {
         "format": MODEL_FORMAT,
         "module": "TransformerLM",
@@ -149,8 +153,8 @@ def read_train_state(
     naming = NAMINGS[framework]
     if metadata.get("naming") != naming:
         raise ValueError(
-            f"{path} holds {metadata.get('naming')} names, not {naming}; `python -m "
-            f"{framework}_block.train --resume` converts it, or parity.train_cases."
+            f"{path} holds {metadata.get('naming')} names, not {naming}; `python -m parity "
+            f"train --framework {framework} --resume` converts it, or parity.convert."
             f"convert_train_state(src, dst, to={framework!r})"
         )
     if digest(tensors) != metadata.get("sha256"):

@@ -1,9 +1,10 @@
-"""The training command of both frameworks: flags, run paths, checks, the loop's bookkeeping.
+"""`python -m parity train --framework torch|jax`: flags, run paths, checks, the loop's
+bookkeeping, the loss plot and resuming another framework's run.
 
-`python -m torch_block.train` and `python -m jax_block.train` call `main(trainer)` with their
-train module, which provides the `Trainer` hooks; everything else is here, written once.
-Exit status: 0 done, 1 a file could not be written, 2 bad input (nothing trained or written),
-130 interrupted (the last complete checkpoint stays).
+The framework's train module (`torch_block.train` or `jax_block.train`) provides the `Trainer`
+hooks; everything else is here, written once. Exit status: 0 done, 1 a file could not be
+written, 2 bad input (nothing trained or written), 130 interrupted (the last complete
+checkpoint stays).
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from .config import LMConfig, TrainConfig
-from .data import (
+import jax_block.train
+import torch_block.train
+from twin_core import LMConfig, TrainConfig
+from twin_core.data import (
     BYTE_VOCAB_SIZE,
     DEFAULT_TEXT,
     check_data,
@@ -28,13 +31,17 @@ from .data import (
     load_text,
     text_digest,
 )
-from .history import LABELS, load_history, plot_histories, save_history
-from .run_files import NAMINGS, RunPaths, safetensors_metadata
+from twin_core.history import LABELS, load_history, save_history
+from twin_core.run_files import NAMINGS, RunPaths, safetensors_metadata
+
+from ..convert import convert_train_state
+from .arguments import add_framework_option, error
+from .plot import plot_histories
 
 
 class Trainer(Protocol):
-    """What a framework's train module provides to the front door (torch_block.train and
-    jax_block.train). A module with `set_threads(n)` also gets a `--threads` flag."""
+    """What a framework's train module provides to the command (torch_block.train and
+    jax_block.train). A module with `set_threads(n)` also takes `--threads`."""
 
     FRAMEWORK: str  # "torch" or "jax"
     DESCRIPTION: str  # the optimizer, for --help
@@ -66,6 +73,7 @@ class Trainer(Protocol):
         """`max_new_tokens` bytes after `prompt`, drawn with the run's seed."""
 
 
+TRAINERS: dict[str, Trainer] = {"torch": torch_block.train, "jax": jax_block.train}
 RUN_FLAGS = (  # TrainConfig fields set from flags of the same names
     "steps",
     "batch_size",
@@ -100,30 +108,26 @@ DEFAULT_HELP = {  # defaults that depend on other flags
 }
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are one line (and exit 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-def parse_args(trainer: Trainer, argv: list[str] | None = None) -> argparse.Namespace:
-    """The parsed flags; run and model flags not given are None (see `new_configs`)."""
-    name = trainer.FRAMEWORK
-    p = OneLineParser(
-        prog=f"python -m {name}_block.train",
-        description=f"Train a byte-level TransformerLM (vocabulary 256) on a text file with "
-        f"{trainer.DESCRIPTION}. A run named R writes R.safetensors (the model, read by "
-        "`python -m parity`), R.train.safetensors (the training state, for --resume), "
+def add_train_command(subparsers: argparse._SubParsersAction) -> None:
+    """`train`: train a byte-level TransformerLM; run and model flags not given are None (see
+    `new_configs`)."""
+    optimizers = "; ".join(f"{name}: {t.DESCRIPTION}" for name, t in TRAINERS.items())
+    p = subparsers.add_parser(
+        "train",
+        help="train a byte-level TransformerLM with torch_block or jax_block",
+        description="Train a byte-level TransformerLM (vocabulary 256) on a text file with "
+        f"either framework ({optimizers}). A run named R writes R.safetensors (the model, read "
+        "by `python -m parity`), R.train.safetensors (the training state, for --resume), "
         "R.history.json (losses) and, with --plot, R.loss.png.",
     )
+    add_framework_option(p, "the framework to train with")
     p.add_argument(
         "--data", type=Path, default=DEFAULT_TEXT, help="text file (default: %(default)s)"
     )
     p.add_argument(
         "--out",
         type=Path,
-        help=f"the run R, as R or R.safetensors (default: runs/{name}; with --resume: the "
+        help="the run R, as R or R.safetensors (default: runs/FRAMEWORK; with --resume: the "
         "resumed run)",
     )
     p.add_argument(
@@ -167,13 +171,12 @@ def parse_args(trainer: Trainer, argv: list[str] | None = None) -> argparse.Name
     out.add_argument("--prompt", default="\n", help="prompt of the sample [newline]")
     out.add_argument("--temperature", type=float, default=0.8, help="[%(default)s]")
     out.add_argument("--top-k", type=int, help="sample from the k most likely bytes only")
-    if hasattr(trainer, "set_threads"):
-        p.add_argument(
-            "--threads",
-            type=int,
-            help="intra-op threads (default: the framework's; 1 on a busy CPU)",
-        )
-    return p.parse_args(argv)
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch's intra-op threads (default: the framework's; 1 on a busy CPU)",
+    )
+    p.set_defaults(run=run_train)
 
 
 def flag_of(field: str) -> str:
@@ -220,14 +223,16 @@ class Run:
     paths: RunPaths
 
 
-def check_flags(args: argparse.Namespace) -> None:
+def check_flags(trainer: Trainer, args: argparse.Namespace) -> None:
     """Raise ValueError for output flags that cannot work."""
     for name in ("checkpoint_every", "log_every"):
         if getattr(args, name) < 1:
             raise ValueError(f"{flag_of(name)} must be >= 1, got {getattr(args, name)}")
     if args.sample_tokens < 0:
         raise ValueError(f"--sample-tokens must be >= 0, got {args.sample_tokens}")
-    if getattr(args, "threads", None) is not None and args.threads < 1:
+    if args.threads is not None and not hasattr(trainer, "set_threads"):
+        raise ValueError(f"--threads sets torch's threads; --framework {args.framework} has none")
+    if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise ValueError("--plot needs matplotlib (pip install matplotlib, or the dev extra)")
@@ -248,20 +253,13 @@ def check_free(paths: RunPaths, plot: bool, overwrite: bool) -> None:
 def resume(trainer: Trainer, path: Path, steps: int | None) -> tuple[Any, Any, dict]:
     """(model, state, metadata) of the training state of run `path`, from either framework.
 
-    Another framework's state is converted through `parity.train_cases.convert_train_state`
-    (which needs both frameworks installed) into a temporary file, then read.
+    Another framework's state is converted through `parity.convert.convert_train_state` into a
+    temporary file, then read.
     """
     source = RunPaths.of(path).train_state
     naming = safetensors_metadata(source).get("naming")
     if naming == NAMINGS[trainer.FRAMEWORK] or naming not in NAMINGS.values():
         return trainer.load_train_state(source, steps)
-    try:
-        from parity.train_cases import convert_train_state
-    except ImportError as err:
-        raise ValueError(
-            f"{source} holds {naming} names: resuming it with {trainer.FRAMEWORK} converts it "
-            f"through parity, which needs both torch and jax installed ({err})"
-        ) from err
     with tempfile.TemporaryDirectory() as folder:
         converted = Path(folder) / source.name
         convert_train_state(source, converted, to=trainer.FRAMEWORK)
@@ -270,7 +268,7 @@ def resume(trainer: Trainer, path: Path, steps: int | None) -> tuple[Any, Any, d
 
 def prepare(trainer: Trainer, args: argparse.Namespace) -> Run:
     """Check every flag and the text, then build or resume the model; raises on bad input."""
-    check_flags(args)
+    check_flags(trainer, args)
     data = load_text(args.data)
     data_sha256 = text_digest(data)
     if args.resume is not None:
@@ -374,15 +372,14 @@ def plot(trainer: Trainer, run: Run, args: argparse.Namespace) -> None:
     print(f"plot: {run.paths.plot}")
 
 
-def main(trainer: Trainer, argv: list[str] | None = None) -> int:
-    """The training command of `trainer`'s framework; returns the exit status."""
-    args = parse_args(trainer, argv)
+def run_train(args: argparse.Namespace) -> int:
+    """Train with --framework's trainer; returns the exit status."""
+    trainer = TRAINERS[args.framework]
     try:
         run = prepare(trainer, args)
     except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if getattr(args, "threads", None) is not None:
+        return error("train", str(err))
+    if args.threads is not None:
         trainer.set_threads(args.threads)  # type: ignore[attr-defined]
     try:
         run.paths.checkpoint.parent.mkdir(parents=True, exist_ok=True)
@@ -393,7 +390,7 @@ def main(trainer: Trainer, argv: list[str] | None = None) -> int:
         print(f"\ninterrupted; last complete checkpoint: {run.paths.checkpoint}", file=sys.stderr)
         return 130
     except OSError as err:
-        print(f"error: {err}", file=sys.stderr)
+        error("train", str(err))
         return 1
     if args.sample_tokens:
         text = trainer.sample(

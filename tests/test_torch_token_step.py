@@ -1,4 +1,4 @@
-"""torch_block.decode_step, the step of generate, against the float64 NumPy reference of
+"""torch_block.token_step, the step of generate, against the float64 NumPy reference of
 tests/reference/: the logits of every new token for every family (MoE included), on
 left-padded prompts, eagerly (cache read up to the slot) and in the static form that
 torch.compile takes (whole cache, masked), without compiling it."""
@@ -12,7 +12,7 @@ import torch
 from family_configs import LMS
 
 from torch_block import TransformerLM
-from torch_block.decode_step import decode_step, step_inputs
+from torch_block.token_step import step_inputs, token_step
 
 ATOL = 1e-5  # docs/design.md section 7: float32, unit-scale outputs
 LENGTH, PADS, STEPS = 6, (0, 3), 5  # prompts, row b left-padded by PADS[b]; new tokens fed
@@ -48,10 +48,10 @@ def test_step_logits_equal_the_reference(name, static):
     weights, s = ref.torch_weights(lm), ref.spec(**LMS[name])
     with torch.inference_mode():
         lm(ids[:, :LENGTH], mask[:, :LENGTH], kv_cache=cache)
-        spec, state = step_inputs(lm, cache, key_valid)
+        inputs = step_inputs(lm, cache, key_valid)
         for slot in range(LENGTH, LENGTH + STEPS):
             pos = torch.tensor(slot)
-            logits = decode_step(spec, state, ids[:, slot], pos, None if static else slot)
+            logits = token_step(inputs, ids[:, slot], pos, None if static else slot)
             want, _ = ref.lm(ids[:, : slot + 1].numpy(), weights, s, mask[:, : slot + 1].numpy())
             assert np.max(np.abs(logits.double().numpy() - want[:, -1])) <= ATOL, slot
     # the caches hold the keys the model's own forward writes

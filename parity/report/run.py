@@ -21,10 +21,10 @@ import torch_block
 from jax_block import moe as jax_moe
 from torch_block import moe as torch_moe
 
+from ..dtypes import TORCH_DTYPES
 from .compare import (
     NEAR_TIES,
     TOLERANCES,
-    TORCH_DTYPES,
     Agreement,
     Row,
     Tolerance,

@@ -16,7 +16,7 @@ import torch
 
 from twin_core import LMConfig
 
-from .hf_config import FAMILIES
+from .config import FAMILIES
 
 COPY, TRANSPOSE, FUSED_QKV = "copy", "transpose", "fused_qkv"
 PREFIXES = {"gpt2": "transformer."}  # the others: "model."

@@ -2,46 +2,30 @@
 
 Weights are model.safetensors, sharded safetensors with model.safetensors.index.json, or
 pytorch_model.bin (sharded or not), which is read only through torch.load(weights_only=True).
-Every safetensors header is checked against the file's size before any tensor is read, so a
-truncated file is refused before a large allocation; each tensor is then read with a plain file
-read at its offset (no memory map). Writing streams one tensor at a time.
+Every safetensors header is checked against the file's size before any tensor is read
+(`twin_core.files.read_safetensors_header`), so a truncated file is refused before a large
+allocation; each tensor is then read with a plain file read at its offset (no memory map).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import struct
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
-from twin_core import atomic_write
-from twin_core.files import raw_bytes
+from twin_core.files import SAFETENSORS_NAMES, read_safetensors_header
+
+from .config import CHECKPOINT_DTYPES
 
 CONFIG = "config.json"
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 MAX_JSON_BYTES = 64 << 20
-MAX_HEADER_BYTES = 100 << 20
-ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-ST_ITEMSIZE = {
-    "F64": 8,
-    "F32": 4,
-    "BF16": 2,
-    "F16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
+ST_DTYPES = {SAFETENSORS_NAMES[name]: getattr(torch, name) for name in CHECKPOINT_DTYPES}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 
 
@@ -146,48 +130,16 @@ class WeightFiles:
 
 
 def safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, int]]:
-    """name -> (shape, dtype, first byte, byte count) from a safetensors header, checked
-    against the file's size (the first byte counts from the file's start)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path}: truncated: {size} bytes, no safetensors header")
-        (length,) = struct.unpack("<Q", head)
-        if length > MAX_HEADER_BYTES or 8 + length > size:
-            raise ValueError(
-                f"{path}: truncated or not safetensors: header of {length} bytes, file of {size}"
-            )
-        try:
-            header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{path}: safetensors header is not valid JSON: {err}") from err
-    if not isinstance(header, dict):
-        raise ValueError(f"{path}: safetensors header must be a JSON object")
-    data_bytes = size - 8 - length
+    """name -> (shape, torch dtype, first byte, byte count) of a safetensors file's float
+    tensors, from its header checked against the file's size; other dtypes are refused."""
     out = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (start, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            numel = math.prod(shape)
-            ok = all(isinstance(n, int) and n >= 0 for n in (*shape, start, end))
-        except (TypeError, KeyError, ValueError):
-            ok = False
-        if not ok or dtype not in ST_ITEMSIZE or end - start != numel * ST_ITEMSIZE[dtype]:
-            raise ValueError(f"{path}: malformed header entry for {name!r}: {entry!r}")
-        if end > data_bytes:
+    for name, entry in read_safetensors_header(path).tensors.items():
+        if entry.dtype not in ST_DTYPES:
             raise ValueError(
-                f"{path}: truncated: {name!r} ends at byte {end} of the data, "
-                f"the file holds {data_bytes}"
+                f"{path}: {name!r} is {entry.dtype}; only float weights ({', '.join(ST_DTYPES)}) "
+                "are supported (quantized or integer weights are not)"
             )
-        if dtype not in ST_DTYPES:
-            raise ValueError(
-                f"{path}: {name!r} is {dtype}; only float weights ({', '.join(ST_DTYPES)}) are "
-                "supported (quantized or integer weights are not)"
-            )
-        out[name] = (tuple(shape), ST_DTYPES[dtype], 8 + length + start, end - start)
+        out[name] = (entry.shape, ST_DTYPES[entry.dtype], entry.first, entry.count)
     return out
 
 
@@ -215,43 +167,6 @@ def load_bin(path: Path) -> dict[str, torch.Tensor]:
     if bad:
         raise ValueError(f"{path}: only float weights are supported, got {bad[:3]} of other dtypes")
     return obj
-
-
-# --------------------------------------------------------------------------- writing
-def write_safetensors(
-    path: Path,
-    tensors: list[tuple[str, Callable[[], torch.Tensor], tuple[int, ...], torch.dtype]],
-    metadata: dict[str, str] | None = None,
-) -> int:
-    """Write (name, make tensor, shape, dtype) entries as one safetensors file, atomically,
-    making and writing one tensor at a time (no copy of the whole file in memory); returns the
-    bytes of tensor data. `metadata` defaults to transformers' {"format": "pt"}."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"} if metadata is None else metadata}
-    offset = 0
-    for name, _, shape, dtype in tensors:
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {
-            "dtype": ST_NAMES[dtype],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)
-
-    def write(f: BinaryIO) -> None:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for name, make, shape, dtype in tensors:
-            tensor = make()
-            if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                raise ValueError(
-                    f"{name}: made {tuple(tensor.shape)} {tensor.dtype}, expected {shape} {dtype}"
-                )
-            f.write(raw_bytes(tensor).data)
-
-    atomic_write(path, write)
-    return offset
 
 
 def parse_size(size: int | str) -> int:

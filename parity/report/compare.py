@@ -14,10 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-DTYPES = ("float32", "bfloat16")
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 @dataclass(frozen=True)
 class Tolerance:

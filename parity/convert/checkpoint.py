@@ -12,13 +12,11 @@ The framework is named "torch" or "jax"; "flax" is accepted for "jax" wherever o
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import json
 import os
 import pickle
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,28 +31,20 @@ from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from twin_core import BlockConfig, LMConfig
-from twin_core.files import atomic_write, digest
+from twin_core.files import atomic_write, digest, safetensors_dtype, write_safetensors
+from twin_core.run_files import framework_name
 
-from .convert import PAIRS, config_of, flax_to_torch, to_numpy, to_torch_tensor, torch_to_flax
-from .hf_files import write_safetensors
+from ..dtypes import DTYPES, JAX_DTYPES, TORCH_DTYPES, dtype_name
+from ..errors import ArgumentMismatch, ConfigNeeded, UnknownSuffix
+from .weights import PAIRS, config_of, flax_to_torch, to_numpy, to_torch_tensor, torch_to_flax
 
 FORMAT = "twin-block/1"
 FORMATS = ("safetensors", "pt", "msgpack")
-FRAMEWORKS = ("torch", "jax")
-ALIASES = {"flax": "jax"}  # another name accepted for a framework
 SUFFIXES = {".safetensors": "safetensors", ".pt": "pt", ".pth": "pt", ".msgpack": "msgpack"}
 _NATIVE_NAMING = {"safetensors": "torch", "pt": "torch", "msgpack": "jax"}
 _STORED_NAMING = {"torch": "torch", "jax": "flax"}  # metadata "naming": names of Flax paths
-_DTYPES = {"float32": (torch.float32, jnp.float32), "bfloat16": (torch.bfloat16, jnp.bfloat16)}
 
 Config = BlockConfig | LMConfig
-
-# The flags of the `python -m parity` command running (inside `command_line_errors()`), which
-# error messages name instead of the keyword arguments of the Python API (None).
-_FLAGS: contextvars.ContextVar[frozenset[str] | None] = contextvars.ContextVar(
-    "flags", default=None
-)
-_EXAMPLE_FIELDS = {"d_model": 64, "n_heads": 4, "d_ff": 128}
 
 
 @dataclass(frozen=True)
@@ -131,63 +121,12 @@ def convert_file(
     allowed = {"torch": ("safetensors", "pt"), "jax": ("msgpack", "safetensors")}[to]
     if fmt not in allowed:
         suffixes = " or ".join(f".{f}" for f in allowed)
-        raise ValueError(f"{_given('to', to)} writes a {suffixes} file, got {dst}")
+        raise ArgumentMismatch(f"{{argument}} writes a {suffixes} file, got {dst}", "to", to)
     checkpoint = _read(src, None, config, module, format_argument=False)
     try:
         _write(dst, fmt, to, checkpoint)
     except ValueError as err:
         raise ValueError(f"{src}: {err}") from err
-
-
-def framework_name(name: str, what: str = "framework") -> str:
-    """'torch' or 'jax' ('flax' is read as 'jax'); ValueError for anything else."""
-    name = ALIASES.get(name, name) if isinstance(name, str) else name
-    if name not in FRAMEWORKS:
-        raise ValueError(f"{what} must be one of {FRAMEWORKS} (or 'flax' for 'jax'), got {name!r}")
-    return name
-
-
-@contextlib.contextmanager
-def command_line_errors(flags: Collection[str] = ("config", "module", "to")) -> Iterator[None]:
-    """Within this block, error messages name the flags of the `python -m parity` command that
-    runs (`flags`: those among --config, --module and --to it has) instead of the keyword
-    arguments of the Python API."""
-    token = _FLAGS.set(frozenset(flags))
-    try:
-        yield
-    finally:
-        _FLAGS.reset(token)
-
-
-def _command_line() -> bool:
-    return _FLAGS.get() is not None
-
-
-def _argument(name: str) -> str:
-    """How a message names an argument: "config=" in Python, "--config" on the command line."""
-    return f"--{name}" if _command_line() else f"{name}="
-
-
-def _given(name: str, value: str) -> str:
-    """An argument with its value: "to='jax'" in Python, "--to jax" on the command line."""
-    return f"--{name} {value}" if _command_line() else f"{name}={value!r}"
-
-
-def _needs_config(path: Path) -> ValueError:
-    """The error for a file of weights alone read without a configuration."""
-    what = f"{path} holds weights without a configuration"
-    flags = _FLAGS.get()
-    if flags is None:
-        fields = ", ".join(f"{k}={v}" for k, v in _EXAMPLE_FIELDS.items())
-        example = f"BlockConfig({fields}) or dict({fields})"
-        return ValueError(f"{what}: pass config= (the module's fields, e.g. {example}) to read it")
-    example = f"'{json.dumps(_EXAMPLE_FIELDS)}'"
-    if "config" in flags:
-        return ValueError(f"{what}: pass --config (its fields as JSON, e.g. {example}) to read it")
-    return ValueError(
-        f"{what}: write it with one first: python -m parity convert {path} OUT.safetensors "
-        f"--to torch --config {example}"
-    )
 
 
 # --------------------------------------------------------------------------- formats
@@ -200,12 +139,7 @@ def _format_of(path: Path, format: str | None, format_argument: bool = True) -> 
         return format
     if path.suffix.lower() in SUFFIXES:
         return SUFFIXES[path.suffix.lower()]
-    known = ", ".join(SUFFIXES)
-    hint = " (or pass format=)" if format_argument and not _command_line() else ""
-    suffix = f"unknown suffix {path.suffix!r}" if path.suffix else "no suffix"
-    raise ValueError(
-        f"{path}: {suffix}; a checkpoint file's suffix gives its format: {known}{hint}"
-    )
+    raise UnknownSuffix(path, tuple(SUFFIXES), format_argument)
 
 
 def _naming_of(fmt: str, naming: str | None) -> str:
@@ -262,7 +196,9 @@ def _write(path: Path, fmt: str, naming: str, checkpoint: _Checkpoint) -> None:
         metadata = {**header, "config": json.dumps(config), "sha256": digest(tensors)}
         if naming == "jax":
             metadata["naming"] = _STORED_NAMING["jax"]
-        entries = [(k, lambda v=v: v, tuple(v.shape), v.dtype) for k, v in tensors.items()]
+        entries = [
+            (k, lambda v=v: v, tuple(v.shape), safetensors_dtype(v)) for k, v in tensors.items()
+        ]
         write_safetensors(path, entries, metadata)
     elif fmt == "pt":
         state = {**header, "config": config, "sha256": digest(weights)}
@@ -294,7 +230,7 @@ def _read(
         raise ValueError(f"unknown module {module!r}: expected one of {sorted(PAIRS)}")
     if meta is None:
         if config is None:
-            raise _needs_config(path)
+            raise ConfigNeeded(path)
         name = module if module is not None else _module_for(path, config)
         return _Checkpoint(name, _config_from(path, name, config), naming, weights)
 
@@ -304,7 +240,9 @@ def _read(
     if name not in PAIRS:
         raise ValueError(f"{path}: expected a module of {sorted(PAIRS)}, got {name!r}")
     if module is not None and module != name:
-        raise ValueError(f"{path} holds a {name}, but {_given('module', module)} asks for another")
+        raise ArgumentMismatch(
+            f"{path} holds a {name}, but {{argument}} asks for another", "module", module
+        )
     stored = _config_from(path, name, meta["config"])
     if config is not None:
         _check_agrees(path, stored, config)
@@ -332,17 +270,18 @@ def _module_for(path: Path, config: Config | Mapping[str, Any]) -> str:
         return next(n for n, p in PAIRS.items() if isinstance(config, p.config_cls))
     if not isinstance(config, Mapping):
         raise ValueError(
-            f"{_argument('config')} must be a BlockConfig, an LMConfig or a dict of their "
-            f"fields, got {type(config).__name__}"
+            "config= must be a BlockConfig, an LMConfig or a dict of their fields, got "
+            f"{type(config).__name__}"
         )
     fits = [name for name, pair in PAIRS.items() if _fits(pair.config_cls, config)]
     if len(fits) == 1:
         return fits[0]
     if not fits:  # let the likelier class say which keys are wrong or missing
         return "TransformerLM" if "vocab_size" in config else "TransformerBlock"
-    raise ValueError(
+    raise ArgumentMismatch(
         f"{path}: cannot tell which module config {dict(config)} is for (fits {fits}); "
-        f"pass {_argument('module')} one of {sorted(PAIRS)}"
+        f"pass {{argument}} one of {sorted(PAIRS)}",
+        "module",
     )
 
 
@@ -361,8 +300,8 @@ def _check_agrees(path: Path, stored: Config, config: Config | Mapping[str, Any]
     given = config.to_dict() if isinstance(config, (BlockConfig, LMConfig)) else config
     if not isinstance(given, Mapping):
         raise ValueError(
-            f"{_argument('config')} must be a BlockConfig, an LMConfig or a dict of their "
-            f"fields, got {type(config).__name__}"
+            "config= must be a BlockConfig, an LMConfig or a dict of their fields, got "
+            f"{type(config).__name__}"
         )
     fields = stored.to_dict()
     disagree = [
@@ -371,8 +310,8 @@ def _check_agrees(path: Path, stored: Config, config: Config | Mapping[str, Any]
         if k not in fields or fields[k] != v
     ]
     if disagree:
-        raise ValueError(
-            f"{path}: {_argument('config')} disagrees with the file's: {'; '.join(disagree)}"
+        raise ArgumentMismatch(
+            f"{path}: {{argument}} disagrees with the file's: {'; '.join(disagree)}", "config"
         )
 
 
@@ -467,8 +406,8 @@ def _dtype_of(checkpoint: _Checkpoint) -> str:
         arrays = [v for k, v in checkpoint.weights.items() if k not in buffers]
     else:
         arrays = list(flatten_dict(checkpoint.weights).values())
-    dtypes = {str(a.dtype).removeprefix("torch.") for a in arrays} or {"float32"}
-    if len(dtypes) != 1 or not dtypes <= set(_DTYPES):
+    dtypes = {dtype_name(a.dtype) for a in arrays} or {"float32"}
+    if len(dtypes) != 1 or not dtypes <= set(DTYPES):
         raise ValueError(
             f"expected every weight float32 or every weight bfloat16, got {sorted(dtypes)}"
         )
@@ -476,7 +415,7 @@ def _dtype_of(checkpoint: _Checkpoint) -> str:
 
 
 def _flax_module(checkpoint: _Checkpoint) -> nn.Module:
-    dtype = _DTYPES[_dtype_of(checkpoint)][1]
+    dtype = JAX_DTYPES[_dtype_of(checkpoint)]
     flax_cls = PAIRS[checkpoint.module].flax_cls
     return flax_cls.from_config(checkpoint.config, dtype=dtype, param_dtype=dtype)
 
@@ -488,7 +427,8 @@ def _state_dict(checkpoint: _Checkpoint) -> dict[str, torch.Tensor]:
     flax_module = _flax_module(checkpoint)
     if checkpoint.naming == "jax":
         state_dict = flax_to_torch(checkpoint.weights, flax_module)
-        dtype = _DTYPES[_dtype_of(checkpoint)][0]  # torch-only buffers follow, as after .to(dtype)
+        # torch-only buffers follow the weights' dtype, as after .to(dtype)
+        dtype = TORCH_DTYPES[_dtype_of(checkpoint)]
         buffers = PAIRS[checkpoint.module].torch_buffers(checkpoint.config)
         return {k: v.to(dtype) if k in buffers else v for k, v in state_dict.items()}
     torch_to_flax(checkpoint.weights, flax_module)  # raises ValueError on any mismatch
@@ -507,7 +447,7 @@ def _flax_params(checkpoint: _Checkpoint) -> tuple[nn.Module, dict]:
 def _torch_module(checkpoint: _Checkpoint) -> torch.nn.Module:
     state_dict = _state_dict(checkpoint)
     module = PAIRS[checkpoint.module].torch_cls.from_config(checkpoint.config)
-    module = module.to(_DTYPES[_dtype_of(checkpoint)][0])
+    module = module.to(TORCH_DTYPES[_dtype_of(checkpoint)])
     try:
         module.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:

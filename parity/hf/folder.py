@@ -2,7 +2,8 @@
 
 Reading checks config.json, every file header, every tensor name and shape before the model is
 allocated, then copies one tensor at a time into it: the torch model directly, the Flax params
-row by row of `parity.mapping`'s table, so converting N bytes of weights needs about N bytes.
+row by row of `parity.convert.mapping`'s table, so converting N bytes of weights needs about N
+bytes.
 """
 
 from __future__ import annotations
@@ -22,32 +23,32 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 import jax_block
 import torch_block
 from twin_core import LMConfig, atomic_write
+from twin_core.files import write_safetensors
+from twin_core.run_files import framework_name
 
-from .convert import flax_to_torch
-from .hf_config import (
+from ..convert import flax_to_torch
+from ..convert.mapping import lm_table
+from ..dtypes import JAX_DTYPES, TORCH_DTYPES, dtype_name
+from .config import (
     CHECKPOINT_DTYPES,
     HFConfig,
     family_of,
     hf_config_from_lm,
     lm_config_from_hf,
 )
-from .hf_files import (
+from .files import (
     CONFIG,
     SAFETENSORS,
     SAFETENSORS_INDEX,
+    ST_NAMES,
     WeightFiles,
     parse_size,
     read_json,
     remove_stale,
     shard_names,
-    write_safetensors,
 )
-from .hf_mapping import HFRow, expand, expected_hf_shapes, hf_from_ours, hf_rows, ours_from_hf
-from .mapping import lm_table
+from .mapping import HFRow, expand, expected_hf_shapes, hf_from_ours, hf_rows, ours_from_hf
 
-FRAMEWORKS = ("torch", "jax", "flax")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # names that old checkpoints carry and transformers ignores: GPT-2's mask buffers, rope tables
 IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|(^|\.)rotary_emb\.inv_freq$")
 BASE_PREFIX = {"gpt2": "transformer."}  # the others: "model."
@@ -116,7 +117,7 @@ class HFCheckpoint:
     def torch(self) -> torch_block.TransformerLM:
         """The torch_block LM in eval mode, built in the target dtype and filled in place."""
         previous = torch.get_default_dtype()
-        torch.set_default_dtype(DTYPES[self.dtype])  # parameters made in the target dtype
+        torch.set_default_dtype(TORCH_DTYPES[self.dtype])  # parameters made in the target dtype
         try:
             model = torch_block.TransformerLM.from_config(self.hf.config)
         finally:
@@ -134,7 +135,8 @@ class HFCheckpoint:
         return model.eval()
 
     def flax(self) -> tuple[jax_block.TransformerLM, dict]:
-        """(Flax LM, params), built row by row of parity.mapping's table from the HF tensors."""
+        """(Flax LM, params), built row by row of parity.convert.mapping's table from the HF
+        tensors."""
         dtype = JAX_DTYPES[self.dtype]
         lm = jax_block.TransformerLM.from_config(self.hf.config, dtype=dtype, param_dtype=dtype)
         source = {ours: (hf_name, row) for ours, hf_name, row in self.entries}
@@ -157,7 +159,7 @@ class HFCheckpoint:
     def _numpy(self, source: tuple[str, HFRow]) -> np.ndarray:
         """Our tensor in the target dtype as NumPy, sharing the read buffer where it can."""
         hf_name, row = source
-        tensor = ours_from_hf(row, self.read(hf_name)).to(DTYPES[self.dtype])
+        tensor = ours_from_hf(row, self.read(hf_name)).to(TORCH_DTYPES[self.dtype])
         if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: the same bits, as JAX's
             return tensor.view(torch.int16).numpy().view(jnp.bfloat16)
         return tensor.numpy()
@@ -176,8 +178,8 @@ def resolve_dtype(stored: str | None, requested: Any) -> str:
                 name = np.dtype(requested).name
             except TypeError:
                 name = None
-        if name not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {requested!r}")
+        if name not in TORCH_DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(TORCH_DTYPES)}, got {requested!r}")
         return name
     if stored is None or stored == "float16":
         return "float32"
@@ -206,8 +208,7 @@ def from_hf(path: str | Path, framework: str = "torch", *, dtype: Any = None):
     keep the checkpoint's dtype (float32 when config.json names none, or float16). Everything is
     checked before any large allocation; a ValueError names what is wrong or unsupported.
     """
-    if framework not in FRAMEWORKS:
-        raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
+    framework = framework_name(framework)
     checkpoint = HFCheckpoint(path, dtype)
     return checkpoint.torch() if framework == "torch" else checkpoint.flax()
 
@@ -251,11 +252,10 @@ def to_hf(
     if unknown:
         raise ValueError(f"token_ids: unknown keys {unknown}")
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
-    names = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in names:
+    if len(dtypes) != 1 or dtype_name(next(iter(dtypes))) not in TORCH_DTYPES:
         raise ValueError(f"the weights must all be float32 or all bfloat16, got {dtypes}")
     dtype = next(iter(dtypes))
-    hf_config = hf_config_from_lm(config, names[dtype], token_ids)
+    hf_config = hf_config_from_lm(config, dtype_name(dtype), token_ids)
 
     grouped: dict[str, list[tuple[str, HFRow]]] = {}
     entries = expand(hf_rows(family, config), config)
@@ -270,7 +270,7 @@ def to_hf(
             hf_name,
             lambda group=group: hf_from_ours([r for _, r in group], [state[k] for k, _ in group]),
             shapes[hf_name],
-            dtype,
+            ST_NAMES[dtype],
         )
         for hf_name, group in grouped.items()
     ]

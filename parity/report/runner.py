@@ -1,12 +1,12 @@
 """The parity report: every registered case, run in torch and JAX, gathered into rows.
 
-Cases are functions `Setup -> list[Row]` registered with `@parity.cases.case(...)` in the
+Cases are functions `Setup -> list[Row]` registered with `@parity.report.registry.case(...)` in the
 modules of CASE_MODULES, which are imported on first use (so a case module may import this
 one). Adding a case module is one more line in CASE_MODULES.
 
-Every case runs under `parity.precision.full_precision()` (JAX's default matmul precision
+Every case runs under `parity.report.precision.full_precision()` (JAX's default matmul precision
 "highest", torch's TF32 off, both restored afterwards), so the float32 tolerances hold on GPUs,
-whose float32 matmuls default to TF32, as well as on CPUs. `parity.render` renders the rows.
+whose float32 matmuls default to TF32, as well as on CPUs. `parity.report.render` renders the rows.
 `python -m parity` spreads its configurations over WORKERS spawned processes.
 """
 
@@ -22,28 +22,16 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from .cases import CASES, CONFIGS, ORIGINAL, Case, Setup
-from .compare import DTYPES, Row, Tolerance, compare
+from ..dtypes import DTYPES
+from .compare import Row
 from .precision import full_precision
-
-__all__ = [
-    "CASE_MODULES",
-    "Row",
-    "Setup",
-    "Tolerance",
-    "all_cases",
-    "compare",
-    "one_torch_thread",
-    "run_case",
-    "run_cases",
-    "run_config",
-]
+from .registry import CASES, CONFIGS, ORIGINAL, Case, Setup
 
 # The modules whose registered cases make the report, in the order of its table.
 CASE_MODULES: tuple[str, ...] = (
-    "parity.cases",
-    "parity.lm_cases",
-    "parity.train_cases",
+    "parity.report.cases.block",
+    "parity.report.cases.lm",
+    "parity.report.cases.train",
 )
 
 

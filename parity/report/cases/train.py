@@ -1,11 +1,8 @@
 """Training parity: gradients and short optimizer trajectories of TransformerLM in both
-frameworks from the same weights, and training-state files converted between them.
+frameworks from the same weights.
 
-`gradient_case` and `trajectory_case` are report cases (registered with `parity.cases.case`,
-configs "dense" and "moe", float32); listing this module in `parity.report.CASE_MODULES` puts
-them in the report. `convert_train_state` rewrites a training state saved by
-`torch_block.train` for `jax_block.train`, or back, so a run continues in the other framework
-(`--resume` of either training command calls it for the other framework's files).
+`gradient_case` and `trajectory_case` are report cases (registered with
+`parity.report.registry.case`, configs "dense" and "moe", float32).
 
 One parameter is left out of the error and reported apart: the attention key bias
 (`attention.k_proj.bias`). Adding the same vector to every key adds q . b to every score of a
@@ -17,31 +14,22 @@ effect on the outputs.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-import safetensors
-import safetensors.numpy
 import torch
-from flax.traverse_util import flatten_dict, unflatten_dict
 
-import jax_block.lm
 import jax_block.train as jax_train
 import torch_block.lm
 import torch_block.train as torch_train
-from twin_core import LMConfig, TrainConfig, atomic_write, digest, expert_capacity
+from twin_core import TrainConfig, expert_capacity
 from twin_core.data import DEFAULT_TEXT, load_text
-from twin_core.run_files import NAMINGS, TRAIN_FORMAT
 
-from .cases import Setup, case
-from .compare import Row, Tolerance, compare
-from .convert import flax_to_torch, from_torch, torch_to_flax
-from .mapping import TORCH_ONLY_BUFFERS
+from ...convert import flax_to_torch, from_torch
+from ..compare import Row, Tolerance, compare
+from ..registry import Setup, case
 
 LM_CONFIGS: dict[str, dict[str, Any]] = {
     "dense": dict(
@@ -66,8 +54,8 @@ TRAIN_KWARGS: dict[str, Any] = dict(
     steps=50, batch_size=4, seq_len=16, lr=3e-3, warmup_steps=5, max_grad_norm=1.0
 )
 GRADIENT_TOLERANCE = Tolerance("rel", 1e-4)  # docs/design.md section 7
-LOSS_TOLERANCE = Tolerance("abs", 1e-4)  # issue 6: losses at every step
-WEIGHT_TOLERANCE = Tolerance("rel", 1e-4)  # issue 6: final weights
+LOSS_TOLERANCE = Tolerance("abs", 1e-4)  # losses at every step
+WEIGHT_TOLERANCE = Tolerance("rel", 1e-4)  # final weights
 ZERO_GRADIENT = 1e-6  # |gradient| / gradient scale below which a gradient is rounding noise
 SHIFT_INVARIANT = "attention.k_proj.bias"  # its loss gradient is exactly zero (see above)
 
@@ -291,54 +279,3 @@ def trajectory_case(setup: Setup) -> list[Row]:
         note=f"worst {result.worst}; k_proj.bias (no effect on the loss) left out",
     )
     return [losses, weights]
-
-
-# --------------------------------------------------------------------------- files
-def convert_train_state(src: str | os.PathLike, dst: str | os.PathLike, to: str) -> None:
-    """Rewrite a training state file (`*.train.safetensors`) for framework `to` ("torch" or
-    "jax"; "flax" is the same): weights and both Adam moments go through the mapping table.
-
-    The MoE expert counters (a torch statistics buffer) do not survive a trip through Flax:
-    they come back as zeros.
-    """
-    if to not in ("torch", "jax", "flax"):
-        raise ValueError(f"to must be 'torch' or 'jax' (or 'flax'), got {to!r}")
-    naming = NAMINGS["jax" if to == "flax" else to]
-    src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise FileNotFoundError(f"no training state file at {src}")
-    with safetensors.safe_open(src, framework="np") as f:
-        metadata = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if metadata.get("format") != TRAIN_FORMAT:
-        raise ValueError(
-            f"{src}: expected a training state ({TRAIN_FORMAT!r}), got format "
-            f"{metadata.get('format')!r}"
-        )
-    if metadata.get("naming") == naming:
-        raise ValueError(f"{src} already holds {naming} names")
-    if digest(tensors) != metadata.get("sha256"):
-        raise ValueError(f"{src} is corrupt: its tensors do not match their stored sha256")
-    config = LMConfig.from_dict(json.loads(metadata["config"]))
-    flax_lm = jax_block.lm.TransformerLM.from_config(config)
-    groups: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in tensors.items():
-        group, name = key.split("/", 1)
-        groups.setdefault(group, {})[name] = value
-    converted = {}
-    for group, arrays in groups.items():
-        if naming == "flax":
-            tree = torch_to_flax({k: torch.from_numpy(v) for k, v in arrays.items()}, flax_lm)
-            flat = {k: np.asarray(v) for k, v in flatten_dict(tree, sep="/").items()}
-        else:
-            state_dict = flax_to_torch(unflatten_dict(arrays, sep="/"), flax_lm)
-            flat = {k: v.numpy() for k, v in state_dict.items()}
-            if group != "params":  # moments exist for parameters only, not buffers
-                flat = {k: v for k, v in flat.items() if not _is_torch_buffer(k)}
-        converted.update({f"{group}/{k}": v for k, v in flat.items()})
-    metadata.update(naming=naming, sha256=digest(converted))
-    atomic_write(dst, safetensors.numpy.save(converted, metadata))
-
-
-def _is_torch_buffer(torch_key: str) -> bool:
-    return any(torch_key.endswith(buffer) for buffer in TORCH_ONLY_BUFFERS)

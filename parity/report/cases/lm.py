@@ -1,6 +1,6 @@
 """The language model's cases: logits of a full forward, logits of cached decode at every step,
 and greedy generation token for token, all on a batch of left-padded prompts of different
-lengths (issue 5).
+lengths.
 
 The three cases share one token batch: PROMPT_LENGTHS prompts left-padded to PROMPT_LEN slots,
 each followed by DECODE_STEPS more tokens. The forward sees all of it; the cached case prefills
@@ -20,10 +20,11 @@ from flax import linen as nn
 import jax_block
 import torch_block
 
-from .cases import CONFIGS, FAMILIES, ORIGINAL, Setup, case
-from .compare import JAX_DTYPES, TORCH_DTYPES, Row, compare_tokens, to_float64
-from .convert import from_torch
-from .run import run_both
+from ...convert import from_torch
+from ...dtypes import JAX_DTYPES, TORCH_DTYPES
+from ..compare import Row, compare_tokens, to_float64
+from ..registry import CONFIGS, FAMILIES, ORIGINAL, Setup, case
+from ..run import run_both
 
 _LM = dict(vocab_size=256, max_seq_len=128, d_model=64, n_layers=2, n_heads=4, d_ff=128)
 UNTIED = ("llama", "mistral", "mixtral")  # families whose LM head is its own weight

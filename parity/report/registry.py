@@ -1,0 +1,149 @@
+"""The configurations the report checks, the Setup a case runs on, and the registry of cases.
+
+A case is a function `Setup -> list[Row]` registered with `@case(name, configs, dtypes)`. The
+report runs the cases of the modules listed in `parity.report.runner.CASE_MODULES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from flax import linen as nn
+
+import torch_block
+from twin_core import LLAMA_OPTIONS, RopeScaling
+
+from ..convert import from_torch
+from ..dtypes import TORCH_DTYPES
+from .compare import NEAR_TIES, TOLERANCES, Row, Tolerance, compare
+from .run import Run
+
+_BLOCK = dict(d_model=64, n_heads=4, d_ff=128, dropout=0.0)
+# Llama 3: RMSNorm, gated SiLU without biases, rope with llama3 scaling, GQA 4:1, no attention
+# biases. head_dim 8, theta 5e5: wavelengths 6.3, 167, 4.4e3, 1.2e5 against 256 / 4 and 256 / 1,
+# so the scaling keeps one frequency, smooths one and divides two.
+_LLAMA = dict(
+    _BLOCK,
+    **LLAMA_OPTIONS,
+    n_heads=8,
+    n_kv_heads=2,
+    norm_eps=1e-6,
+    rope_theta=500000.0,
+    rope_scaling=RopeScaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=256
+    ),
+)
+_ROPE_1E6 = dict(rope_theta=1e6, rope_scaling=None)  # Mistral's, Qwen2's and Mixtral's rope
+SLIDING_WINDOW = 4  # shorter than the prefill, the block's sequence and every LM prompt
+CONFIGS: dict[str, dict[str, Any]] = {
+    "dense": _BLOCK,
+    "moe": dict(_BLOCK, use_moe=True, num_experts=8, top_k_experts=2),
+    "gpt2": dict(_BLOCK, activation="gelu_tanh"),
+    "llama": _LLAMA,
+    "mistral": dict(_LLAMA, **_ROPE_1E6, sliding_window=SLIDING_WINDOW),
+    "qwen2": dict(_LLAMA, **_ROPE_1E6, qkv_bias=True),
+    "mixtral": dict(_LLAMA, **_ROPE_1E6, use_moe=True, num_experts=8, top_k_experts=2),
+    "qwen2_moe": dict(
+        _LLAMA,
+        **_ROPE_1E6,
+        qkv_bias=True,
+        use_moe=True,
+        num_experts=8,
+        top_k_experts=4,
+        norm_topk_prob=False,
+        shared_expert_d_ff=96,
+        shared_expert_gate=True,
+    ),
+}
+ORIGINAL = ("dense", "moe")  # the original architecture: every block case
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+MOE_FAMILIES = tuple(name for name in FAMILIES if CONFIGS[name].get("use_moe"))
+BATCH, SEQ_LEN, PREFILL_LEN = 2, 16, 8
+TRAIN_CAPACITY_FACTOR = 0.5  # capacity 4 per expert < 64 assignments / 8 experts: drops certain
+Z_LOSS_COEF = 0.1
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What one case runs on: a configuration name, a dtype name and a seed."""
+
+    config: str
+    dtype: str
+    seed: int
+
+    @property
+    def tolerance(self) -> Tolerance:
+        return TOLERANCES[self.dtype]
+
+    def build(self, **overrides: Any) -> tuple[torch_block.TransformerBlock, nn.Module, dict]:
+        """A seeded torch block of this configuration (eval mode, this dtype), and its twin."""
+        with torch.random.fork_rng(devices=[]):  # the caller's torch RNG is left as it was
+            torch.manual_seed(self.seed)
+            block = torch_block.TransformerBlock(**{**CONFIGS[self.config], **overrides})
+        block = block.to(TORCH_DTYPES[self.dtype]).eval()
+        flax_module, params = from_torch(block)
+        return block, flax_module, params
+
+    def input(self) -> torch.Tensor:
+        """A seeded unit-scale input (BATCH, SEQ_LEN, d_model) of this dtype."""
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        x = torch.randn(BATCH, SEQ_LEN, CONFIGS[self.config]["d_model"], generator=generator)
+        return x.to(TORCH_DTYPES[self.dtype])
+
+    def compare(self, case: str, expected: Any, actual: Any, **kwargs: Any) -> Row:
+        return compare(case, self.config, self.dtype, expected, actual, self.tolerance, **kwargs)
+
+    def compare_output(self, case: str, run: Run, **kwargs: Any) -> Row:
+        """Compare the first output, with routing agreement and near-tie exclusions."""
+        routing, excluded = run.agreement(NEAR_TIES[self.dtype])
+        return self.compare(
+            case, run.torch_out[0], run.jax_out[0], routing=routing, excluded=excluded, **kwargs
+        )
+
+
+@dataclass(frozen=True)
+class Case:
+    """A registered case: `run(setup)` returns its rows for each config and dtype it covers."""
+
+    name: str
+    run: Callable[[Setup], list[Row]]
+    configs: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    rows: tuple[str, ...] = ()  # names of the rows it gives, when not the one row `name`
+
+    @property
+    def row_names(self) -> tuple[str, ...]:
+        """The names of the rows it gives (listed by `python -m parity check --help`)."""
+        return self.rows or (self.name,)
+
+
+CASES: list[Case] = []  # every case registered so far, from any module
+
+
+def case(
+    name: str,
+    configs: tuple[str, ...] = ORIGINAL,
+    dtypes: tuple[str, ...] = ("float32",),
+    rows: tuple[str, ...] | None = None,
+) -> Callable[[Callable[[Setup], list[Row]]], Callable[[Setup], list[Row]]]:
+    """Register a case function `Setup -> list[Row]` under `name`; `rows` names the rows it
+    gives when they are not the one row `name`."""
+
+    def register(run: Callable[[Setup], list[Row]]) -> Callable[[Setup], list[Row]]:
+        CASES.append(Case(name, run, configs, dtypes, rows or ()))
+        return run
+
+    return register
+
+
+def with_note(row: Row, note: str, passed: bool = True, **details: Any) -> Row:
+    """`row` with `note` appended, `details` added, and failed unless `passed`."""
+    return replace(
+        row,
+        passed=row.passed and passed,
+        note="; ".join(filter(None, (row.note, note))),
+        details={**row.details, **details},
+    )

@@ -1,0 +1,148 @@
+"""The token step of `generate`: one new token per row through a TransformerLM in eval mode.
+
+`token_step` computes what `TransformerLM.forward` computes for one token, with the same
+functions its modules' `forward` calls (`embed`, `norm`, `project`, `attend`, `merge_heads`,
+`feed_forward`, the MixtureOfExperts module, `unembed`), against the caches that generate
+preallocated for the whole generation. It leaves out the per-call work that a step does not
+need: no input checks (generate checked the prompt), no position or mask tensor rebuilt from
+the whole mask, no module call in the layer loop (each module's `params()` is read once per
+generate call: its tensors themselves, never copied).
+
+With `slot=None` it is the form that `torch.compile` takes: every shape fixed (the whole cache
+is attended, the slots after the current one masked), the slot a 0-d tensor, the cache written
+in place with `index_copy_`; one compilation then serves every position. Eagerly the slot is
+also given as an int, and the cache is read up to it, with no mask unless the prompts were
+padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+
+from .attention import AttentionParams, attend, merge_heads, project
+from .block import TransformerBlock
+from .cache import KVCache, write_slots
+from .feed_forward import FeedForwardParams, feed_forward
+from .lm import EmbeddingParams, TransformerLM, embed, unembed
+from .moe import MixtureOfExperts
+from .norm import NormParams, norm
+
+
+class LayerParams(NamedTuple):
+    """What a step reads of one block: the dense feed-forward's params or the MoE module."""
+
+    norm1: NormParams
+    attention: AttentionParams
+    norm2: NormParams
+    feed_forward: FeedForwardParams | None  # dense
+    moe: MixtureOfExperts | None
+
+
+class StepInputs(NamedTuple):
+    """What every step of one generate call reads: the model's params, the caches (written in
+    place), the prompts' layout and the Python values a compiled step is specialised to."""
+
+    layers: tuple[LayerParams, ...]
+    k_caches: tuple[torch.Tensor, ...]  # each (B, KV, S, D)
+    v_caches: tuple[torch.Tensor, ...]  # each (B, KV, S, D)
+    embedding: EmbeddingParams
+    norm: NormParams
+    head: torch.Tensor  # (V, d_model)
+    key_valid: torch.Tensor  # (B, 1, 1, S) bool: the slot holds a real token
+    pads: torch.Tensor  # (B, 1) int64: pad slots at the start of each row
+    slots: torch.Tensor  # (S,) int64: 0 .. S-1
+    sliding_window: int | None
+    padless: bool  # every prompt slot holds a real token: no key mask
+
+
+def layer_params(block: TransformerBlock) -> LayerParams:
+    """The params of `block`'s modules."""
+    ffn = block.feed_forward
+    moe = ffn if isinstance(ffn, MixtureOfExperts) else None
+    return LayerParams(
+        norm1=block.norm1.params(),
+        attention=block.attention.params(),
+        norm2=block.norm2.params(),
+        feed_forward=None if moe is not None else ffn.params(),
+        moe=moe,
+    )
+
+
+def step_inputs(lm: TransformerLM, caches: list[KVCache], key_valid: torch.Tensor) -> StepInputs:
+    """The inputs of token steps of `lm` (in eval mode) over `caches`, whose slots hold real
+    tokens where key_valid (B, S) is True (a row's pads come first)."""
+    return StepInputs(
+        layers=tuple(layer_params(block) for block in lm.blocks),
+        k_caches=tuple(cache.k_cache for cache in caches),
+        v_caches=tuple(cache.v_cache for cache in caches),
+        embedding=lm.embedding_params(),
+        norm=lm.norm.params(),
+        head=lm.head_weight(),
+        key_valid=key_valid[:, None, None, :],
+        pads=(~key_valid).sum(dim=-1, keepdim=True),
+        slots=torch.arange(key_valid.shape[1], device=key_valid.device),
+        sliding_window=lm.config.sliding_window,
+        padless=bool(key_valid.all()),
+    )
+
+
+def _moe(moe: MixtureOfExperts, h: torch.Tensor) -> torch.Tensor:
+    return moe(h[:, None], False)[0][:, 0]
+
+
+_compiled_step = None
+_moe_outside_graph = _moe  # under torch.compile: _moe excluded from the graph (its shapes vary)
+
+
+def compiled_token_step() -> Callable[..., torch.Tensor]:
+    """`token_step` under torch.compile (static shapes), made once per process."""
+    global _compiled_step, _moe_outside_graph
+    if _compiled_step is None:
+        _moe_outside_graph = torch.compiler.disable(_moe)
+        # cpp_wrapper: the compiled step's launcher is C++, not Python (~10% of a small step)
+        _compiled_step = torch.compile(token_step, dynamic=False, options={"cpp_wrapper": True})
+    return _compiled_step
+
+
+def token_step(
+    inputs: StepInputs, tokens: torch.Tensor, pos: torch.Tensor, slot: int | None
+) -> torch.Tensor:
+    """Logits (B, V) of tokens (B,) written at cache slot `pos` (a 0-d int64 tensor).
+
+    `slot` is the same slot as an int (eager), or None (static: the whole cache is attended,
+    masked past `pos`, and written with index_copy_). The caches are updated in place.
+    """
+    B = tokens.shape[0]
+    W = inputs.sliding_window
+    positions = pos.view(1, 1) if inputs.padless else pos - inputs.pads  # (B|1, 1)
+    x = embed(tokens, positions.view(-1), inputs.embedding)  # (B, d_model)
+    if slot is None:
+        keys = slice(None)
+        slots = inputs.slots.view(1, 1, 1, -1)  # (1, 1, 1, S)
+        allowed = slots <= pos
+        if W is not None:
+            allowed = allowed & (slots > pos - W)
+        allowed = allowed if inputs.padless else allowed & inputs.key_valid  # (B|1, 1, 1, S)
+        at = pos
+    else:
+        keys = slice(0 if W is None else max(0, slot - W + 1), slot + 1)
+        allowed = None if inputs.padless else inputs.key_valid[..., keys]  # (B, 1, 1, S')
+        at = slot
+    for layer, k_cache, v_cache in zip(
+        inputs.layers, inputs.k_caches, inputs.v_caches, strict=True
+    ):
+        h = norm(x, layer.norm1).view(B, 1, -1)  # (B, 1, d_model)
+        q, k, v = project(h, layer.attention, positions)  # (B, H|KV, 1, D)
+        write_slots(k_cache, k, at)
+        write_slots(v_cache, v, at)
+        out = attend(q, k_cache[:, :, keys], v_cache[:, :, keys], allowed)  # (B, H, 1, D)
+        x = x + merge_heads(out, layer.attention)
+        h = norm(x, layer.norm2)
+        if layer.moe is None:
+            x = x + feed_forward(h, layer.feed_forward)
+        else:
+            x = x + (_moe if slot is not None else _moe_outside_graph)(layer.moe, h)
+    return unembed(norm(x, inputs.norm), inputs.head)  # (B, V)
