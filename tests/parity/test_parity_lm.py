@@ -18,7 +18,7 @@ from torch_block.lm import TransformerLM
 
 VOCAB, MAX_LEN, D_MODEL, N_LAYERS, N_HEADS, D_FF, EXPERTS = 64, 128, 32, 2, 4, 64, 4
 ATOL = 1e-5
-# The shapes of tests/test_jax_lm.py, so that the jitted functions of jax_block compile once.
+# The shapes of tests/jax/test_jax_lm.py, so that the jitted functions of jax_block compile once.
 PROMPT_LENGTHS, NEW_TOKENS = [12, 3, 7, 10], 64
 SEQ_LENGTHS = [76, 67, 71, 74]
 

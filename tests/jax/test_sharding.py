@@ -1,6 +1,6 @@
 """jax_block on a mesh of 8 CPU devices computes what one device computes (DESIGN section 10).
 
-The sharded runs happen in two subprocesses of tests/sharding_checks.py (XLA_FLAGS must give 8
+The sharded runs happen in two subprocesses of tests/jax/sharding_checks.py (XLA_FLAGS must give 8
 host devices before jax is imported, and this process keeps its one device); they report
 numbers as JSON, and the tests below hold them to one device and to the layout the rules
 imply, restated here from the mesh shape and the model sizes. The first tests need no mesh and
@@ -83,7 +83,7 @@ def results(tmp_path_factory) -> dict:
             subprocess.Popen(
                 [sys.executable, str(SCRIPT), str(out / f"{i}.json"), *names],
                 env=env,
-                cwd=SCRIPT.parent.parent,
+                cwd=SCRIPT.parents[2],
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,

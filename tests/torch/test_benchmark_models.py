@@ -12,7 +12,7 @@ import torch
 
 from torch_block.lm import TransformerLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not installed
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/ is not installed
 models = importlib.import_module("benchmarks.models")
 SMALL, MEDIUM, SMALL_LLAMA, MEDIUM_LLAMA = (
     models.SMALL,

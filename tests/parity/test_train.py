@@ -1,8 +1,9 @@
 """Training in each framework alone: the run configuration, batches, loss, AdamW steps against
-a NumPy reference, checkpoint files and bad input. The training command: tests/test_train_cli.py.
+a NumPy reference, checkpoint files and bad input. The training command:
+tests/cli/test_train_cli.py.
 
 The tiny model and run are those of `parity.report.cases.train` (dense), so that the jitted JAX step
-compiles once for this file and tests/test_parity_train.py.
+compiles once for this file and tests/parity/test_parity_train.py.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from parity.cli import main
 from parity.hf import HFCheckpoint
 from parity.report.cases import hf as hf_report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["[UNK]", *(f"w{i}" for i in range(1, hf_models.VOCAB))]
 
 

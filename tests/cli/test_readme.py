@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 LANGUAGES = {"python": "python", "bash": "bash", "sh": "bash", "shell": "bash"}
 NOT_RUN = re.compile(r"<!--\s*not run in tests:(.*?)-->")
@@ -165,8 +165,9 @@ def test_readme_block_runs_and_overwrites_no_file(clone, block):
 
 def test_pytest_prints_its_closing_summary_line():
     """README's `pytest` ends with the "N passed in S s" line (pyproject's addopts)."""
+    test_file = "tests/torch/test_torch_cache.py"
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "tests/test_torch_cache.py"],
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", test_file],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -25,14 +25,14 @@ import torch_block.train as tt
 from parity import cli as parity_cli
 from twin_core.run_files import RunPaths
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FRAMEWORKS = ("torch", "jax")
 MODULES = {"torch": tt, "jax": jt}
 MODEL = ["--d-model", "32", "--n-layers", "1", "--n-heads", "2", "--d-ff", "64"]
 ROWS = ["--batch-size", "4", "--seq-len", "16"]
 LOGS = ["--checkpoint-every", "4", "--log-every", "4"]
 LR = 2e-3  # the default peak learning rate
-LOSS_ATOL = 1e-4  # the two frameworks' losses at every step (tests/test_parity_train.py)
+LOSS_ATOL = 1e-4  # the two frameworks' losses at every step (tests/parity/test_parity_train.py)
 ERROR = "python -m parity train: error: "
 
 

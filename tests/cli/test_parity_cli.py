@@ -21,7 +21,7 @@ from parity.report.compare import TOLERANCES, Row
 from parity.report.registry import Case, Setup
 from parity.report.run import run_both
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROW_FIELDS = {
     "case",
     "config",

@@ -249,7 +249,7 @@ def test_original_moe_matches_no_family_and_writes_nothing(tmp_path):
 
 
 def test_readme_holds_the_mapping_tables():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
     assert markdown_tables() in readme
 
 

@@ -1,7 +1,7 @@
 """Sharded jax_block against the same model on one device, on 8 host CPU devices.
 
-Run as a script (tests/test_sharding.py runs it in subprocesses, so the rest of the suite
-keeps one device): `python tests/sharding_checks.py OUT.json [CHECK ...]`. It sets
+Run as a script (tests/jax/test_sharding.py runs it in subprocesses, so the rest of the suite
+keeps one device): `python tests/jax/sharding_checks.py OUT.json [CHECK ...]`. It sets
 XLA_FLAGS=--xla_force_host_platform_device_count=8 before importing jax, runs the checks
 (default: all of CHECKS) and writes the measured numbers as JSON; the pytest side asserts on
 them. Nothing here decides pass or fail.
