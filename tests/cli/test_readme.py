@@ -202,3 +202,27 @@ def test_readme_and_help_point_into_the_repository():
         text = path.read_text(encoding="utf-8")
         assert "../shared" not in text, path
         assert "DESIGN.md" not in text, path
+
+
+def test_ci_sets_up_with_the_quick_start_line_on_public_indexes():
+    """.ci/run evaluates the Quick start's set-up line (the same command it reads), and that line
+    takes torch from PyTorch's CPU index, pinned to the CPU build."""
+    quick_start = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    setup = [line for line in quick_start.splitlines() if line.startswith("python -m venv ")]
+    assert len(setup) == 1, setup
+    ci = (ROOT / ".ci" / "run").read_text()
+    read_setup = "sed -n '/^## Quick start/,/^## /p' README.md | grep -m1 '^python -m venv '"
+    done = subprocess.run(
+        ["bash", "-c", read_setup],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SECONDS,
+    )
+    assert done.stdout.strip() == setup[0]
+    assert read_setup in ci
+    assert 'eval "$setup"' in ci
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in setup[0]
+    assert "-c constraints-cpu.txt" in setup[0]
+    pins = (ROOT / "constraints-cpu.txt").read_text().split()
+    assert "torch==2.13.0+cpu" in pins
