@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -14,32 +11,14 @@ from twin_core import BlockConfig
 
 from .attention import MultiHeadAttention
 from .cache import KVCache
+from .configured import ConfiguredModule
 from .feed_forward import FeedForward
 from .moe import MixtureOfExperts
 from .norm import make_norm
-from .sharding import ACTIVATION_AXES, AxisNamedModule, constrain, kv_cache_sharding
-
-MODULE_ARGS = ("dtype", "param_dtype", "name", "parent")
+from .sharding import ACTIVATION_AXES, constrain, kv_cache_sharding
 
 
-def split_module_args(config_cls: type, owner: str, kwargs: dict[str, Any]) -> tuple[Any, dict]:
-    """`kwargs` as (the `config_cls` their config fields make, the module's own arguments).
-
-    TypeError naming every keyword that is neither a field of `config_cls` nor in MODULE_ARGS.
-    """
-    fields = [f.name for f in dataclasses.fields(config_cls)]
-    unknown = sorted(set(kwargs) - set(fields) - set(MODULE_ARGS))
-    if unknown:
-        raise TypeError(
-            f"{owner}.create: unknown keyword(s) {unknown}; it takes the {config_cls.__name__} "
-            f"fields {fields} and {list(MODULE_ARGS)}"
-        )
-    module_args = {k: v for k, v in kwargs.items() if k in MODULE_ARGS}
-    config = config_cls(**{k: v for k, v in kwargs.items() if k not in MODULE_ARGS})
-    return config, module_args
-
-
-class TransformerBlock(AxisNamedModule):
+class TransformerBlock(ConfiguredModule):
     """h = x + Dropout(Attention(Norm1(x))); y = h + Dropout(FFN(Norm2(h))).
 
     `config` (a `twin_core.BlockConfig`) defines the block; `dtype` is the compute dtype and
@@ -47,29 +26,10 @@ class TransformerBlock(AxisNamedModule):
     builds one from config fields by keyword.
     """
 
+    config_type = BlockConfig
     config: BlockConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.config, BlockConfig):
-            raise TypeError(
-                f"TransformerBlock.config must be a twin_core.BlockConfig, "
-                f"got {type(self.config).__name__}"
-            )
-        super().__post_init__()
-
-    @classmethod
-    def create(cls, **kwargs: Any) -> TransformerBlock:
-        """The block of the BlockConfig fields given by keyword (the rest at their defaults);
-        dtype, param_dtype, name and parent go to the module. TypeError on any other keyword."""
-        config, module_args = split_module_args(BlockConfig, cls.__name__, kwargs)
-        return cls(config, **module_args)
-
-    @classmethod
-    def from_config(cls, config: BlockConfig, **module_args: Any) -> TransformerBlock:
-        """The block that `config` describes; `module_args`: dtype, param_dtype, name, parent."""
-        return cls(config, **module_args)
 
     def create_kv_cache(
         self,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,12 +10,12 @@ from jax.sharding import Mesh
 
 from twin_core import LMConfig
 
-from .block import TransformerBlock, split_module_args
+from .block import TransformerBlock
 from .cache import KVCache
+from .configured import ConfiguredModule
 from .norm import make_norm
 from .sharding import (
     ACTIVATION_AXES,
-    AxisNamedModule,
     constrain,
     dense_axes,
     named_init,
@@ -36,7 +34,7 @@ def position_ids(attention_mask: jax.Array | None, start: jax.Array, length: int
     return jax.lax.dynamic_slice_in_dim(jnp.maximum(real_so_far - 1, 0), start, length, axis=1)
 
 
-class TransformerLM(AxisNamedModule):
+class TransformerLM(ConfiguredModule):
     """Token embedding [+ learned positions] -> dropout -> blocks -> norm -> LM head.
 
     `config` (a `twin_core.LMConfig`, GPT-2's layout by default) defines the model; `dtype` is
@@ -47,29 +45,10 @@ class TransformerLM(AxisNamedModule):
     by keyword.
     """
 
+    config_type = LMConfig
     config: LMConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.config, LMConfig):
-            raise TypeError(
-                f"TransformerLM.config must be a twin_core.LMConfig, "
-                f"got {type(self.config).__name__}"
-            )
-        super().__post_init__()
-
-    @classmethod
-    def create(cls, **kwargs: Any) -> TransformerLM:
-        """The model of the LMConfig fields given by keyword (the rest at their defaults);
-        dtype, param_dtype, name and parent go to the module. TypeError on any other keyword."""
-        config, module_args = split_module_args(LMConfig, cls.__name__, kwargs)
-        return cls(config, **module_args)
-
-    @classmethod
-    def from_config(cls, config: LMConfig, **module_args: Any) -> TransformerLM:
-        """The language model that `config` describes; `module_args`: dtype, param_dtype, ..."""
-        return cls(config, **module_args)
 
     def create_kv_cache(
         self,
