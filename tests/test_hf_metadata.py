@@ -26,6 +26,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import jax_block
 import parity
 import torch_block
+import twin_core.files
 from parity.cli import main
 from parity.errors import CheckpointError, FolderConflict
 from parity.hf import HFMetadata, metadata_of
@@ -162,6 +163,14 @@ def test_metadata_travels_through_every_checkpoint_format(folder, tmp_path):
     )
     parity.save(tmp_path / "bare.safetensors", bare)
     assert metadata_of(parity.load(tmp_path / "bare.safetensors")) == HFMetadata()
+
+
+def test_a_header_past_the_safetensors_limit_is_refused(folder, tmp_path, monkeypatch):
+    model = parity.from_hf(folder)
+    monkeypatch.setattr(twin_core.files, "MAX_HEADER_BYTES", 1000)
+    with pytest.raises(ValueError, match="above the format's limit of 1000"):
+        parity.save(tmp_path / "big.safetensors", model)
+    assert not list(tmp_path.iterdir())
 
 
 def test_malformed_metadata_is_refused():

@@ -198,7 +198,7 @@ def _write(path: Path, fmt: str, naming: str, checkpoint: _Checkpoint) -> None:
     config = checkpoint.config.to_dict()
     header = {"format": FORMAT, "module": checkpoint.module}
     if checkpoint.hf_metadata is not None:  # a JSON string in every format
-        header[ATTRIBUTE] = json.dumps(checkpoint.hf_metadata, sort_keys=True)
+        header[ATTRIBUTE] = json.dumps(checkpoint.hf_metadata, ensure_ascii=False)
     if fmt == "safetensors":
         if naming == "torch":
             tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
