@@ -73,3 +73,16 @@ class ConfigNeeded(CheckpointError):
     def example_json() -> str:
         """EXAMPLE_FIELDS as JSON, quoted for a shell."""
         return f"'{json.dumps(EXAMPLE_FIELDS)}'"
+
+
+class FolderConflict(ValueError):
+    """Writing a Hugging Face folder would replace files there (`names`) with different ones;
+    `details` says how each differs. Nothing was written."""
+
+    def __init__(self, directory: Path, names: list[str], details: list[str]):
+        self.directory, self.names, self.details = directory, names, details
+        super().__init__(
+            f"{directory} holds files that differ from the model's: {'; '.join(details)}; "
+            "nothing was written: export into a new folder, or remove those files to write "
+            "the model's"
+        )

@@ -193,6 +193,11 @@ def write_safetensors(
         offset += nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
+    if len(encoded) > MAX_HEADER_BYTES:  # a file no reader would open: refused before writing
+        raise ValueError(
+            f"{path}: the safetensors header (names, shapes, metadata) would be {len(encoded)} "
+            f"bytes, above the format's limit of {MAX_HEADER_BYTES}"
+        )
 
     def write(f: BinaryIO) -> None:
         f.write(len(encoded).to_bytes(8, "little"))

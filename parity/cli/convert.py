@@ -13,6 +13,7 @@ from ..convert import PAIRS, convert_file, load, save
 from ..convert.checkpoint import SUFFIXES
 from ..hf import from_hf, to_hf
 from ..hf.config import family_of
+from ..hf.metadata import TOKENIZER
 from .arguments import EXIT_OK, error, json_object
 from .wording import worded
 
@@ -32,12 +33,14 @@ def add_convert_command(subparsers: argparse._SubParsersAction) -> None:
             "writes .msgpack or .safetensors (Flax parameter paths). The input is never "
             "modified; the output is written atomically. A file that carries weights alone "
             "(a plain torch state_dict) needs --config. IN may be a Hugging Face folder (read "
-            "for torch unless --to says otherwise); --to hf writes the Hugging Face folder OUT "
-            "from a TransformerLM checkpoint file."
+            "for torch unless --to says otherwise); its token ids, generation config and "
+            "tokenizer files travel in the output's metadata. --to hf writes the Hugging Face "
+            "folder OUT from a TransformerLM checkpoint file, with what it carries (or what "
+            "--hf-source gives); files already in OUT that differ from those are refused."
         ),
         epilog="examples: python -m parity convert block.safetensors block.msgpack --to jax\n"
         "Hugging Face: python -m parity convert HF_DIR out.safetensors; "
-        "python -m parity convert in.safetensors OUT_DIR --to hf",
+        "python -m parity convert in.safetensors OUT_DIR --to hf [--hf-source HF_DIR]",
     )
     parser.add_argument("input", type=Path, metavar="IN", help="checkpoint file or HF folder")
     parser.add_argument("output", type=Path, metavar="OUT", help="checkpoint file or HF folder")
@@ -60,6 +63,13 @@ def add_convert_command(subparsers: argparse._SubParsersAction) -> None:
         choices=sorted(PAIRS),
         help="module class, for files without one (default: told by the --config fields)",
     )
+    parser.add_argument(
+        "--hf-source",
+        type=Path,
+        metavar="DIR",
+        help="with --to hf: a Hugging Face folder whose token ids, generation_config.json and "
+        "tokenizer files are written where the checkpoint carries none",
+    )
     parser.set_defaults(run=run_convert)
 
 
@@ -70,6 +80,8 @@ def run_convert(args: argparse.Namespace) -> int:
         if args.input.is_dir():
             if to == "hf":
                 raise ValueError(f"{args.input} is already a Hugging Face folder")
+            if args.hf_source is not None:
+                raise ValueError("--hf-source goes with --to hf")
             return _from_hf_folder(args.input, args.output, to or "torch")
         if to is None:
             raise ValueError("--to is required (torch, jax or hf) unless IN is an HF folder")
@@ -77,6 +89,8 @@ def run_convert(args: argparse.Namespace) -> int:
             raise ValueError(f"input file not found: {args.input}")
         if to == "hf":
             return _to_hf_folder(args)
+        if args.hf_source is not None:
+            raise ValueError("--hf-source goes with --to hf")
         if args.output.is_dir():
             raise ValueError(f"OUT must be a checkpoint file, got the folder {args.output}")
         if args.input.resolve() == args.output.resolve():
@@ -103,6 +117,11 @@ def _to_hf_folder(args: argparse.Namespace) -> int:
     model = load(args.input, "torch", config=args.config, module=args.module)
     if not isinstance(model, torch_block.TransformerLM):
         raise ValueError(f"{args.input} holds a {type(model).__name__}; --to hf needs a LM")
-    folder = to_hf(model, args.output)
+    folder = to_hf(model, args.output, source=args.hf_source)
     print(f"wrote the Hugging Face folder {folder} ({family_of(model.config)})")
+    if not (folder / TOKENIZER).is_file():
+        print(
+            f"note: {folder} has no {TOKENIZER}: {args.input} carries none; --hf-source DIR "
+            "takes the tokenizer files of a Hugging Face folder"
+        )
     return EXIT_OK

@@ -1,10 +1,11 @@
 """`python -m parity generate`: generate tokens or text with torch_block or jax_block.
 
-The model comes from a checkpoint file (`--checkpoint`), a Hugging Face folder (`--hf`, text
-through its tokenizer.json when the `tokenizers` library is installed) or, without either, a
-small random TransformerLM (vocabulary of 256, so bytes are tokens) built in torch from
-`--seed` and converted for JAX: both frameworks get the same weights, and greedy generation
-prints the same tokens. Every source then goes through the same prompt checks, generation and
+The model comes from a checkpoint file (`--checkpoint`), a Hugging Face folder (`--hf`) or,
+without either, a small random TransformerLM (vocabulary of 256, so bytes are tokens) built in
+torch from `--seed` and converted for JAX: both frameworks get the same weights, and greedy
+generation prints the same tokens. Text goes through `--tokenizer`, else the tokenizer.json
+the model carries (an HF folder's, or the one a checkpoint converted from a folder stores),
+with the `tokenizers` library. Every source then goes through the same prompt checks, generation and
 output.
 """
 
@@ -12,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import jax
 import numpy as np
@@ -26,8 +26,8 @@ import torch_block
 from twin_core import LMConfig
 
 from ..convert import from_torch, load
-from ..hf import from_hf
-from ..hf.files import read_json
+from ..hf import HFMetadata, from_hf, metadata_of
+from ..hf.metadata import TOKENIZER
 from .arguments import (
     EXIT_OK,
     add_framework_option,
@@ -37,6 +37,7 @@ from .arguments import (
     temperature,
     token_ids,
 )
+from .text import ByteTokenizer, JSONTokenizer, Tokenizer, folder_tokenizer, have_tokenizers
 from .wording import worded
 
 RANDOM_CONFIG = dict(
@@ -52,10 +53,12 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Generate with torch_block or jax_block from a checkpoint file, a Hugging Face "
             f"folder, or random weights ({RANDOM_CONFIG}) seeded by --seed. A text prompt goes "
-            "through the folder's tokenizer.json, or else is read as UTF-8 bytes, one token per "
-            "byte (vocabulary of 256), and the output is printed as text; --ids prints the new "
-            "token ids. Then prints tokens/second of the second of two identical calls (the "
-            "first warms up; for JAX it compiles, and the compile time is reported separately)."
+            "through --tokenizer, else the tokenizer.json the model carries (a folder's, or "
+            "the one stored in a checkpoint converted from a folder), or else is read as UTF-8 "
+            "bytes, one token per byte (vocabulary of 256), and the output is printed as text; "
+            "--ids prints the new token ids. Then prints tokens/second of the second of two "
+            "identical calls (the first warms up; for JAX it compiles, and the compile time is "
+            "reported separately)."
         ),
     )
     add_framework_option(parser, "torch_block or jax_block")
@@ -64,7 +67,8 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
         "--checkpoint",
         type=Path,
         help="a TransformerLM checkpoint file (.safetensors, .pt or .msgpack, written by "
-        "parity.save, python -m parity convert or training)",
+        "parity.save, python -m parity convert or training); one converted from a Hugging "
+        "Face folder carries its tokenizer and eos_token_id",
     )
     source.add_argument(
         "--hf",
@@ -72,6 +76,13 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="a Hugging Face checkpoint folder; --prompt goes through its tokenizer.json "
         "(with the tokenizers library), else give --ids",
+    )
+    source.add_argument(
+        "--tokenizer",
+        type=Path,
+        metavar="DIR",
+        help="a folder with the tokenizer.json for --prompt (or that file), in place of the "
+        "one the model carries",
     )
     prompt = parser.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text: through the model's tokenizer, or its UTF-8 bytes")
@@ -95,48 +106,12 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--eos-id",
         type=at_least(0),
-        help="token id that ends generation (default: an HF folder's eos_token_id)",
+        help="token id that ends generation (default: the eos_token_id the model carries)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="random weights and sampling (default: %(default)s)"
     )
     parser.set_defaults(run=run_generate)
-
-
-class Tokenizer(Protocol):
-    """Text to token ids and back."""
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def decode(self, ids: list[int]) -> str: ...
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (a vocabulary of 256)."""
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: list[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
-
-
-class FolderTokenizer:
-    """The tokenizer.json of a Hugging Face folder, through the tokenizers library."""
-
-    def __init__(self, path: Path):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        try:
-            self.tokenizer = HFTokenizer.from_file(str(path))
-        except Exception as err:  # the library raises its own exception type
-            raise ValueError(f"{path}: the tokenizers library cannot read it: {err}") from err
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text).ids
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,19 +139,37 @@ def open_source(args: argparse.Namespace) -> Source:
     if args.hf is not None and args.checkpoint is not None:
         raise ValueError("give --hf or --checkpoint, not both")
     if args.hf is not None:
-        return _folder_source(args.hf, args.framework)
-    if args.checkpoint is None:
+        model, what = from_hf(args.hf, args.framework), str(args.hf)
+    elif args.checkpoint is None:
         torch.manual_seed(args.seed)
         lm = torch_block.TransformerLM(**RANDOM_CONFIG).eval()
-        model = lm if args.framework == "torch" else from_torch(lm)
+        model, what = (lm if args.framework == "torch" else from_torch(lm)), "the random model"
     else:
-        model = _checkpoint_model(args.checkpoint, args.framework)
-    vocab = lm_config(model).vocab_size
-    no_text = (
-        f"--prompt needs a vocabulary of 256 (bytes as tokens); the model has "
-        f"vocab_size={vocab}: use --ids"
-    )
-    return Source(model, ByteTokenizer() if vocab == 256 else None, no_text, [])
+        model, what = _checkpoint_model(args.checkpoint, args.framework), str(args.checkpoint)
+    metadata = metadata_of(model)
+    if args.tokenizer is not None:
+        return Source(model, folder_tokenizer(args.tokenizer), "", metadata.eos_ids())
+    tokenizer, no_text = _carried_tokenizer(what, metadata, lm_config(model).vocab_size)
+    return Source(model, tokenizer, no_text, metadata.eos_ids())
+
+
+def _carried_tokenizer(what: str, metadata: HFMetadata, vocab: int) -> tuple[Tokenizer | None, str]:
+    """The tokenizer the model carries, else bytes for a vocabulary of 256, else None and why
+    --prompt cannot be read."""
+    text = metadata.tokenizer_json
+    if text is None:
+        if vocab == 256:
+            return ByteTokenizer(), ""
+        return None, (
+            f"{what} has no {TOKENIZER} and vocab_size={vocab} (bytes as tokens need 256): "
+            "give --tokenizer DIR (a folder with one) or the prompt as --ids"
+        )
+    if not have_tokenizers():
+        return None, (
+            f"{what} carries a {TOKENIZER}, read by the tokenizers library, which is not "
+            "installed: pip install tokenizers, or give the prompt as --ids"
+        )
+    return JSONTokenizer(text, f"{what}: {TOKENIZER}"), ""
 
 
 def _checkpoint_model(path: Path, framework: str) -> Any:
@@ -191,27 +184,6 @@ def _checkpoint_model(path: Path, framework: str) -> Any:
             f"{path} holds a {type(module).__name__}; generation needs a TransformerLM"
         )
     return loaded
-
-
-def _folder_source(folder: Path, framework: str) -> Source:
-    path = folder / "tokenizer.json"
-    readable = path.is_file() and importlib.util.find_spec("tokenizers") is not None
-    tokenizer = FolderTokenizer(path) if readable else None
-    no_text = (
-        f"{folder} has no tokenizer.json (or the tokenizers library is not installed): "
-        "give the prompt as --ids"
-    )
-    return Source(from_hf(folder, framework), tokenizer, no_text, _eos_ids(folder))
-
-
-def _eos_ids(folder: Path) -> list[int]:
-    """eos_token_id of generation_config.json, else of config.json, as a list (maybe empty)."""
-    for name in ("generation_config.json", "config.json"):
-        if (folder / name).is_file():
-            eos = read_json(folder / name, "token ids").get("eos_token_id")
-            if eos is not None:
-                return [eos] if isinstance(eos, int) else [int(e) for e in eos]
-    return []
 
 
 def prompt_ids(args: argparse.Namespace, source: Source) -> list[int]:

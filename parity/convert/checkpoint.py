@@ -4,7 +4,10 @@ Every format holds one module: its name, its configuration and its weights, so t
 rebuilds the module in either framework. safetensors metadata (string -> string):
 `format` ("twin-block/1"), `module` (a key of `parity.convert.PAIRS`), `config` (JSON of the
 module's `twin_core` config, `BlockConfig.to_dict()` or `LMConfig.to_dict()`), `sha256`
-(`twin_core.files.digest` of the weights) and, for Flax parameter paths only, `naming: flax`.
+(`twin_core.files.digest` of the weights), for Flax parameter paths only, `naming: flax`, and
+for a model read from a Hugging Face folder, `hf_metadata` (JSON: its token ids, generation
+config and tokenizer files, see `parity.hf.metadata`; .pt and .msgpack files hold the same
+entries). `load` puts it back on the model (`parity.convert.carried`).
 Files written before the family fields existed (13 config keys) load with the defaults.
 
 The framework is named "torch" or "jax"; "flax" is accepted for "jax" wherever one is named.
@@ -36,6 +39,7 @@ from twin_core.run_files import framework_name
 
 from ..dtypes import DTYPES, JAX_DTYPES, TORCH_DTYPES, dtype_name
 from ..errors import ArgumentMismatch, ConfigNeeded, UnknownSuffix
+from .carried import ATTRIBUTE, carried, carry
 from .weights import PAIRS, config_of, flax_to_torch, to_numpy, to_torch_tensor, torch_to_flax
 
 FORMAT = "twin-block/1"
@@ -56,6 +60,7 @@ class _Checkpoint:
     naming: str  # "torch": weights is a state_dict; "jax": weights is the nested Flax params
     weights: dict
     from_module: bool = False  # weights read from a live torch module: consistent by construction
+    hf_metadata: dict | None = None  # what the model carries from a Hugging Face folder
 
 
 # --------------------------------------------------------------------------- public API
@@ -99,9 +104,11 @@ def load(
     path = Path(path)
     checkpoint = _read(path, format, config, module)
     try:
-        return _torch_module(checkpoint) if framework == "torch" else _flax_params(checkpoint)
+        model = _torch_module(checkpoint) if framework == "torch" else _flax_params(checkpoint)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
+    carry(model, checkpoint.hf_metadata)
+    return model
 
 
 def convert_file(
@@ -168,7 +175,9 @@ def _checkpoint_of(obj: Any, flax_module: nn.Module | None) -> _Checkpoint:
         if isinstance(obj, pair.torch_cls):
             if flax_module is not None:
                 raise TypeError("flax_module goes with Flax params, got a torch module")
-            return _Checkpoint(name, config_of(obj), "torch", dict(obj.state_dict()), True)
+            return _Checkpoint(
+                name, config_of(obj), "torch", dict(obj.state_dict()), True, carried(obj)
+            )
     name = next((n for n, p in PAIRS.items() if isinstance(flax_module, p.flax_cls)), None)
     if name is None or not isinstance(obj, Mapping):
         raise TypeError(
@@ -177,7 +186,7 @@ def _checkpoint_of(obj: Any, flax_module: nn.Module | None) -> _Checkpoint:
             f"{type(flax_module).__name__}"
         )
     params = obj["params"] if set(obj) == {"params"} else obj  # a variables dict is accepted
-    return _Checkpoint(name, config_of(flax_module), "jax", params)
+    return _Checkpoint(name, config_of(flax_module), "jax", params, False, carried(flax_module))
 
 
 def _write(path: Path, fmt: str, naming: str, checkpoint: _Checkpoint) -> None:
@@ -188,6 +197,8 @@ def _write(path: Path, fmt: str, naming: str, checkpoint: _Checkpoint) -> None:
         weights = jax.tree.map(np.asarray, _flax_params(checkpoint)[1])
     config = checkpoint.config.to_dict()
     header = {"format": FORMAT, "module": checkpoint.module}
+    if checkpoint.hf_metadata is not None:  # a JSON string in every format
+        header[ATTRIBUTE] = json.dumps(checkpoint.hf_metadata, ensure_ascii=False)
     if fmt == "safetensors":
         if naming == "torch":
             tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
@@ -246,7 +257,21 @@ def _read(
     stored = _config_from(path, name, meta["config"])
     if config is not None:
         _check_agrees(path, stored, config)
-    return _Checkpoint(name, stored, naming, weights)
+    hf_metadata = _hf_metadata(path, meta.get(ATTRIBUTE))
+    return _Checkpoint(name, stored, naming, weights, hf_metadata=hf_metadata)
+
+
+def _hf_metadata(path: Path, text: Any) -> dict | None:
+    """The stored JSON of what the model carries from a Hugging Face folder, or None."""
+    if text is None:
+        return None
+    try:
+        data = json.loads(text) if isinstance(text, str) else None
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: metadata {ATTRIBUTE} is not a JSON object")
+    return data
 
 
 def _config_from(path: Path, name: str, config: Config | Mapping[str, Any] | Any) -> Config:
@@ -331,6 +356,7 @@ def _read_safetensors(path: Path) -> tuple[dict | None, str, dict]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: metadata config is not valid JSON: {err}") from err
     meta = {"format": metadata["format"], "module": metadata.get("module"), "config": config}
+    meta[ATTRIBUTE] = metadata.get(ATTRIBUTE)
     if naming == "jax":
         return meta, naming, unflatten_dict({k: to_numpy(v) for k, v in tensors.items()}, sep="/")
     return meta, naming, tensors
@@ -359,7 +385,7 @@ def _read_pt(path: Path) -> tuple[dict | None, str, dict]:
     if not ours:
         return None, "torch", dict(state_dict)
     _check_digest(path, obj.get("sha256"), state_dict)
-    meta = {"format": obj["format"], "module": obj.get("module"), "config": obj.get("config")}
+    meta = {k: obj.get(k) for k in ("format", "module", "config", ATTRIBUTE)}
     return meta, "torch", dict(state_dict)
 
 
@@ -381,7 +407,7 @@ def _read_msgpack(path: Path) -> tuple[dict | None, str, dict]:
     if not ours:
         return None, "jax", params
     _check_digest(path, obj.get("sha256"), flat)
-    meta = {"format": obj["format"], "module": obj.get("module"), "config": obj.get("config")}
+    meta = {k: obj.get(k) for k in ("format", "module", "config", ATTRIBUTE)}
     return meta, "jax", params
 
 

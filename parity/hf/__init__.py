@@ -1,5 +1,6 @@
 """Hugging Face checkpoint folders of the six families, read into the twins and written back."""
 
-from .folder import HFCheckpoint, from_hf, to_hf
+from .folder import HFCheckpoint, from_hf, metadata_of, to_hf
+from .metadata import HFMetadata
 
-__all__ = ["HFCheckpoint", "from_hf", "to_hf"]
+__all__ = ["HFCheckpoint", "HFMetadata", "from_hf", "metadata_of", "to_hf"]

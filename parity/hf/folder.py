@@ -27,6 +27,7 @@ from twin_core.files import write_safetensors
 from twin_core.run_files import framework_name
 
 from ..convert import flax_to_torch
+from ..convert.carried import carried, carry
 from ..convert.mapping import lm_table
 from ..dtypes import JAX_DTYPES, TORCH_DTYPES, dtype_name
 from .config import (
@@ -48,6 +49,7 @@ from .files import (
     shard_names,
 )
 from .mapping import HFRow, expand, expected_hf_shapes, hf_from_ours, hf_rows, ours_from_hf
+from .metadata import HFMetadata, folder_files
 
 # names that old checkpoints carry and transformers ignores: GPT-2's mask buffers, rope tables
 IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|(^|\.)rotary_emb\.inv_freq$")
@@ -207,10 +209,22 @@ def from_hf(path: str | Path, framework: str = "torch", *, dtype: Any = None):
     `dtype` ("float32" or "bfloat16", or the torch/JAX dtype) casts the weights; by default they
     keep the checkpoint's dtype (float32 when config.json names none, or float16). Everything is
     checked before any large allocation; a ValueError names what is wrong or unsupported.
+    The model carries the folder's token ids, generation config and tokenizer files
+    (`parity.hf.metadata`): `parity.save` stores them with the weights, `to_hf` writes them back.
     """
     framework = framework_name(framework)
     checkpoint = HFCheckpoint(path, dtype)
-    return checkpoint.torch() if framework == "torch" else checkpoint.flax()
+    metadata = HFMetadata.from_folder(checkpoint.directory)
+    model = checkpoint.torch() if framework == "torch" else checkpoint.flax()
+    carry(model, metadata.to_dict())
+    return model
+
+
+def metadata_of(model: Any) -> HFMetadata:
+    """What a model carries from a Hugging Face folder (read by `from_hf` or from a checkpoint
+    file converted from one); empty when nothing."""
+    data = carried(model)
+    return HFMetadata() if data is None else HFMetadata.from_dict(data)
 
 
 # --------------------------------------------------------------------------- writing
@@ -235,27 +249,41 @@ def to_hf(
     *,
     max_shard_size: int | str = "5GB",
     token_ids: Mapping[str, Any] | None = None,
+    source: str | Path | None = None,
 ) -> Path:
     """Write `model` (a torch_block TransformerLM or a `(flax_lm, params)` pair) as a Hugging Face
     checkpoint directory: config.json, model.safetensors (or shards of at most
     `max_shard_size` with model.safetensors.index.json) and generation_config.json.
 
     The family is the one whose layout the model's config fits (ValueError otherwise, naming for
-    each family the field that rules it out). `token_ids` may give bos_token_id, eos_token_id
-    and pad_token_id. Each file is written atomically; weight files of an earlier save in the
+    each family the field that rules it out).
+
+    What the model carries from a Hugging Face folder (`from_hf`, or a checkpoint converted from
+    one) is written back: token ids, generation_config.json and the tokenizer files. `token_ids`
+    (bos_token_id, eos_token_id, pad_token_id) override the carried ones; `source`, an HF folder,
+    gives what the model does not carry; then the token ids of a folder already at `path` are
+    kept. A FolderConflict, before anything is written, when `path` holds a tokenizer file or a
+    generation setting that differs from the model's; files it holds that the model does not
+    carry are kept. Each file is written atomically; weight files of an earlier save in the
     folder are replaced. Returns the folder.
     """
     config, state = _state_dict_of(model)
     family = family_of(config)
     limit = parse_size(max_shard_size)
-    unknown = sorted(set(token_ids or {}) - {"bos_token_id", "eos_token_id", "pad_token_id"})
-    if unknown:
-        raise ValueError(f"token_ids: unknown keys {unknown}")
+    directory = Path(path)
+    metadata = metadata_of(model).with_token_ids(token_ids)
+    if source is not None:
+        if not Path(source).is_dir():
+            raise ValueError(f"{source}: not a directory (the Hugging Face folder to take from)")
+        metadata = metadata.or_else(HFMetadata.from_folder(source))
+    if directory.is_dir():
+        there = HFMetadata.from_folder(directory, lenient=True)
+        metadata = metadata.or_else(HFMetadata(token_ids=there.token_ids))
     dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     if len(dtypes) != 1 or dtype_name(next(iter(dtypes))) not in TORCH_DTYPES:
         raise ValueError(f"the weights must all be float32 or all bfloat16, got {dtypes}")
     dtype = next(iter(dtypes))
-    hf_config = hf_config_from_lm(config, dtype_name(dtype), token_ids)
+    hf_config = hf_config_from_lm(config, dtype_name(dtype), metadata.token_ids)
 
     grouped: dict[str, list[tuple[str, HFRow]]] = {}
     entries = expand(hf_rows(family, config), config)
@@ -279,9 +307,9 @@ def to_hf(
     shard_of = list(shard_names(sizes, limit))
     count = shard_of[-1] + 1
 
-    directory = Path(path)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{path} exists and is not a directory")
+    extra = folder_files(metadata, directory)  # conflicts are refused before any write
     directory.mkdir(exist_ok=True)
     files = [
         SAFETENSORS if count == 1 else f"model-{s + 1:05d}-of-{count:05d}.safetensors"
@@ -299,8 +327,8 @@ def to_hf(
         atomic_write(directory / SAFETENSORS_INDEX, _json(index))
         files.append(SAFETENSORS_INDEX)
     remove_stale(directory, set(files))
-    generation = {k: v for k, v in hf_config.items() if k.endswith("_token_id") and v is not None}
-    atomic_write(directory / "generation_config.json", _json(generation))
+    for name, data in extra.items():
+        atomic_write(directory / name, data)
     atomic_write(directory / CONFIG, _json(hf_config))
     return directory
 
