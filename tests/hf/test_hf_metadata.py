@@ -31,7 +31,7 @@ from parity.cli import main
 from parity.errors import CheckpointError, FolderConflict
 from parity.hf import HFMetadata, metadata_of
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BOS, EOS = 1, 2
 PROMPT = "hello world, the quick fox"
 NEW = 12
