@@ -273,8 +273,8 @@ def run_generate(args: argparse.Namespace) -> int:
     if filters and args.temperature == 0:
         return error(
             "generate",
-            f"{' and '.join(filters)} filter sampling, and --temperature 0 (the default) is "
-            "greedy: give --temperature > 0 with them",
+            f"{' and '.join(filters)} {'apply' if len(filters) > 1 else 'applies'} only when "
+            "sampling: give --temperature > 0 (the default 0 is greedy)",
         )
     try:
         source = open_source(args)
