@@ -296,7 +296,7 @@ def test_convert_a_plain_state_dict_needs_and_takes_config(tmp_path, capsys, blo
 @pytest.mark.parametrize(
     "content,expected",
     [
-        (None, "input file not found"),
+        (None, "no such file or folder"),
         (b"\x00garbage, not a checkpoint", "cannot convert"),
     ],
 )
