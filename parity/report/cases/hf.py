@@ -8,6 +8,7 @@ reference, never a dependency of the package.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -75,12 +76,12 @@ def hf_report(checkpoint: HFCheckpoint, seed: int) -> tuple[list[Row], dict[str,
             )
         ),
     }
-    forwards = {
-        "torch_block": lambda ids, mask: _torch_logits(torch_lm, ids, mask),
-        "jax_block": lambda ids, mask: _jax_logits(flax_model, ids, mask),
+    forwards = {  # (ids, mask) -> logits, each framework's full forward
+        "torch_block": functools.partial(_torch_logits, torch_lm),
+        "jax_block": functools.partial(_jax_logits, flax_model),
     }
     if reference is not None:
-        forwards["transformers"] = lambda ids, mask: _hf_logits(reference, ids, mask)
+        forwards["transformers"] = functools.partial(_hf_logits, reference)
         logits["transformers"] = _hf_logits(reference, ids, mask)
         tokens["transformers"] = _hf_greedy(reference, prompts, prompt_mask)
     base = "transformers" if reference is not None else "torch_block"
