@@ -86,3 +86,22 @@ class FolderConflict(ValueError):
             "nothing was written: export into a new folder, or remove those files to write "
             "the model's"
         )
+
+
+class WeightsMismatch(CheckpointError):
+    """Tensors of `directory`'s weight files (`kind`) that contradict its config.json
+    (`family`): every problem in `problems` (missing, unexpected or mis-shaped tensors); the
+    message lists the first SHOWN and the count."""
+
+    SHOWN = 3
+
+    def __init__(self, directory: Path, kind: str, family: str, problems: list[str]):
+        self.directory, self.kind, self.family = directory, kind, family
+        self.problems = list(problems)
+        shown = self.problems[: self.SHOWN]
+        if len(self.problems) > self.SHOWN:
+            shown.append(f"... and {len(self.problems) - self.SHOWN} more")
+        super().__init__(
+            f"{directory}: the weights ({kind}) do not match config.json ({family}): "
+            f"{len(self.problems)} problem(s): {'; '.join(shown)}"
+        )

@@ -44,8 +44,8 @@ def add_check_command(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="check a Hugging Face checkpoint folder three ways instead of the built-in cases: "
         "torch_block, jax_block and transformers (when installed): logits, cached decode, "
-        "greedy tokens, on left-padded prompts seeded by --seed; --dtype all keeps the "
-        "checkpoint's dtype",
+        "greedy tokens (in bfloat16 identical up to a near tie), on left-padded prompts "
+        "seeded by --seed; --dtype all keeps the checkpoint's dtype",
     )
 
 

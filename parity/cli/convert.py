@@ -77,6 +77,8 @@ def run_convert(args: argparse.Namespace) -> int:
     """Convert args.input to args.output; exit 2 with a one-line message on a bad file."""
     to = args.to if args.to in (None, "hf") else framework_name(args.to)
     try:
+        if not args.input.exists():
+            raise ValueError(f"no such file or folder: {args.input}")
         if args.input.is_dir():
             if to == "hf":
                 raise ValueError(f"{args.input} is already a Hugging Face folder")

@@ -99,9 +99,15 @@ def add_generate_command(subparsers: argparse._SubParsersAction) -> None:
         default=0.0,
         help="0 is greedy; otherwise sample from softmax(logits / T) (default: %(default)s)",
     )
-    parser.add_argument("--top-k", type=at_least(1), help="sample among the k likeliest tokens")
     parser.add_argument(
-        "--top-p", type=probability, help="sample among the likeliest tokens of mass p, in (0, 1]"
+        "--top-k",
+        type=at_least(1),
+        help="sample among the k likeliest tokens (needs --temperature > 0)",
+    )
+    parser.add_argument(
+        "--top-p",
+        type=probability,
+        help="sample among the likeliest tokens of mass p, in (0, 1] (needs --temperature > 0)",
     )
     parser.add_argument(
         "--eos-id",
@@ -234,6 +240,14 @@ def generate(model: Any, ids: list[int], args: argparse.Namespace, eos: int | No
 
 def run_generate(args: argparse.Namespace) -> int:
     """Load, generate twice (warm-up, then timed), print the text or ids and the speed."""
+    given = (("--top-k", args.top_k), ("--top-p", args.top_p))
+    filters = [flag for flag, value in given if value is not None]
+    if filters and args.temperature == 0:
+        return error(
+            "generate",
+            f"{' and '.join(filters)} {'apply' if len(filters) > 1 else 'applies'} only when "
+            "sampling: give --temperature > 0 (the default 0 is greedy)",
+        )
     try:
         source = open_source(args)
         ids = prompt_ids(args, source)

@@ -105,7 +105,7 @@ def _gpt2_fields(data: Mapping[str, Any]) -> dict[str, Any]:
         vocab_size=_size(data, "vocab_size", 50257),
         max_seq_len=_size(data, "n_positions", 1024, MAX_POSITIONS),
         d_model=d_model,
-        n_layers=_size(data, "n_layer", 12),
+        n_layers=_size(data, "n_layer", None),
         n_heads=_size(data, "n_head", 12),
         d_ff=4 * d_model if d_ff is None else _size(data, "n_inner", None),
         activation=_activation(data, "activation_function", "gelu_new"),
@@ -127,7 +127,7 @@ def _rope_family_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
         vocab_size=_size(data, "vocab_size", 32000),
         max_seq_len=max_seq_len,
         d_model=d_model,
-        n_layers=_size(data, "num_hidden_layers", 32),
+        n_layers=_size(data, "num_hidden_layers", None),  # no default: it sizes the weights
         n_heads=n_heads,
         n_kv_heads=None if n_kv_heads is None else _size(data, "num_key_value_heads", None),
         head_dim=None if head_dim is None else _size(data, "head_dim", None),

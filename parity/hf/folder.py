@@ -30,6 +30,7 @@ from ..convert import flax_to_torch
 from ..convert.carried import carried, carry
 from ..convert.mapping import lm_table
 from ..dtypes import JAX_DTYPES, TORCH_DTYPES, dtype_name
+from ..errors import WeightsMismatch
 from .config import (
     CHECKPOINT_DTYPES,
     HFConfig,
@@ -104,12 +105,7 @@ class HFCheckpoint:
             ):
                 problems.append(f"unexpected tensor {name!r}")
         if problems:
-            shown = "\n  ".join(problems[:20])
-            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise ValueError(
-                f"{self.directory}: the weights ({self.files.kind}) do not match config.json "
-                f"({self.hf.family}): {len(problems)} problem(s)\n  {shown}{more}"
-            )
+            raise WeightsMismatch(self.directory, self.files.kind, self.hf.family, problems)
         return names
 
     def read(self, hf_name: str) -> torch.Tensor:

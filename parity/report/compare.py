@@ -18,7 +18,9 @@ import torch
 @dataclass(frozen=True)
 class Tolerance:
     """A bound on the error: "abs" bounds max|a - b|, "rel" bounds max|a - b| / max|a|, and
-    "exact" asks for identical arrays (max|a - b| == 0, e.g. generated token ids)."""
+    "exact" asks for identical arrays (max|a - b| == 0, e.g. generated token ids). Token rows
+    may also be of kind "tie" (parity.report.tokens): identical until a near tie of the logits,
+    `value` relative to their scale."""
 
     kind: str
     value: float
@@ -35,7 +37,7 @@ class Tolerance:
 
 # docs/design.md section 7: float32 on unit-scale outputs, bfloat16 relative to the output's scale.
 TOLERANCES = {"float32": Tolerance("abs", 1e-5), "bfloat16": Tolerance("rel", 2e-2)}
-# docs/design.md section 7: greedy generation gives identical tokens.
+# docs/design.md section 7: greedy generation gives identical tokens (float32).
 IDENTICAL = Tolerance("exact", 0.0)
 # Router probabilities closer than this are a near tie: 1e-5 in float32 (docs/design.md section 7);
 # bfloat16's epsilon where the router's input was computed in bfloat16 (observed differences
@@ -146,29 +148,6 @@ def compare(
     return Row(
         case, config, dtype, abs_error, rel_error, tolerance, passed, routing, note, details or {}
     )
-
-
-def compare_tokens(
-    case: str, config: str, dtype: str, expected: Any, actual: Any, note: str = ""
-) -> Row:
-    """A row comparing token ids (B, T): passes only when every token is identical.
-
-    The note and details say how many tokens are identical out of how many, and where the
-    first difference is (row, index); the error columns hold the largest id difference.
-    """
-    a, b = to_float64(expected), to_float64(actual)  # (B, T) each
-    if a.shape != b.shape:
-        return compare(case, config, dtype, a, b, IDENTICAL, note=note)
-    same = a == b  # (B, T)
-    identical, total = int(same.sum()), same.size
-    details: dict[str, Any] = {"tokens_identical": identical, "tokens": total}
-    text = f"{identical}/{total} tokens identical"
-    if identical < total:
-        row, index = (int(i) for i in np.argwhere(~same)[0])
-        details["first_difference"] = [row, index]
-        text += f", first difference row {row} token {index}"
-    note = "; ".join(filter(None, (text, note)))
-    return compare(case, config, dtype, a, b, IDENTICAL, note=note, details=details)
 
 
 def near_ties(probs: Any, top_k: int, threshold: float = NEAR_TIES["float32"]) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import textwrap
 
 import flax
 import jax
@@ -11,6 +12,8 @@ import numpy as np
 import torch
 
 from .compare import Row
+
+TOKEN_KINDS = ("exact", "tie")  # tolerances of token-id rows (parity.report.tokens)
 
 
 def environment() -> dict[str, str]:
@@ -47,42 +50,61 @@ COLUMNS = (
     "case",
     "config",
     "dtype",
-    "max abs err",
-    "max rel err",
+    "abs err",
+    "rel err",
     "tolerance",
     "routing",
     "result",
     "note",
 )
-NUMERIC_COLUMNS = {"max abs err", "max rel err"}  # right-aligned
+NUMERIC_COLUMNS = {"abs err", "rel err"}  # max |a - b| and that / max |a|; right-aligned
+WIDTH = 100  # the table's lines stay within this many columns where the other columns allow
+NOTE_INDENT = "    "  # notes too long for their row go beneath it, indented
 
 
-def _cells(row: Row) -> tuple[str, ...]:
-    return (
-        row.case,
-        row.config,
-        row.dtype,
-        f"{row.max_abs_error:.2e}",
-        f"{row.max_rel_error:.2e}",
-        str(row.tolerance),
-        "-" if row.routing is None else str(row.routing),
-        "PASS" if row.passed else "FAIL",
-        row.note,
-    )
+def _cells(row: Row) -> dict[str, str]:
+    tokens = row.tolerance.kind in TOKEN_KINDS  # token ids: no numeric error
+    return {
+        "case": row.case,
+        "config": row.config,
+        "dtype": row.dtype,
+        "abs err": "-" if tokens else f"{row.max_abs_error:.2e}",
+        "rel err": "-" if tokens else f"{row.max_rel_error:.2e}",
+        "tolerance": str(row.tolerance),
+        "routing": "-" if row.routing is None else str(row.routing),
+        "result": "PASS" if row.passed else "FAIL",
+        "note": row.note,
+    }
 
 
-def render_table(rows: list[Row]) -> str:
-    """Aligned columns: case, config, dtype, errors, tolerance, routing, result, note."""
-    table = [COLUMNS, *(_cells(row) for row in rows)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
-    lines = []
-    for line in table:
-        cells = [
-            cell.rjust(width) if title in NUMERIC_COLUMNS else cell.ljust(width)
-            for title, cell, width in zip(COLUMNS, line, widths, strict=True)
-        ]
-        lines.append("  ".join(cells).rstrip())
-    lines.insert(1, "  ".join("-" * width for width in widths))
+def render_table(rows: list[Row], width: int = WIDTH) -> str:
+    """Aligned columns: case, config, dtype, errors, tolerance, routing (when a row has one),
+    result and note. When a line would pass `width` columns, every note goes beneath its row
+    instead, indented and wrapped at `width`."""
+    cells = [_cells(row) for row in rows]
+    titles = [t for t in COLUMNS if t != "routing" or any(r.routing is not None for r in rows)]
+    widths = {t: max(len(t), *(len(c[t]) for c in cells)) for t in titles}
+    inline = sum(widths.values()) + 2 * (len(titles) - 1) <= width
+    if not inline:
+        titles.remove("note")
+
+    def line(values: dict[str, str]) -> str:
+        return "  ".join(
+            values[t].rjust(widths[t]) if t in NUMERIC_COLUMNS else values[t].ljust(widths[t])
+            for t in titles
+        ).rstrip()
+
+    lines = [line({t: t for t in titles}), "  ".join("-" * widths[t] for t in titles)]
+    for values in cells:
+        lines.append(line(values))
+        if not inline and values["note"]:
+            lines += textwrap.wrap(
+                values["note"],
+                width,
+                initial_indent=NOTE_INDENT,
+                subsequent_indent=NOTE_INDENT,
+                break_on_hyphens=False,
+            )
     return "\n".join(lines)
 
 

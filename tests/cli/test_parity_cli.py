@@ -58,6 +58,10 @@ def test_check_dense_json_exits_0_and_parses():
     for row in rows:
         assert set(row) == ROW_FIELDS
         assert row["config"] == "dense" and row["result"] == "PASS" and row["passed"] is True
+        if row["tolerance"]["kind"] == "exact":  # token ids: agreement, not a numeric error
+            assert row["max_abs_error"] is None and row["max_rel_error"] is None
+            assert row["details"]["tokens_identical"] == row["details"]["tokens"]
+            continue
         assert row["max_abs_error"] <= 1e-5 or row["dtype"] == "bfloat16"
         assert row["max_rel_error"] <= row["tolerance"]["value"] or row["dtype"] == "float32"
     assert {row["dtype"] for row in rows} == {"float32", "bfloat16"}
@@ -111,7 +115,16 @@ def test_bad_argument_exits_2_with_a_message():
         (["generate", "--checkpoint", ".", "--prompt", "hi"], "got the folder ."),
         (
             ["convert", "missing.safetensors", "out.msgpack", "--to", "jax"],
-            "input file not found: missing.safetensors",
+            "no such file or folder: missing.safetensors",
+        ),
+        (["convert", "nope", "out.safetensors"], "no such file or folder: nope"),  # before --to
+        (
+            ["generate", "--ids", "1,2", "--top-k", "5", "--top-p", "0.5"],
+            "--top-k and --top-p apply only when sampling: give --temperature > 0",
+        ),
+        (
+            ["generate", "--ids", "1,2", "--top-p", "0.5", "--temperature", "0"],
+            "--top-p applies only when sampling",
         ),
         (["convert", "in.safetensors", "no-folder/out.pt", "--to", "torch"], "'no-folder'"),
         (["convert", "in.safetensors", "out.txt", "--to", "jax"], "unknown suffix '.txt'"),
@@ -149,7 +162,12 @@ def test_generate_takes_flax_as_the_name_of_jax():
         (["convert", "--help"], ["IN", "OUT", "--to {torch,jax", "--config", "--module"]),
         (
             ["generate", "--help"],
-            ["--framework {torch,jax}", "(default: torch)", "tokens to generate (default: 64)"],
+            [
+                "--framework {torch,jax}",
+                "(default: torch)",
+                "tokens to generate (default: 64)",
+                "(needs --temperature > 0)",
+            ],
         ),
     ],
 )
@@ -278,7 +296,7 @@ def test_convert_a_plain_state_dict_needs_and_takes_config(tmp_path, capsys, blo
 @pytest.mark.parametrize(
     "content,expected",
     [
-        (None, "input file not found"),
+        (None, "no such file or folder"),
         (b"\x00garbage, not a checkpoint", "cannot convert"),
     ],
 )

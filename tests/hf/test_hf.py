@@ -22,6 +22,7 @@ from hf_models import FAMILIES, VOCAB, WINDOW
 import jax_block
 import parity
 import torch_block
+from parity.errors import WeightsMismatch
 from parity.hf.config import family_of
 from parity.hf.mapping import markdown_tables
 
@@ -378,6 +379,12 @@ CONFIG_REFUSALS = {
         lambda c: c.update(intermediate_size=64),
         "the config says shape \\(64, 32\\), the file holds \\(48, 32\\)",
     ),
+    "no layer count": (
+        "qwen2",  # its layer_types lists the layers: the count is what is missing
+        lambda c: c.pop("num_hidden_layers"),
+        "config.json: num_hidden_layers is missing",
+    ),
+    "no gpt2 layer count": ("gpt2", lambda c: c.pop("n_layer"), "n_layer is missing"),
     "mixed dense and MoE": (
         "qwen2_moe",
         lambda c: c.update(decoder_sparse_step=2),
@@ -414,6 +421,19 @@ def test_unsupported_config_is_refused(saved, tmp_path, case):
     name, edit, message = CONFIG_REFUSALS[case]
     with pytest.raises(ValueError, match=message):
         parity.from_hf(_copy(saved, name, tmp_path, edit))
+
+
+def test_wrong_width_lists_a_few_tensors_and_keeps_them_all(saved, tmp_path):
+    directory = _copy(saved, "llama", tmp_path, lambda c: c.update(hidden_size=48))
+    with pytest.raises(WeightsMismatch) as info:
+        parity.from_hf(directory)
+    err = info.value
+    assert len(err.problems) > WeightsMismatch.SHOWN + 1
+    message = str(err)
+    assert message.count("the config says shape") == WeightsMismatch.SHOWN
+    assert f"{len(err.problems)} problem(s)" in message
+    assert message.endswith(f"... and {len(err.problems) - WeightsMismatch.SHOWN} more")
+    assert "\n" not in message and isinstance(err, ValueError)
 
 
 def test_missing_files_are_refused(saved, tmp_path):

@@ -26,7 +26,6 @@ from parity.report.compare import (
     Row,
     Tolerance,
     compare,
-    compare_tokens,
     routing_agreement,
 )
 from parity.report.precision import full_precision
@@ -41,8 +40,9 @@ from parity.report.registry import (
     Case,
     Setup,
 )
-from parity.report.render import environment, render_json, render_table, summary
+from parity.report.render import WIDTH, environment, render_json, render_table, summary
 from parity.report.run import assert_parity
+from parity.report.tokens import compare_tokens
 
 CASE_KEYS = [
     (entry.name, config, dtype)
@@ -85,7 +85,10 @@ def test_builtin_case_passes_on_a_correct_conversion(case_rows, key):
         else:
             want = TOLERANCES[row.dtype]
         assert row.tolerance == want
-        assert math.isfinite(row.max_abs_error) and math.isfinite(row.max_rel_error)
+        if want == IDENTICAL:  # token ids: no numeric error
+            assert math.isnan(row.max_abs_error) and math.isnan(row.max_rel_error)
+        else:
+            assert math.isfinite(row.max_abs_error) and math.isfinite(row.max_rel_error)
 
 
 def test_the_registry_covers_every_case_of_the_issue():
@@ -276,7 +279,7 @@ def test_lm_generation_row_counts_every_new_token(case_rows, config):
     assert lm_cases.NEW_TOKENS >= 64
     assert row.details == {"tokens_identical": total, "tokens": total}
     assert row.note.startswith(f"{total}/{total} tokens identical")
-    assert row.max_abs_error == 0 and row.tolerance == IDENTICAL
+    assert math.isnan(row.max_abs_error) and row.tolerance == IDENTICAL
 
 
 @pytest.fixture(scope="module", params=["dense", "moe"])
@@ -381,7 +384,7 @@ def test_compare_tokens_counts_identical_tokens_and_finds_the_first_difference()
     expected = np.random.default_rng(0).integers(0, 256, (4, 64))  # int64, as torch returns
     actual = expected.astype(np.int32)  # as JAX returns
     row = compare_tokens("g", "dense", "float32", torch.from_numpy(expected), actual)
-    assert row.passed and row.max_abs_error == 0
+    assert row.passed and math.isnan(row.max_abs_error)
     assert row.details == {"tokens_identical": 256, "tokens": 256}
     actual[3, 2] = (actual[3, 2] + 1) % 256
     actual[1, 10] = (actual[1, 10] + 7) % 256
@@ -389,9 +392,52 @@ def test_compare_tokens_counts_identical_tokens_and_finds_the_first_difference()
     assert not row.passed
     assert row.details == {"tokens_identical": 254, "tokens": 256, "first_difference": [1, 10]}
     assert row.note.startswith("254/256 tokens identical, first difference row 1 token 10")
-    assert row.max_abs_error == np.abs(expected - actual).max() > 0
+    assert math.isnan(row.max_abs_error) and row.to_dict()["max_abs_error"] is None
     assert str(row.tolerance) == "identical"
     assert not compare_tokens("g", "dense", "float32", expected, expected[:, :63]).passed
+
+
+def step_logits_with_gap(tokens: np.ndarray, gap: float) -> np.ndarray:
+    """(B, N, V) logits of scale 10 whose argmax is `tokens` at every step, the runner-up
+    (token + 1) `gap` below it."""
+    B, N = tokens.shape
+    logits = np.full((B, N, 8), -10.0)
+    rows, steps = np.meshgrid(np.arange(B), np.arange(N), indexing="ij")
+    logits[rows, steps, tokens] = 10.0
+    logits[rows, steps, tokens + 1] = 10.0 - gap
+    return logits
+
+
+def test_bfloat16_tokens_may_part_at_a_near_tie_and_no_further():
+    expected = np.array([[1, 2, 3, 4], [5, 1, 2, 3]])
+    actual = expected.copy()
+    actual[0, 2:] = [4, 6]  # row 0 parts at token 2 (3 -> 4, the runner-up) and continues apart
+    logits = step_logits_with_gap(expected, gap=0.1)  # bound: 5e-2 * scale 10 = 0.5
+    row = compare_tokens(
+        "g", "llama", "bfloat16", expected, actual, tie=5e-2, step_logits=(logits, logits + 0.01)
+    )
+    assert row.passed and str(row.tolerance) == "tie 5e-02"
+    assert row.note.startswith(
+        "6/8 tokens identical; row 0 parts at token 2, a near tie: margin 0.1 <= 0.5"
+    )
+    (parting,) = row.details["partings"]
+    assert parting["row"] == 0 and parting["index"] == 2 and parting["near_tie"]
+    assert parting["margin"] == pytest.approx(0.1) and parting["bound"] == pytest.approx(
+        0.5, rel=1e-2
+    )
+    assert json.loads(json.dumps(row.to_dict()))["max_abs_error"] is None
+
+    # the same parting where the two tokens' logits are far apart: a real difference
+    far = step_logits_with_gap(expected, gap=3.0)
+    row = compare_tokens(
+        "g", "llama", "bfloat16", expected, actual, tie=5e-2, step_logits=(far, far)
+    )
+    assert not row.passed
+    assert "row 0 parts at token 2, not a near tie: margin 3 > 0.5" in row.note
+    # float32 (no tie) keeps asking for identical tokens; without logits nothing is excused
+    assert not compare_tokens("g", "llama", "float32", expected, actual).passed
+    row = compare_tokens("g", "llama", "bfloat16", expected, actual, tie=5e-2)
+    assert not row.passed and "no logits to judge a near tie" in row.note
 
 
 # --------------------------------------------------------------------------- routing
@@ -479,7 +525,7 @@ def test_assert_parity_passes_then_raises_with_the_table_on_a_broken_conversion(
     with pytest.raises(AssertionError) as info:
         assert_parity(block, flax_module, broken, x, return_aux_loss=True)
     message = str(info.value)
-    assert "max abs err" in message and "tolerance" in message
+    assert "abs err" in message and "tolerance" in message
     output_line = next(line for line in message.splitlines() if line.startswith("output"))
     assert "FAIL" in output_line
     assert "abs 1e-05" in output_line
@@ -499,9 +545,18 @@ def test_assert_parity_takes_numpy_inputs_and_a_mask():
 def test_table_columns_line_up_and_summary_counts(case_rows):
     rows = [row for key in CASE_KEYS for row in case_rows[key]]
     table = render_table(rows).splitlines()
-    assert len(table) == len(rows) + 2
+    row_lines = [line for line in table if not line.startswith("    ")]  # notes go beneath
+    assert len(row_lines) == len(rows) + 2
     result_at = table[0].index("result")
-    assert all(line[result_at : result_at + 4] in ("PASS", "FAIL", "----") for line in table[1:])
+    assert all(
+        line[result_at : result_at + 4] in ("PASS", "FAIL", "----") for line in row_lines[1:]
+    )
+    assert max(map(len, row_lines)) <= 120  # the routing column's near-tie counts widen it
+    assert max(len(line) for line in table if line not in row_lines) <= WIDTH
+    notes = " ".join(line.strip() for line in table if line.startswith("    "))
+    assert all(row.note in notes for row in rows)  # wrapped, not cut
+    wide = render_table(rows, width=1000).splitlines()
+    assert len(wide) == len(rows) + 2 and wide[0].endswith("note")  # room: notes inline
     assert summary(rows) == f"{len(rows)}/{len(rows)} PASS"
     failing = [rows[0], Row("x", "dense", "float32", 1.0, 1.0, rows[0].tolerance, False)]
     assert summary(failing) == "1/2 PASS; FAIL: x (dense, float32)"

@@ -8,6 +8,7 @@ reference, never a dependency of the package.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -19,8 +20,9 @@ import torch_block
 
 from ...dtypes import JAX_DTYPES, TORCH_DTYPES
 from ...hf import HFCheckpoint
-from ..compare import Row, Tolerance, compare, compare_tokens
+from ..compare import Row, Tolerance, compare
 from ..render import environment
+from ..tokens import compare_tokens
 
 PROMPT_LENGTHS = (7, 4)  # the check's left-padded prompts
 DECODE_STEPS = 4  # one-token cached steps after the prompts
@@ -29,6 +31,9 @@ NEW_TOKENS = 8  # greedy tokens after each prompt
 # tens, where float32 sums over thousands of features differ by more than 1e-5 absolute);
 # bfloat16 as docs/design.md section 7, loosened for three orders of rounding
 HF_TOLERANCES = {"float32": Tolerance("rel", 1e-4), "bfloat16": Tolerance("rel", 5e-2)}
+# greedy tokens: identical in float32; in bfloat16 identical until a row parts at a near tie,
+# two logits within the bfloat16 tolerance of the logits' scale (docs/design.md section 7)
+GREEDY_TIES = {"bfloat16": HF_TOLERANCES["bfloat16"].value}
 
 
 def hf_report(checkpoint: HFCheckpoint, seed: int) -> tuple[list[Row], dict[str, str]]:
@@ -71,7 +76,12 @@ def hf_report(checkpoint: HFCheckpoint, seed: int) -> tuple[list[Row], dict[str,
             )
         ),
     }
+    forwards = {  # (ids, mask) -> logits, each framework's full forward
+        "torch_block": functools.partial(_torch_logits, torch_lm),
+        "jax_block": functools.partial(_jax_logits, flax_model),
+    }
     if reference is not None:
+        forwards["transformers"] = functools.partial(_hf_logits, reference)
         logits["transformers"] = _hf_logits(reference, ids, mask)
         tokens["transformers"] = _hf_greedy(reference, prompts, prompt_mask)
     base = "transformers" if reference is not None else "torch_block"
@@ -104,7 +114,14 @@ def hf_report(checkpoint: HFCheckpoint, seed: int) -> tuple[list[Row], dict[str,
                 note=f"prefill {width} slots, then {DECODE_STEPS} one-token steps",
             )
         )
+    tie = GREEDY_TIES.get(dtype)
     for expected, actual in pairs:
+        step_logits = None
+        if tie is not None and not np.array_equal(tokens[expected], tokens[actual]):
+            step_ids, step_mask = _continued(prompts, prompt_mask, tokens[expected])
+            step_logits = tuple(
+                forwards[name](step_ids, step_mask)[:, width - 1 :] for name in (expected, actual)
+            )
         rows.append(
             compare_tokens(
                 f"greedy: {actual} vs {expected}",
@@ -113,9 +130,21 @@ def hf_report(checkpoint: HFCheckpoint, seed: int) -> tuple[list[Row], dict[str,
                 tokens[expected],
                 tokens[actual],
                 note=f"{NEW_TOKENS} new after prompts of {PROMPT_LENGTHS}",
+                tie=tie,
+                step_logits=step_logits,
             )
         )
     return rows, env
+
+
+def _continued(
+    prompts: torch.Tensor, mask: torch.Tensor, new: np.ndarray
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) (B, width + N - 1): the prompts followed by all but the last of the N new
+    tokens, whose full forward gives at positions width - 1 ... the logits of each greedy step."""
+    following = torch.from_numpy(np.asarray(new, dtype=np.int64))[:, :-1]  # (B, N - 1)
+    ids = torch.cat([prompts, following], dim=1)
+    return ids, torch.cat([mask, torch.ones_like(following)], dim=1)
 
 
 def _batch(vocab_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,10 +201,16 @@ def _transformers(folder: Path, dtype: str):
         return None
     import transformers
 
+    logging = transformers.utils.logging
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # its bars would break into the report's output
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=TORCH_DTYPES[dtype])
     except Exception as err:  # transformers raises many kinds; the report cannot go on
         raise ValueError(f"transformers cannot load {folder}: {err}") from err
+    finally:
+        if bars:
+            logging.enable_progress_bar()
     return model.eval()
 
 

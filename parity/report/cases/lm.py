@@ -22,9 +22,10 @@ import torch_block
 
 from ...convert import from_torch
 from ...dtypes import JAX_DTYPES, TORCH_DTYPES
-from ..compare import Row, compare_tokens, to_float64
+from ..compare import Row, to_float64
 from ..registry import CONFIGS, FAMILIES, ORIGINAL, Setup, case
 from ..run import run_both
+from ..tokens import compare_tokens
 
 _LM = dict(vocab_size=256, max_seq_len=128, d_model=64, n_layers=2, n_heads=4, d_ff=128)
 UNTIED = ("llama", "mistral", "mixtral")  # families whose LM head is its own weight
