@@ -331,7 +331,9 @@ def test_cli_errors(models, tmp_path, capsys):
     path = tmp_path / "lm.safetensors"
     save(path, models[0])
     assert cli("--checkpoint", str(path), "--prompt", "hi") == 2
-    assert "vocab_size=64: use --ids" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "has no tokenizer.json and vocab_size=64 (bytes as tokens need 256)" in err
+    assert "give --tokenizer DIR" in err and "or the prompt as --ids" in err
     with pytest.raises(SystemExit) as info:
         cli("--ids", "1,2", "--top-p", "2")
     assert info.value.code == 2
