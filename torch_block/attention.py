@@ -45,6 +45,8 @@ class AttentionParams(NamedTuple):
     n_kv_heads: int
     head_dim: int
     inv_freq: torch.Tensor | None  # (D/2,) float32 with rope
+    scale: float  # the scores' factor: head_dim ** -0.5, or query_pre_attn_scalar ** -0.5
+    softcap: float | None  # scores capped to softcap * tanh(scores / softcap)
 
 
 def split_heads(y: torch.Tensor, B: int, T: int, n: int, D: int) -> torch.Tensor:
@@ -83,27 +85,34 @@ def attend(
     allowed: torch.Tensor | None,
     dropout: nn.Dropout | None = None,
     fused: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v over the allowed keys: q (B, H, T, D), k and v (B, KV, S, D).
+    """softmax(q k^T * scale) v over the allowed keys: q (B, H, T, D), k and v (B, KV, S, D).
 
     `allowed` (bool, broadcastable to (B, H, T, S)) marks the keys each query may see; None
-    allows all. A query that may see no key gets zeros. The original project's arithmetic: in
-    float32 without dropout and with no key masked, F.scaled_dot_product_attention; otherwise
-    the scores are written out, softmax in float32, and `dropout` (a module, training) applies
-    to the probabilities. `fused=True` (float32, no dropout) takes the fused kernel with a mask
-    too: its CPU kernel walks the keys in blocks with an online softmax, never holding the
-    (T, S) scores.
+    allows all. A query that may see no key gets zeros. `scale` defaults to D ** -0.5; with
+    `softcap` the scores become softcap * tanh(scores / softcap) before the mask. The original
+    project's arithmetic: in float32 without dropout, softcap or masked key,
+    F.scaled_dot_product_attention; otherwise the scores are written out, softmax in float32,
+    and `dropout` (a module, training) applies to the probabilities. `fused=True` (float32, no
+    dropout, no softcap) takes the fused kernel with a mask too: its CPU kernel walks the keys
+    in blocks with an online softmax, never holding the (T, S) scores.
     """
     B, H, T, D = q.shape
     KV, S = k.shape[1], k.shape[2]
-    if dropout is None and q.dtype == torch.float32 and (allowed is None or fused):
+    scale = D**-0.5 if scale is None else scale
+    plain = dropout is None and softcap is None and q.dtype == torch.float32
+    if plain and (allowed is None or fused):
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, scale=D**-0.5, enable_gqa=KV != H
+            q, k, v, attn_mask=allowed, scale=scale, enable_gqa=KV != H
         )
     G = H // KV
     grouped_q = q.float().reshape(B, KV, G * T, D)  # query head h = kv * G + g
-    scores = torch.matmul(grouped_q, k.float().transpose(-2, -1)) * D**-0.5
+    scores = torch.matmul(grouped_q, k.float().transpose(-2, -1)) * scale
     scores = scores.view(B, H, T, S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if allowed is not None:
         scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
     probs = F.softmax(scores, dim=-1)  # (B, H, T, S)
@@ -120,7 +129,9 @@ class MultiHeadAttention(nn.Module):
 
     Query head h reads key/value head h // (n_heads // n_kv_heads) (GQA; MQA at 1). With
     `positions="rope"` q and k are rotated at their tokens' positions before the cache write.
-    With `sliding_window` W a query at p sees keys k with p - W < k <= p.
+    With `sliding_window` W a query at p sees keys k with p - W < k <= p. Scores are scaled by
+    `query_pre_attn_scalar` ** -0.5 when given (else head_dim ** -0.5) and, with
+    `attn_logit_softcap`, capped to cap * tanh(scores / cap).
 
     Training calls, and eval calls with at most WHOLE_SCORES scores, attend every query at once
     with the original project's arithmetic (its outputs bit for bit). Longer eval inputs are
@@ -143,6 +154,8 @@ class MultiHeadAttention(nn.Module):
         rope_theta: float = 10000.0,
         rope_scaling: RopeScaling | None = None,
         sliding_window: int | None = None,
+        query_pre_attn_scalar: float | None = None,
+        attn_logit_softcap: float | None = None,
     ):
         super().__init__()
         if n_heads < 1 or (head_dim is None and d_model % n_heads != 0):
@@ -155,6 +168,10 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = d_model // n_heads if head_dim is None else head_dim
         self.causal = causal
         self.sliding_window = sliding_window
+        self.scale = (
+            self.head_dim if query_pre_attn_scalar is None else query_pre_attn_scalar
+        ) ** -0.5
+        self.softcap = attn_logit_softcap
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         self.q_proj = nn.Linear(d_model, H * D, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, KV * D, bias=qkv_bias)
@@ -186,6 +203,8 @@ class MultiHeadAttention(nn.Module):
             n_kv_heads=self.n_kv_heads,
             head_dim=self.head_dim,
             inv_freq=self.inv_freq if self.rope else None,
+            scale=self.scale,
+            softcap=self.softcap,
         )
 
     def forward(
@@ -243,8 +262,8 @@ class MultiHeadAttention(nn.Module):
             mask = mask[(None,) * (4 - mask.dim())]  # (B|1, H|1, T|1, S|1)
         if dropout is not None or B * H * T * S <= WHOLE_SCORES:
             allowed = self.allowed(start, start + T, 0, S, mask, 0, T, q.device)
-            return attend(q, k, v, allowed, dropout)
-        fused = q.dtype == torch.float32
+            return attend(q, k, v, allowed, dropout, scale=self.scale, softcap=self.softcap)
+        fused = q.dtype == torch.float32 and self.softcap is None
         per_query = B * S if fused else B * H * S  # mask entries or scores
         rows = max(1, min(QUERY_BLOCK, SCORE_ELEMENTS // per_query))
         blocks = []
@@ -252,8 +271,9 @@ class MultiHeadAttention(nn.Module):
             b = min(T, a + rows)
             lo, hi = self.key_range(start + a, start + b, S)
             allowed = self.allowed(start + a, start + b, lo, hi, mask, a, T, q.device)
+            keys, values = k[:, :, lo:hi], v[:, :, lo:hi]
             blocks.append(
-                attend(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], allowed, fused=fused)
+                attend(q[:, :, a:b], keys, values, allowed, None, fused, self.scale, self.softcap)
             )
         return torch.cat(blocks, dim=2)
 

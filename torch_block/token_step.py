@@ -36,7 +36,9 @@ class LayerParams(NamedTuple):
 
     norm1: NormParams
     attention: AttentionParams
+    post_attention_norm: NormParams | None  # with sandwich_norms
     norm2: NormParams
+    post_feed_forward_norm: NormParams | None  # with sandwich_norms
     feed_forward: FeedForwardParams | None  # dense
     moe: MixtureOfExperts | None
 
@@ -51,6 +53,7 @@ class StepInputs(NamedTuple):
     embedding: EmbeddingParams
     norm: NormParams
     head: torch.Tensor  # (V, d_model)
+    final_logit_softcap: float | None
     key_valid: torch.Tensor  # (B, 1, 1, S) bool: the slot holds a real token
     pads: torch.Tensor  # (B, 1) int64: pad slots at the start of each row
     slots: torch.Tensor  # (S,) int64: 0 .. S-1
@@ -62,10 +65,13 @@ def layer_params(block: TransformerBlock) -> LayerParams:
     """The params of `block`'s modules."""
     ffn = block.feed_forward
     moe = ffn if isinstance(ffn, MixtureOfExperts) else None
+    sandwich = block.config.sandwich_norms
     return LayerParams(
         norm1=block.norm1.params(),
         attention=block.attention.params(),
+        post_attention_norm=block.post_attention_norm.params() if sandwich else None,
         norm2=block.norm2.params(),
+        post_feed_forward_norm=block.post_feed_forward_norm.params() if sandwich else None,
         feed_forward=None if moe is not None else ffn.params(),
         moe=moe,
     )
@@ -81,6 +87,7 @@ def step_inputs(lm: TransformerLM, caches: list[KVCache], key_valid: torch.Tenso
         embedding=lm.embedding_params(),
         norm=lm.norm.params(),
         head=lm.head_weight(),
+        final_logit_softcap=lm.config.final_logit_softcap,
         key_valid=key_valid[:, None, None, :],
         pads=(~key_valid).sum(dim=-1, keepdim=True),
         slots=torch.arange(key_valid.shape[1], device=key_valid.device),
@@ -138,11 +145,20 @@ def token_step(
         q, k, v = project(h, layer.attention, positions)  # (B, H|KV, 1, D)
         write_slots(k_cache, k, at)
         write_slots(v_cache, v, at)
-        out = attend(q, k_cache[:, :, keys], v_cache[:, :, keys], allowed)  # (B, H, 1, D)
-        x = x + merge_heads(out, layer.attention)
+        scale, softcap = layer.attention.scale, layer.attention.softcap
+        out = attend(
+            q, k_cache[:, :, keys], v_cache[:, :, keys], allowed, scale=scale, softcap=softcap
+        )  # (B, H, 1, D)
+        attn = merge_heads(out, layer.attention)
+        if layer.post_attention_norm is not None:
+            attn = norm(attn, layer.post_attention_norm)
+        x = x + attn
         h = norm(x, layer.norm2)
         if layer.moe is None:
-            x = x + feed_forward(h, layer.feed_forward)
+            ff = feed_forward(h, layer.feed_forward)
         else:
-            x = x + (_moe if slot is not None else _moe_outside_graph)(layer.moe, h)
-    return unembed(norm(x, inputs.norm), inputs.head)  # (B, V)
+            ff = (_moe if slot is not None else _moe_outside_graph)(layer.moe, h)
+        if layer.post_feed_forward_norm is not None:
+            ff = norm(ff, layer.post_feed_forward_norm)
+        x = x + ff
+    return unembed(norm(x, inputs.norm), inputs.head, inputs.final_logit_softcap)  # (B, V)

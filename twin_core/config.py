@@ -13,7 +13,7 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
-NORMS = ("layernorm", "rmsnorm")
+NORMS = ("layernorm", "rmsnorm", "gemma_rmsnorm")
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 POSITIONS = ("learned", "rope")
 # The Llama family's switches, which Mistral, Qwen2 and Mixtral start from: RMSNorm, gated SiLU
@@ -65,7 +65,8 @@ class RopeScaling:
 class Architecture:
     """The family options of a block; the defaults are the original project's (GPT-2-era) block.
 
-    norm: "layernorm" (weight and bias) or "rmsnorm" (weight only), with `norm_eps`.
+    norm: "layernorm" (weight and bias), "rmsnorm" (weight only) or "gemma_rmsnorm" (Gemma's:
+        x * rsqrt(mean(x^2) + eps) * (1 + weight) in float32, weight starting at 0), `norm_eps`.
     activation, gated_ffn, ffn_bias: the feed-forward, every expert and the shared expert;
         gated is down(act(gate(x)) * up(x)).
     n_kv_heads: key/value heads (GQA; 1 is MQA; None: n_heads).
@@ -77,6 +78,10 @@ class Architecture:
     norm_topk_prob: renormalise the k routing weights (False keeps the softmax probabilities).
     shared_expert_d_ff: a shared expert applied to every token (None: none);
         shared_expert_gate scales it by sigmoid(x @ w).
+    sandwich_norms: a norm of the attention output and one of the feed-forward output, each
+        before its residual add (Gemma 2 and 3: `post_attention_norm`, `post_feed_forward_norm`).
+    query_pre_attn_scalar: scores scaled by query_pre_attn_scalar ** -0.5 (None: head_dim).
+    attn_logit_softcap: scores capped to cap * tanh(scores / cap) before the mask (None: no cap).
     """
 
     n_kv_heads: int | None = None
@@ -95,6 +100,9 @@ class Architecture:
     norm_topk_prob: bool = True
     shared_expert_d_ff: int | None = None
     shared_expert_gate: bool = False
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
 
     @property
     def resolved_n_kv_heads(self) -> int:
@@ -173,11 +181,15 @@ class Architecture:
             "ffn_bias",
             "norm_topk_prob",
             "shared_expert_gate",
+            "sandwich_norms",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         _check_number("norm_eps", self.norm_eps, "> 0", lambda v: v > 0)
         _check_number("rope_theta", self.rope_theta, "> 0", lambda v: v > 0)
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), "> 0 (or None)", lambda v: v > 0)
         if self.n_kv_heads is not None:
             _check_positive_int("n_kv_heads", self.n_kv_heads)
             if self.n_heads % self.n_kv_heads != 0:
@@ -230,7 +242,14 @@ class BlockConfig(Architecture):
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig(Architecture):
-    """Everything that defines a TransformerLM in both frameworks (always causal)."""
+    """Everything that defines a TransformerLM in both frameworks (always causal).
+
+    embed_scale: the token embeddings times sqrt(d_model), that factor rounded to the compute
+        dtype (Gemma). final_logit_softcap: logits capped to cap * tanh(logits / cap) (None: no
+        cap). local_rope_theta: the rope base of the sliding-window layers, which then rotate
+        without rope_scaling; the full-attention layers keep rope_theta and rope_scaling
+        (Gemma 3; None: every layer rope_theta).
+    """
 
     vocab_size: int
     max_seq_len: int
@@ -245,6 +264,9 @@ class LMConfig(Architecture):
     expert_capacity_factor: float | None = 1.25
     tie_embeddings: bool = True
     router_z_loss_coef: float = 0.0
+    embed_scale: bool = False
+    final_logit_softcap: float | None = None
+    local_rope_theta: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "n_layers"):
@@ -252,14 +274,23 @@ class LMConfig(Architecture):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TransformerLM: {name} must be a positive int, got {value!r}")
         _check_block(self)
+        if not isinstance(self.embed_scale, bool):
+            raise TypeError(f"embed_scale must be a bool, got {self.embed_scale!r}")
+        for name in ("final_logit_softcap", "local_rope_theta"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), "> 0 (or None)", lambda v: v > 0)
+        if self.local_rope_theta is not None and self.positions != "rope":
+            raise ValueError("local_rope_theta is set but positions is not 'rope'")
 
     def block_configs(self) -> tuple[BlockConfig, ...]:
         """The config of each block, layer 0 first (n_layers of them).
 
-        Today every layer's config is the same; a later per-layer field (attention kind,
-        window, rope base, dense or MoE) will make them differ, and the LMs build and size
-        each layer from its own entry.
+        A sliding-window layer rotates with `local_rope_theta` and no scaling when that is set.
+        The LMs build and size each layer from its own entry.
         """
+        architecture = self.architecture()
+        if self.sliding_window is not None and self.local_rope_theta is not None:
+            architecture.update(rope_theta=self.local_rope_theta, rope_scaling=None)
         block = BlockConfig(
             d_model=self.d_model,
             n_heads=self.n_heads,
@@ -271,7 +302,7 @@ class LMConfig(Architecture):
             causal=True,
             expert_capacity_factor=self.expert_capacity_factor,
             router_z_loss_coef=self.router_z_loss_coef,
-            **self.architecture(),
+            **architecture,
         )
         return (block,) * self.n_layers
 
