@@ -1,4 +1,4 @@
-"""config.json of a Hugging Face checkpoint <-> twin_core.LMConfig, for the six families.
+"""config.json of a Hugging Face checkpoint <-> twin_core.LMConfig, for the families below.
 
 Reading follows transformers' own configuration classes (defaults, both rope spellings, the
 per-layer sliding-window rules of Qwen2 and Qwen2-MoE); anything the block cannot compute
@@ -16,7 +16,8 @@ from typing import Any
 
 from twin_core import LLAMA_OPTIONS, LMConfig, RopeScaling
 
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "gemma2", "gemma3_text")
+GEMMA = ("gemma2", "gemma3_text")
 ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
     "llama": "LlamaForCausalLM",
@@ -24,6 +25,8 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")
 MAX_SIZE = 1 << 24  # a size field above this is refused as absurd (vocab, width, depth, heads)
@@ -47,8 +50,11 @@ ROPE_ACTIVATION_NAMES = {
     "silu": "silu",
     "relu": "relu",
 }
-DEFAULT_THETA = {"mixtral": 1_000_000.0}  # the others: 10000.0
-# fields that change the computation in ways no family here supports, when set (not null)
+DEFAULT_THETA = {"mixtral": 1_000_000.0, "gemma3_text": 1_000_000.0}  # the others: 10000.0
+GEMMA3_LOCAL_THETA = 10_000.0  # Gemma 3's sliding layers' base when config.json gives none
+# fields that change the computation in ways no family here supports, when set (not null);
+# the Gemma families compute the softcappings
+SOFTCAPPING_KEYS = ("attn_logit_softcapping", "final_logit_softcapping")
 UNSUPPORTED_KEYS = {
     "attn_logit_softcapping": "attention logit softcapping",
     "final_logit_softcapping": "final logit softcapping",
@@ -77,6 +83,8 @@ def lm_config_from_hf(data: Mapping[str, Any]) -> HFConfig:
             f"config.json: unsupported model_type {family!r}; supported: {', '.join(FAMILIES)}"
         )
     for key, what in UNSUPPORTED_KEYS.items():
+        if family in GEMMA and key in SOFTCAPPING_KEYS:
+            continue
         if data.get(key) not in (None, {}, False):
             raise ValueError(f"config.json: {key}={data[key]!r} ({what}) is not supported")
     fields = _gpt2_fields(data) if family == "gpt2" else _rope_family_fields(data, family)
@@ -117,6 +125,8 @@ def _gpt2_fields(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _rope_family_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
+    if family in GEMMA:
+        return _gemma_fields(data, family)
     d_model = _size(data, "hidden_size", 4096)
     n_heads = _size(data, "num_attention_heads", 32)
     n_kv_heads = data.get("num_key_value_heads")
@@ -176,6 +186,128 @@ def _rope_family_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
             expert_capacity_factor=None,
         )
     return fields
+
+
+def _gemma_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
+    """Gemma 2 and Gemma 3 (text) as transformers' Gemma2Config and Gemma3TextConfig read them:
+    Gemma's RMSNorm, sandwich norms, embeddings times sqrt(hidden_size), the query scale
+    query_pre_attn_scalar ** -0.5, softcapping, and sliding and full layers."""
+    gemma3 = family == "gemma3_text"
+    if data.get("use_bidirectional_attention"):
+        raise ValueError(
+            f"config.json ({family}): use_bidirectional_attention=true (bidirectional "
+            "attention) is not supported"
+        )
+    if gemma3 and data.get("attn_logit_softcapping") is not None:
+        raise ValueError(
+            f"config.json (gemma3_text): attn_logit_softcapping="
+            f"{data['attn_logit_softcapping']!r} is set, but transformers' Gemma 3 does not "
+            "apply it; refused rather than guessed"
+        )
+    n_layers = _size(data, "num_hidden_layers", None)  # no default: it sizes the weights
+    max_seq_len = _size(data, "max_position_embeddings", 131_072 if gemma3 else 8192, MAX_POSITIONS)
+    attention_bias = _bool(data, "attention_bias", False)
+    fields: dict[str, Any] = dict(
+        norm="gemma_rmsnorm",
+        activation=_activation(data, "hidden_activation", "gelu_pytorch_tanh"),
+        gated_ffn=True,
+        ffn_bias=False,
+        qkv_bias=attention_bias,
+        out_bias=attention_bias,
+        positions="rope",
+        vocab_size=_size(data, "vocab_size", 262_208 if gemma3 else 256_000),
+        max_seq_len=max_seq_len,
+        d_model=_size(data, "hidden_size", 2304),
+        n_layers=n_layers,
+        n_heads=_size(data, "num_attention_heads", 8),
+        n_kv_heads=_size(data, "num_key_value_heads", 4),
+        head_dim=_size(data, "head_dim", 256),
+        d_ff=_size(data, "intermediate_size", 9216),
+        norm_eps=_positive(data, "rms_norm_eps", 1e-6),
+        tie_embeddings=_bool(data, "tie_word_embeddings", True),
+        sandwich_norms=True,
+        embed_scale=True,
+        query_pre_attn_scalar=_size(data, "query_pre_attn_scalar", 256),  # an int, as HF's
+        final_logit_softcap=_optional_positive(
+            data, "final_logit_softcapping", None if gemma3 else 30.0
+        ),
+    )
+    if not gemma3:
+        fields["attn_logit_softcap"] = _optional_positive(data, "attn_logit_softcapping", 50.0)
+        fields["rope_theta"], fields["rope_scaling"] = _rope(data, family, max_seq_len)
+    else:
+        full, sliding = _gemma3_rope_parameters(data)
+        fields["rope_theta"], fields["rope_scaling"] = _rope(
+            {**data, "rope_scaling": None, "rope_parameters": full}, family, max_seq_len
+        )
+        local_theta, local_scaling = _rope(
+            {**data, "rope_scaling": None, "rope_parameters": sliding}, family, max_seq_len
+        )
+        if local_scaling is not None:
+            raise ValueError(
+                f"config.json (gemma3_text): rope type {sliding.get('rope_type')!r} of the "
+                "sliding_attention layers is not supported (supported: default)"
+            )
+        fields["local_rope_theta"] = local_theta
+    # without layer_types: Gemma 2 alternates, Gemma 3 slides but every sliding_window_pattern-th
+    pattern = _size(data, "sliding_window_pattern", 6) if gemma3 else 2
+    sliding = [(i + 1) % pattern != 0 for i in range(n_layers)]
+    fields.update(_attention_kinds(data, family, n_layers, sliding, 4096))
+    return fields
+
+
+def _gemma3_rope_parameters(data: Mapping[str, Any]) -> tuple[dict, dict]:
+    """The rope parameters of Gemma 3's full and sliding layers, as Gemma3TextConfig reads them:
+    transformers 5's rope_parameters per layer type, or 4's rope_theta and rope_scaling (full
+    layers) and rope_local_base_freq (sliding layers)."""
+    params = data.get("rope_parameters")
+    if params is None:
+        params = {"sliding_attention": {"rope_type": "default"}, "full_attention": None}
+    if not isinstance(params, Mapping) or not all(
+        key in ("full_attention", "sliding_attention") and isinstance(value, (Mapping, type(None)))
+        for key, value in params.items()
+    ):
+        raise ValueError(
+            "config.json (gemma3_text): rope_parameters must map full_attention and "
+            f"sliding_attention to their parameters, got {params!r}"
+        )
+    full = dict(params.get("full_attention") or {"rope_type": "default"})
+    if data.get("rope_scaling") is not None:
+        if not isinstance(data["rope_scaling"], Mapping):
+            raise ValueError(
+                f"config.json: rope_scaling must be an object, got {data['rope_scaling']!r}"
+            )
+        full.update(data["rope_scaling"])
+    full.setdefault("rope_theta", data.get("rope_theta", DEFAULT_THETA["gemma3_text"]))
+    sliding = dict(params.get("sliding_attention") or {"rope_type": "default"})
+    sliding.setdefault("rope_theta", data.get("rope_local_base_freq", GEMMA3_LOCAL_THETA))
+    return full, sliding
+
+
+def _attention_kinds(
+    data: Mapping[str, Any], family: str, n_layers: int, sliding: list[bool], window: int
+) -> dict[str, Any]:
+    """sliding_window (and the layer kinds) from config.json's layer_types, or from `sliding`
+    (which layers slide when it has none); `window` is the family's default width."""
+    layer_types = data.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list) or len(layer_types) != n_layers:
+            raise ValueError(
+                f"config.json: layer_types must list {n_layers} layer types, got {layer_types!r}"
+            )
+        unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+        if unknown:
+            raise ValueError(f"config.json: unsupported layer types {unknown}")
+        sliding = [kind == "sliding_attention" for kind in layer_types]
+    if not any(sliding):
+        return {"sliding_window": None}
+    width = _size(data, "sliding_window", window)
+    if all(sliding):
+        return {"sliding_window": width}
+    return {
+        "sliding_window": width,
+        "layer_types": tuple("sliding_attention" if s else "full_attention" for s in sliding),
+    }
 
 
 def _rope(
@@ -273,6 +405,10 @@ def _positive(data: Mapping[str, Any], key: str, default: Any) -> float:
     return float(value)
 
 
+def _optional_positive(data: Mapping[str, Any], key: str, default: Any) -> float | None:
+    return None if data.get(key, default) is None else _positive(data, key, default)
+
+
 def _bool(data: Mapping[str, Any], key: str, default: bool) -> bool:
     value = data.get(key, default)
     if not isinstance(value, bool):
@@ -339,6 +475,41 @@ REQUIREMENTS: dict[str, list[Requirement]] = {
         _is("shared_expert_gate", True),
     ],
 }
+_GEMMA: list[Requirement] = [
+    _is("norm", "gemma_rmsnorm"),
+    _is("positions", "rope"),
+    _is("gated_ffn", True),
+    _is("ffn_bias", False),
+    _is("use_moe", False),
+    _is("sandwich_norms", True),
+    _is("embed_scale", True),
+    ("qkv_bias", lambda c: c.qkv_bias == c.out_bias, "equal to out_bias (attention_bias)"),
+    (
+        "query_pre_attn_scalar",
+        lambda c: c.query_pre_attn_scalar is None or float(c.query_pre_attn_scalar).is_integer(),
+        "a whole number (an int in config.json) or None",
+    ),
+]
+REQUIREMENTS["gemma2"] = _GEMMA + [_is("local_rope_theta", None)]
+REQUIREMENTS["gemma3_text"] = _GEMMA + [
+    _is("attn_logit_softcap", None),
+    (
+        "local_rope_theta",
+        lambda c: c.local_rope_theta is not None or c.rope_scaling is None,
+        "set when rope_scaling is (the sliding layers rotate unscaled)",
+    ),
+]
+# Gemma's options, which the other families lack (a model using one is none of them)
+for _family in FAMILIES:
+    if _family not in GEMMA:
+        REQUIREMENTS[_family] += [
+            _is("sandwich_norms", False),
+            _is("embed_scale", False),
+            _is("query_pre_attn_scalar", None),
+            _is("attn_logit_softcap", None),
+            _is("final_logit_softcap", None),
+            _is("local_rope_theta", None),
+        ]
 
 
 def family_of(config: LMConfig) -> str:
@@ -385,6 +556,8 @@ def hf_config_from_lm(
             scale_attn_by_inverse_layer_idx=False,
             reorder_and_upcast_attn=False,
         )
+    elif family in GEMMA:
+        out.update(_gemma_config(config, family))
     else:
         out.update(_rope_family_config(config, family))
     out.update(tie_word_embeddings=config.tie_embeddings, dtype=dtype, use_cache=True, **ids)
@@ -425,7 +598,7 @@ def _rope_family_config(config: LMConfig, family: str) -> dict[str, Any]:
         out.update(attention_bias=config.qkv_bias, mlp_bias=config.ffn_bias)
     elif family in ("mistral", "mixtral"):
         out.update(sliding_window=window)
-    else:  # qwen2, qwen2_moe: the window of every layer, spelled out per layer
+    elif family in ("qwen2", "qwen2_moe"):  # the window of every layer, spelled out per layer
         kind = "full_attention" if window is None else "sliding_attention"
         out.update(
             use_sliding_window=window is not None,
@@ -451,3 +624,38 @@ def _rope_family_config(config: LMConfig, family: str) -> dict[str, Any]:
             mlp_only_layers=[],
         )
     return out
+
+
+def _gemma_config(config: LMConfig, family: str) -> dict[str, Any]:
+    """Gemma2Config's or Gemma3TextConfig's fields: the rope families' with Gemma's spellings
+    (hidden_activation; Gemma 3's rope parameters per layer type) and options."""
+    out = _rope_family_config(config, family)
+    out["hidden_activation"] = out.pop("hidden_act")
+    if family == "gemma3_text":
+        local = config.rope_theta if config.local_rope_theta is None else config.local_rope_theta
+        out["rope_local_base_freq"] = local  # transformers 4's spelling, beside 5's
+        out["rope_parameters"] = {
+            "full_attention": out["rope_parameters"],
+            "sliding_attention": {"rope_type": "default", "rope_theta": local},
+        }
+    scalar = config.query_pre_attn_scalar
+    out.update(
+        attention_bias=config.qkv_bias,
+        query_pre_attn_scalar=config.resolved_head_dim if scalar is None else int(scalar),
+        sliding_window=config.sliding_window,
+        layer_types=_layer_types(config),
+        final_logit_softcapping=_float_or_none(config.final_logit_softcap),
+        attn_logit_softcapping=_float_or_none(config.attn_logit_softcap),
+        use_bidirectional_attention=False,
+    )
+    return out
+
+
+def _layer_types(config: LMConfig) -> list[str]:
+    """transformers' layer_types: each layer's attention kind."""
+    kind = "full_attention" if config.sliding_window is None else "sliding_attention"
+    return [kind] * config.n_layers
+
+
+def _float_or_none(value: float | None) -> float | None:
+    return None if value is None else float(value)

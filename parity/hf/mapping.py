@@ -117,7 +117,11 @@ def _rope_block(family: str, config: LMConfig) -> list[HFRow]:
     rows += _linear(
         f"{b}.attention.out_proj", f"{h}.self_attn.o_proj", "d_model", "H*D", config.out_bias
     )
-    rows += _norm(f"{b}.norm2", f"{h}.post_attention_layernorm", False)
+    if config.sandwich_norms:  # Gemma: each sublayer's input and output normed
+        rows += _norm(f"{b}.post_attention_norm", f"{h}.post_attention_layernorm", False)
+        rows += _norm(f"{b}.norm2", f"{h}.pre_feedforward_layernorm", False)
+    else:  # Llama's "post_attention_layernorm" is the feed-forward's input norm
+        rows += _norm(f"{b}.norm2", f"{h}.post_attention_layernorm", False)
     ffn = f"{b}.feed_forward"
     if family == "mixtral":
         moe = f"{h}.block_sparse_moe"
@@ -136,6 +140,8 @@ def _rope_block(family: str, config: LMConfig) -> list[HFRow]:
         )
     else:
         rows += _gated(ffn, f"{h}.mlp", LLAMA_MLP, "d_ff", config.ffn_bias)
+    if config.sandwich_norms:
+        rows += _norm(f"{b}.post_feed_forward_norm", f"{h}.post_feedforward_layernorm", False)
     return rows
 
 
@@ -249,7 +255,7 @@ def _transform_text(row: HFRow) -> str:
 def markdown_tables() -> str:
     """The tables for README.md: GPT-2's and Llama's in full (every option on: biases where the
     family can have them, an untied head); Mistral and Qwen2 as Llama's; Mixtral's and
-    Qwen2-MoE's feed-forward rows (the rest as Llama's)."""
+    Qwen2-MoE's feed-forward rows (the rest as Llama's); Gemma's norms (the rest as Llama's)."""
     base = dict(vocab_size=8, max_seq_len=8, d_model=8, n_layers=1, n_heads=2, d_ff=8)
     rope = dict(
         norm="rmsnorm",
@@ -282,6 +288,17 @@ def markdown_tables() -> str:
             ),
             ".feed_forward.",
             "q/k/v with qkv_bias; attention and the rest as llama",
+        ),
+        (
+            "gemma2",
+            LMConfig(
+                **base,
+                **{**rope, "norm": "gemma_rmsnorm"},
+                sandwich_norms=True,
+                embed_scale=True,
+            ),
+            "norm",
+            "with attention_bias, as llama; the rest as llama; gemma3_text: the same rows",
         ),
     ]
     parts = []
