@@ -148,12 +148,13 @@ def markdown_table() -> str:
 
 
 def lm_table(config: Any) -> list[Row]:
-    """Rows of one TransformerLM: embeddings, every block under its prefix, norm, untied head."""
+    """Rows of one TransformerLM: embeddings, every block (of its own config) under its prefix,
+    norm, untied head."""
     rows = list(LM_EMBEDDINGS if config.positions == "learned" else LM_EMBEDDINGS[:1])
-    for i in range(config.n_layers):
+    for i, block in enumerate(config.block_configs()):  # a dense layer of an MoE model: dense rows
         rows += [
             Row(f"blocks.{i}.{row.torch_key}", f"blocks_{i}/{row.flax_path}", row.transpose)
-            for row in block_table(config)
+            for row in block_table(block)
         ]
     rows += _norm_rows("norm", "norm", config.norm)
     if not config.tie_embeddings:

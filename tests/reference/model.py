@@ -38,6 +38,9 @@ DEFAULTS: dict[str, Any] = dict(
     shared_expert_d_ff=None,
     shared_expert_gate=False,
     tie_embeddings=True,
+    layer_types=None,
+    dense_layers=(),
+    dense_d_ff=None,
 )
 
 Weights = Mapping[str, np.ndarray]
@@ -315,6 +318,19 @@ def block(
     return h + result.out, result
 
 
+def layer_spec(s: Mapping, i: int) -> dict[str, Any]:
+    """Layer i's spec in an LM spec: a "full_attention" layer of layer_types has no window (a
+    "sliding_attention" one keeps sliding_window; without layer_types every layer does); a layer
+    of dense_layers is a dense feed-forward (dense_d_ff wide) without a shared expert."""
+    out = dict(s)
+    if s["layer_types"] is not None and s["layer_types"][i] == "full_attention":
+        out["sliding_window"] = None
+    if i in s["dense_layers"]:
+        out.update(use_moe=False, shared_expert_d_ff=None, shared_expert_gate=False)
+        out["d_ff"] = s["dense_d_ff"] or s["d_ff"]
+    return out
+
+
 def real_positions(attention_mask: np.ndarray) -> np.ndarray:
     """(B, T): the number of real tokens before each slot, counted in a loop (pads: 0)."""
     positions = np.zeros(attention_mask.shape, np.int64)
@@ -331,7 +347,7 @@ def lm(
 ) -> tuple[np.ndarray, float]:
     """The LM in eval mode: logits (B, T, vocab_size) and the summed MoE aux loss (0.0 when
     dense). Embedding (+ learned positions), blocks with pad keys masked and positions counting
-    real tokens, final norm, head (tied by default)."""
+    real tokens (each layer as `layer_spec` says), final norm, head (tied by default)."""
     ids = np.asarray(ids)
     B, T = ids.shape
     attention_mask = np.ones((B, T), np.int64) if attention_mask is None else attention_mask
@@ -342,7 +358,7 @@ def lm(
     key_mask = np.asarray(attention_mask).astype(bool)[:, None, None, :]  # (B, 1, 1, T)
     aux = 0.0
     for i in range(s["n_layers"]):
-        x, result = block(x, weights, s, key_mask, positions, name=f"blocks.{i}")
+        x, result = block(x, weights, layer_spec(s, i), key_mask, positions, name=f"blocks.{i}")
         aux += 0.0 if result is None else result.aux
     x = norm(x, weights, "norm", s)
     head = weights["token_embedding.weight" if s["tie_embeddings"] else "lm_head.weight"]
