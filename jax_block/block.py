@@ -91,6 +91,9 @@ class TransformerBlock(ConfiguredModule):
             rope_theta=config.rope_theta,
             rope_scaling=config.rope_scaling,
             sliding_window=config.sliding_window,
+            qk_norm=config.qk_norm,
+            norm=config.norm,
+            norm_eps=config.norm_eps,
             name="attention",
             **dtypes,
         )

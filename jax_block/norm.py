@@ -8,16 +8,24 @@ import jax.numpy as jnp
 from .sharding import named_init
 
 
-def make_norm(kind: str, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype, name: str):
-    """The norm of `kind` ("layernorm" or "rmsnorm"); statistics in float32.
+def make_norm(
+    kind: str,
+    eps: float,
+    dtype: jnp.dtype,
+    param_dtype: jnp.dtype,
+    name: str,
+    axis: str = "embed",
+):
+    """The norm of `kind` ("layernorm" or "rmsnorm") over the last axis, whose logical name is
+    `axis`; statistics in float32.
 
     LayerNorm uses the two-pass variance, as torch computes it (Flax's default fast variance
     loses digits on inputs with a large mean).
     """
     common = dict(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
-    scale_init = named_init(nn.initializers.ones_init(), "embed")
+    scale_init = named_init(nn.initializers.ones_init(), axis)
     if kind == "layernorm":
-        bias_init = named_init(nn.initializers.zeros_init(), "embed")
+        bias_init = named_init(nn.initializers.zeros_init(), axis)
         return nn.LayerNorm(
             use_fast_variance=False, scale_init=scale_init, bias_init=bias_init, **common
         )

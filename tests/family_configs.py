@@ -41,6 +41,19 @@ BLOCKS: dict[str, dict[str, Any]] = {
         shared_expert_d_ff=40,
         shared_expert_gate=True,
     ),
+    # Qwen3: q/k RMSNorm per head; OLMoE: over the whole projections (d_model wide: 4 heads)
+    "qwen3": dict(LLAMA, qk_norm="head"),
+    "olmoe": dict(
+        LLAMA,
+        n_heads=4,
+        head_dim=None,
+        qk_norm="projection",
+        use_moe=True,
+        num_experts=4,
+        top_k_experts=2,
+        norm_topk_prob=False,
+    ),
+    "layernorm_qk_norm": dict(BASE, qk_norm="head"),  # the block's norm kind: with biases
     "shared_ungated": dict(
         BASE, use_moe=True, num_experts=3, top_k_experts=1, shared_expert_d_ff=24
     ),
@@ -57,6 +70,8 @@ LMS: dict[str, dict[str, Any]] = {
     "qwen2": dict(_LM, **BLOCKS["qwen2"]),
     "mixtral": dict(_LM, **BLOCKS["mixtral"], tie_embeddings=False),
     "qwen2_moe": dict(_LM, **BLOCKS["qwen2_moe"]),
+    "qwen3": dict(_LM, **BLOCKS["qwen3"]),
+    "olmoe": dict(_LM, **BLOCKS["olmoe"], tie_embeddings=False),
     # per-layer: layer 0 sliding with MoE, layer 1 full attention with a dense feed-forward
     "mixed_layers": dict(
         _LM,
@@ -78,6 +93,7 @@ BAD: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "unknown norm": (dict(norm="batchnorm"), ("norm", "batchnorm")),
     "unknown positions": (dict(positions="alibi"), ("positions", "alibi")),
     "shared expert without MoE": (dict(shared_expert_d_ff=16), ("shared_expert_d_ff", "use_moe")),
+    "unknown qk_norm": (dict(qk_norm="query"), ("qk_norm", "head", "projection", "query")),
     "shared gate without shared expert": (
         dict(use_moe=True, num_experts=2, shared_expert_gate=True),
         ("shared_expert_gate", "shared_expert_d_ff"),

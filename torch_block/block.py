@@ -58,6 +58,9 @@ class TransformerBlock(nn.Module):
             rope_theta=config.rope_theta,
             rope_scaling=config.rope_scaling,
             sliding_window=config.sliding_window,
+            qk_norm=config.qk_norm,
+            norm=config.norm,
+            norm_eps=config.norm_eps,
         )
         self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps)
         self.norm2 = make_norm(config.norm, config.d_model, config.norm_eps)

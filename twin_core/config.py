@@ -17,6 +17,7 @@ NORMS = ("layernorm", "rmsnorm")
 LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names of attention kinds
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 POSITIONS = ("learned", "rope")
+QK_NORMS = ("head", "projection")  # q/k norm over each head, or over the whole projection
 # The Llama family's switches, which Mistral, Qwen2 and Mixtral start from: RMSNorm, gated SiLU
 # feed-forward, rope, no biases. `BlockConfig(**LLAMA_OPTIONS, d_model=...)`, or
 # `dict(LLAMA_OPTIONS, qkv_bias=True)` for Qwen2's attention.
@@ -75,6 +76,9 @@ class Architecture:
     positions: "learned" (an embedding in the LM) or "rope" (rotate q and k by `rope_theta`,
         optionally with llama3 `rope_scaling`).
     sliding_window: a query at p attends keys k with p - W < k <= p (None: every earlier key).
+    qk_norm: a norm of the block's kind on q and k before rope: "head" over each head's
+        head_dim (Qwen3), "projection" over the whole q and k projections before the split
+        into heads (OLMoE); None: none.
     norm_topk_prob: renormalise the k routing weights (False keeps the softmax probabilities).
     shared_expert_d_ff: a shared expert applied to every token (None: none);
         shared_expert_gate scales it by sigmoid(x @ w).
@@ -93,6 +97,7 @@ class Architecture:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     sliding_window: int | None = None
+    qk_norm: str | None = None
     norm_topk_prob: bool = True
     shared_expert_d_ff: int | None = None
     shared_expert_gate: bool = False
@@ -168,6 +173,10 @@ class Architecture:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
+            raise ValueError(
+                f"qk_norm must be one of {list(QK_NORMS)} or None, got {self.qk_norm!r}"
+            )
         for name in (
             "qkv_bias",
             "out_bias",

@@ -68,6 +68,9 @@ def block_table(config: Any) -> list[Row]:
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
         bias = config.out_bias if name == "out_proj" else config.qkv_bias
         rows += _linear(f"attention.{name}", f"attention/{name}", bias)
+    if config.qk_norm is not None:
+        for name in ("q_norm", "k_norm"):
+            rows += _norm_rows(f"attention.{name}", f"attention/{name}", config.norm)
     rows += _norm_rows("norm1", "norm1", config.norm) + _norm_rows("norm2", "norm2", config.norm)
     ffn = dict(gated=config.gated_ffn, bias=config.ffn_bias)
     if not config.use_moe:
@@ -99,6 +102,11 @@ _TORCH_SHAPES = {
     "fc3.bias": ("(d_ff,)", "(d_ff,)"),
     "shared_expert_gate.weight": ("(1, d_model)", "(d_model, 1)"),
     "gate.weight": ("(E, d_model)", "(d_model, E)"),
+    **{
+        f"{n}_norm.{w}": (f"(D,) or ({h}*D,)", f"(D,) or ({h}*D,)")
+        for n, h in (("q", "H"), ("k", "KV"))
+        for w in ("weight", "bias")
+    },
     "lm_head.weight": ("(vocab, d_model)", "(d_model, vocab)"),
 }
 
@@ -125,7 +133,7 @@ def markdown_table() -> str:
         "| torch key | torch shape | Flax path | Flax shape | transform |",
         "|---|---|---|---|---|",
     ]
-    every_option = BlockConfig(d_model=2, n_heads=1, d_ff=2, gated_ffn=True)
+    every_option = BlockConfig(d_model=2, n_heads=1, d_ff=2, gated_ffn=True, qk_norm="head")
     moe_options = replace(every_option, use_moe=True, shared_expert_d_ff=2, shared_expert_gate=True)
     block_rows = list(dict.fromkeys(block_table(every_option) + block_table(moe_options)))
     lm_rows = LM_EMBEDDINGS + [Row("blocks.{i}.<block key>", "blocks_{i}/<block path>", False)]
@@ -169,6 +177,8 @@ _CONDITIONS = {
     **{f"{n}.bias": " (layernorm only)" for n in ("norm1", "norm2", "norm")},
     **{f"attention.{n}_proj.bias": " (qkv_bias only)" for n in "qkv"},
     "attention.out_proj.bias": " (out_bias only)",
+    **{f"attention.{n}_norm.weight": " (qk_norm only; (D,) when 'head')" for n in "qk"},
+    **{f"attention.{n}_norm.bias": " (qk_norm and layernorm only)" for n in "qk"},
     **{
         f"feed_forward.{p}fc3.{w}": " (gated_ffn only)"
         for p in ("", "experts.{e}.", "shared_expert.")

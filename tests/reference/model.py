@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = dict(
     rope_theta=10000.0,
     rope_scaling=None,
     sliding_window=None,
+    qk_norm=None,
     norm_topk_prob=True,
     shared_expert_d_ff=None,
     shared_expert_gate=False,
@@ -162,14 +163,25 @@ def kv_head(h: int, s: Mapping) -> int:
     return h // (s["n_heads"] // s["n_kv_heads"])
 
 
+def qk_normed(y: np.ndarray, weights: Weights, name: str, s: Mapping, heads: int) -> np.ndarray:
+    """A q or k projection y (B, T, heads * D) split into heads (B, T, heads, D), normed as
+    qk_norm says with the weights under `name`: over the whole projection before the split
+    ("projection"), over each head after it ("head"), or not at all (None)."""
+    if s["qk_norm"] == "projection":
+        y = norm(y, weights, name, s)
+    y = y.reshape(*y.shape[:-1], heads, y.shape[-1] // heads)
+    return norm(y, weights, name, s) if s["qk_norm"] == "head" else y
+
+
 def keys_values(
     x: np.ndarray, weights: Weights, name: str, s: Mapping, positions: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """What the cache holds for x (B, L, d_model): keys (rotated with rope) and values, each
-    (B, L, n_kv_heads, head_dim); positions (B|1, L), default arange(L)."""
+    (B, L, n_kv_heads, head_dim), k normed as qk_norm says; positions (B|1, L), default
+    arange(L)."""
     B, L, _ = x.shape
     KV, D = s["n_kv_heads"], s["head_dim"]
-    k = linear(x, weights, join(name, "k_proj")).reshape(B, L, KV, D)
+    k = qk_normed(linear(x, weights, join(name, "k_proj")), weights, join(name, "k_norm"), s, KV)
     v = linear(x, weights, join(name, "v_proj")).reshape(B, L, KV, D)
     if s["positions"] == "rope":
         k = rotate(k, np.arange(L)[None, :] if positions is None else positions, inv_freq(s))
@@ -192,7 +204,8 @@ def attention(
     x = np.asarray(x, np.float64)
     B, L, _ = x.shape
     T, H, D = L - query_start, s["n_heads"], s["head_dim"]
-    q = linear(x[:, query_start:], weights, join(name, "q_proj")).reshape(B, T, H, D)
+    q = linear(x[:, query_start:], weights, join(name, "q_proj"))
+    q = qk_normed(q, weights, join(name, "q_norm"), s, H)  # (B, T, H, D)
     k, v = keys_values(x, weights, name, s, positions)
     if s["positions"] == "rope":
         pos = np.arange(L)[None, :] if positions is None else np.asarray(positions)
