@@ -12,6 +12,7 @@ import numpy as np
 from twin_core import RopeScaling, check_heads, inv_frequencies
 
 from .cache import KVCache
+from .norm import make_norm
 from .rope import apply_rope
 from .sharding import AxisNamedModule, constrain, dense_axes
 
@@ -172,9 +173,10 @@ class MultiHeadAttention(AxisNamedModule):
 
     Query head h reads key/value head h // (n_heads // n_kv_heads) (GQA; MQA at 1). With
     `positions="rope"` q and k are rotated at their tokens' positions before the cache write.
-    With `sliding_window` W a query at p sees keys k with p - W < k <= p. Scores are scaled by
-    `query_pre_attn_scalar` ** -0.5 when given (else head_dim ** -0.5) and, with
-    `attn_logit_softcap`, capped to cap * tanh(scores / cap).
+    With `sliding_window` W a query at p sees keys k with p - W < k <= p. `qk_norm` ("head" or
+    "projection") norms q and k before rope with a norm of kind `norm` (`q_norm`, `k_norm`).
+    Scores are scaled by `query_pre_attn_scalar` ** -0.5 when given (else head_dim ** -0.5)
+    and, with `attn_logit_softcap`, capped to cap * tanh(scores / cap).
 
     With a cache the T new keys are written first and the call attends to the cache's
     max_seq_len slots as they hold after the write (static shapes; `mask` covers those slots).
@@ -198,6 +200,9 @@ class MultiHeadAttention(AxisNamedModule):
     sliding_window: int | None = None
     query_pre_attn_scalar: float | None = None
     attn_logit_softcap: float | None = None
+    qk_norm: str | None = None
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(
@@ -233,7 +238,13 @@ class MultiHeadAttention(AxisNamedModule):
         q = nn.Dense(H * D, name="q_proj", **qkv, **dense_axes("embed", "heads"))(x)
         k = nn.Dense(KV * D, name="k_proj", **qkv, **dense_axes("embed", "kv_heads"))(x)
         v = nn.Dense(KV * D, name="v_proj", **qkv, **dense_axes("embed", "kv_heads"))(x)
+        if self.qk_norm == "projection":
+            q = make_norm(self.norm, self.norm_eps, name="q_norm", axis="heads", **dense)(q)
+            k = make_norm(self.norm, self.norm_eps, name="k_norm", axis="kv_heads", **dense)(k)
         q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, KV, D), v.reshape(B, T, KV, D)
+        if self.qk_norm == "head":
+            q = make_norm(self.norm, self.norm_eps, name="q_norm", axis="head_dim", **dense)(q)
+            k = make_norm(self.norm, self.norm_eps, name="k_norm", axis="head_dim", **dense)(k)
         if self.positions == "rope":
             if positions is None:
                 positions = start + jnp.arange(T)[None, :]  # (1, T)

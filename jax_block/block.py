@@ -96,6 +96,9 @@ class TransformerBlock(ConfiguredModule):
             sliding_window=config.sliding_window,
             query_pre_attn_scalar=config.query_pre_attn_scalar,
             attn_logit_softcap=config.attn_logit_softcap,
+            qk_norm=config.qk_norm,
+            norm=config.norm,
+            norm_eps=config.norm_eps,
             name="attention",
             **dtypes,
         )

@@ -17,11 +17,12 @@ class GemmaRMSNorm(AxisNamedModule):
     epsilon: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    axis: str = "embed"  # the logical name of the normed axis
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x (..., dim) -> (..., dim) in `dtype`."""
-        init = named_init(nn.initializers.zeros_init(), "embed")
+        init = named_init(nn.initializers.zeros_init(), self.axis)
         scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(
@@ -30,18 +31,26 @@ class GemmaRMSNorm(AxisNamedModule):
         return (normed * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
 
 
-def make_norm(kind: str, eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype, name: str):
-    """The norm of `kind` ("layernorm", "rmsnorm" or "gemma_rmsnorm"); statistics in float32.
+def make_norm(
+    kind: str,
+    eps: float,
+    dtype: jnp.dtype,
+    param_dtype: jnp.dtype,
+    name: str,
+    axis: str = "embed",
+):
+    """The norm of `kind` ("layernorm", "rmsnorm" or "gemma_rmsnorm") over the last axis, whose
+    logical name is `axis`; statistics in float32.
 
     LayerNorm uses the two-pass variance, as torch computes it (Flax's default fast variance
     loses digits on inputs with a large mean).
     """
     common = dict(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
     if kind == "gemma_rmsnorm":
-        return GemmaRMSNorm(**common)
-    scale_init = named_init(nn.initializers.ones_init(), "embed")
+        return GemmaRMSNorm(axis=axis, **common)
+    scale_init = named_init(nn.initializers.ones_init(), axis)
     if kind == "layernorm":
-        bias_init = named_init(nn.initializers.zeros_init(), "embed")
+        bias_init = named_init(nn.initializers.zeros_init(), axis)
         return nn.LayerNorm(
             use_fast_variance=False, scale_init=scale_init, bias_init=bias_init, **common
         )

@@ -12,6 +12,7 @@ from twin_core import RopeScaling, inv_frequencies
 
 from .cache import KVCache
 from .linear import Linear, linear_params
+from .norm import NormParams, make_norm, norm
 from .rope import apply_rope
 
 QUERY_BLOCK = 128  # queries attended together: one block's keys end at its last query's slot
@@ -47,6 +48,9 @@ class AttentionParams(NamedTuple):
     inv_freq: torch.Tensor | None  # (D/2,) float32 with rope
     scale: float  # the scores' factor: head_dim ** -0.5, or query_pre_attn_scalar ** -0.5
     softcap: float | None  # scores capped to softcap * tanh(scores / softcap)
+    qk_norm: str | None  # "head", "projection" or None
+    q_norm: NormParams | None  # (D,) per head, (H * D,) over the projection
+    k_norm: NormParams | None  # (D,) per head, (KV * D,) over the projection
 
 
 def split_heads(y: torch.Tensor, B: int, T: int, n: int, D: int) -> torch.Tensor:
@@ -57,13 +61,17 @@ def split_heads(y: torch.Tensor, B: int, T: int, n: int, D: int) -> torch.Tensor
 def project(
     x: torch.Tensor, params: AttentionParams, positions: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q (B, H, T, D), k and v (B, KV, T, D) of x (B, T, d_model); with rope, q and k rotated
-    at `positions` (B|1, T)."""
+    """q (B, H, T, D), k and v (B, KV, T, D) of x (B, T, d_model); q and k normed (qk_norm)
+    and, with rope, rotated at `positions` (B|1, T)."""
     B, T, d_model = x.shape
     H, KV, D = params.n_heads, params.n_kv_heads, params.head_dim
     tokens = x.reshape(B * T, d_model)  # nn.Linear's own product of a 3-d input
-    q = split_heads(F.linear(tokens, *params.q), B, T, H, D)
-    k = split_heads(F.linear(tokens, *params.k), B, T, KV, D)
+    q, k = F.linear(tokens, *params.q), F.linear(tokens, *params.k)  # (B * T, H|KV * D)
+    if params.qk_norm == "projection":
+        q, k = norm(q, params.q_norm), norm(k, params.k_norm)
+    q, k = split_heads(q, B, T, H, D), split_heads(k, B, T, KV, D)
+    if params.qk_norm == "head":
+        q, k = norm(q, params.q_norm), norm(k, params.k_norm)
     v = split_heads(F.linear(tokens, *params.v), B, T, KV, D)
     if params.inv_freq is not None:
         q = apply_rope(q, positions, params.inv_freq)
@@ -129,9 +137,10 @@ class MultiHeadAttention(nn.Module):
 
     Query head h reads key/value head h // (n_heads // n_kv_heads) (GQA; MQA at 1). With
     `positions="rope"` q and k are rotated at their tokens' positions before the cache write.
-    With `sliding_window` W a query at p sees keys k with p - W < k <= p. Scores are scaled by
-    `query_pre_attn_scalar` ** -0.5 when given (else head_dim ** -0.5) and, with
-    `attn_logit_softcap`, capped to cap * tanh(scores / cap).
+    With `sliding_window` W a query at p sees keys k with p - W < k <= p. `qk_norm` ("head" or
+    "projection") norms q and k before rope with a norm of kind `norm` (`q_norm`, `k_norm`).
+    Scores are scaled by `query_pre_attn_scalar` ** -0.5 when given (else head_dim ** -0.5)
+    and, with `attn_logit_softcap`, capped to cap * tanh(scores / cap).
 
     Training calls, and eval calls with at most WHOLE_SCORES scores, attend every query at once
     with the original project's arithmetic (its outputs bit for bit). Longer eval inputs are
@@ -156,6 +165,9 @@ class MultiHeadAttention(nn.Module):
         sliding_window: int | None = None,
         query_pre_attn_scalar: float | None = None,
         attn_logit_softcap: float | None = None,
+        qk_norm: str | None = None,
+        norm: str = "rmsnorm",
+        norm_eps: float = 1e-6,
     ):
         super().__init__()
         if n_heads < 1 or (head_dim is None and d_model % n_heads != 0):
@@ -177,6 +189,11 @@ class MultiHeadAttention(nn.Module):
         self.k_proj = nn.Linear(d_model, KV * D, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, KV * D, bias=qkv_bias)
         self.out_proj = nn.Linear(H * D, d_model, bias=out_bias)
+        self.qk_norm = qk_norm
+        if qk_norm is not None:
+            q_dim, k_dim = (D, D) if qk_norm == "head" else (H * D, KV * D)
+            self.q_norm = make_norm(norm, q_dim, norm_eps)
+            self.k_norm = make_norm(norm, k_dim, norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.rope = positions == "rope"
         if self.rope:
@@ -205,6 +222,9 @@ class MultiHeadAttention(nn.Module):
             inv_freq=self.inv_freq if self.rope else None,
             scale=self.scale,
             softcap=self.softcap,
+            qk_norm=self.qk_norm,
+            q_norm=None if self.qk_norm is None else self.q_norm.params(),
+            k_norm=None if self.qk_norm is None else self.k_norm.params(),
         )
 
     def forward(

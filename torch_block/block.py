@@ -63,6 +63,9 @@ class TransformerBlock(nn.Module):
             sliding_window=config.sliding_window,
             query_pre_attn_scalar=config.query_pre_attn_scalar,
             attn_logit_softcap=config.attn_logit_softcap,
+            qk_norm=config.qk_norm,
+            norm=config.norm,
+            norm_eps=config.norm_eps,
         )
         self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps)
         self.norm2 = make_norm(config.norm, config.d_model, config.norm_eps)

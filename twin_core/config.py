@@ -14,8 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 NORMS = ("layernorm", "rmsnorm", "gemma_rmsnorm")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names of attention kinds
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 POSITIONS = ("learned", "rope")
+QK_NORMS = ("head", "projection")  # q/k norm over each head, or over the whole projection
 # The Llama family's switches, which Mistral, Qwen2 and Mixtral start from: RMSNorm, gated SiLU
 # feed-forward, rope, no biases. `BlockConfig(**LLAMA_OPTIONS, d_model=...)`, or
 # `dict(LLAMA_OPTIONS, qkv_bias=True)` for Qwen2's attention.
@@ -75,6 +77,9 @@ class Architecture:
     positions: "learned" (an embedding in the LM) or "rope" (rotate q and k by `rope_theta`,
         optionally with llama3 `rope_scaling`).
     sliding_window: a query at p attends keys k with p - W < k <= p (None: every earlier key).
+    qk_norm: a norm of the block's kind on q and k before rope: "head" over each head's
+        head_dim (Qwen3), "projection" over the whole q and k projections before the split
+        into heads (OLMoE); None: none.
     norm_topk_prob: renormalise the k routing weights (False keeps the softmax probabilities).
     shared_expert_d_ff: a shared expert applied to every token (None: none);
         shared_expert_gate scales it by sigmoid(x @ w).
@@ -97,6 +102,7 @@ class Architecture:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     sliding_window: int | None = None
+    qk_norm: str | None = None
     norm_topk_prob: bool = True
     shared_expert_d_ff: int | None = None
     shared_expert_gate: bool = False
@@ -127,6 +133,7 @@ class Architecture:
         family = [f.name for f in dataclasses.fields(Architecture)]
         names = [f.name for f in dataclasses.fields(self) if f.name not in family] + family
         out = {name: getattr(self, name) for name in names}
+        out.update({k: list(v) for k, v in out.items() if isinstance(v, tuple)})
         if self.rope_scaling is not None:
             out["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
         return out
@@ -174,6 +181,10 @@ class Architecture:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
+            raise ValueError(
+                f"qk_norm must be one of {list(QK_NORMS)} or None, got {self.qk_norm!r}"
+            )
         for name in (
             "qkv_bias",
             "out_bias",
@@ -244,6 +255,12 @@ class BlockConfig(Architecture):
 class LMConfig(Architecture):
     """Everything that defines a TransformerLM in both frameworks (always causal).
 
+    Per layer (`block_configs()` resolves them; None and () keep every layer the same):
+    layer_types: one of LAYER_TYPES per layer, transformers' names; a "sliding_attention"
+        layer attends within `sliding_window`, a "full_attention" one to every earlier key
+        (None: every layer sliding when sliding_window is set, else full).
+    dense_layers: in an MoE model, the layers whose feed-forward is dense, of width
+        `dense_d_ff` (None: d_ff) and without a shared expert.
     embed_scale: the token embeddings times sqrt(d_model), that factor rounded to the compute
         dtype (Gemma). final_logit_softcap: logits capped to cap * tanh(logits / cap) (None: no
         cap). local_rope_theta: the rope base of the sliding-window layers, which then rotate
@@ -264,6 +281,9 @@ class LMConfig(Architecture):
     expert_capacity_factor: float | None = 1.25
     tie_embeddings: bool = True
     router_z_loss_coef: float = 0.0
+    layer_types: tuple[str, ...] | None = None
+    dense_layers: tuple[int, ...] = ()
+    dense_d_ff: int | None = None
     embed_scale: bool = False
     final_logit_softcap: float | None = None
     local_rope_theta: float | None = None
@@ -281,16 +301,52 @@ class LMConfig(Architecture):
                 _check_number(name, getattr(self, name), "> 0 (or None)", lambda v: v > 0)
         if self.local_rope_theta is not None and self.positions != "rope":
             raise ValueError("local_rope_theta is set but positions is not 'rope'")
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        """Validate the per-layer fields; lists become tuples (the config stays hashable)."""
+        if self.layer_types is not None:
+            types_ = _as_tuple("layer_types", self.layer_types)
+            object.__setattr__(self, "layer_types", types_)
+            if len(types_) != self.n_layers:
+                raise ValueError(
+                    f"layer_types must name {self.n_layers} layers (n_layers), got {len(types_)}"
+                )
+            unknown = sorted({t for t in types_ if t not in LAYER_TYPES}, key=str)
+            if unknown:
+                raise ValueError(f"layer_types must hold {list(LAYER_TYPES)}, got {unknown}")
+            if "sliding_attention" in types_ and self.sliding_window is None:
+                sliding = [i for i, t in enumerate(types_) if t == "sliding_attention"]
+                raise ValueError(
+                    f"layer_types: layers {sliding} are 'sliding_attention' but sliding_window "
+                    "is None (set the window's width)"
+                )
+        dense = _as_tuple("dense_layers", self.dense_layers)
+        wrong = [i for i in dense if isinstance(i, bool) or not isinstance(i, int)]
+        wrong += [i for i in dense if i not in wrong and not 0 <= i < self.n_layers]
+        if wrong:
+            raise ValueError(
+                f"dense_layers must hold layer indices in [0, n_layers={self.n_layers}), "
+                f"got {wrong}"
+            )
+        if len(set(dense)) != len(dense):
+            raise ValueError(f"dense_layers must not repeat a layer, got {list(dense)}")
+        object.__setattr__(self, "dense_layers", tuple(sorted(dense)))
+        if dense and not self.use_moe:
+            raise ValueError("dense_layers needs use_moe=True (the dense layers of an MoE model)")
+        if self.dense_d_ff is not None:
+            _check_positive_int("dense_d_ff", self.dense_d_ff)
+            if not dense:
+                raise ValueError("dense_d_ff is set but dense_layers is empty (no dense layer)")
 
     def block_configs(self) -> tuple[BlockConfig, ...]:
         """The config of each block, layer 0 first (n_layers of them).
 
-        A sliding-window layer rotates with `local_rope_theta` and no scaling when that is set.
-        The LMs build and size each layer from its own entry.
+        A "full_attention" layer of `layer_types` has no window (sliding_window None); a
+        sliding one rotates with `local_rope_theta` and no scaling when that is set; a layer of
+        `dense_layers` has a dense feed-forward of width `dense_d_ff` (None: d_ff) and no
+        shared expert. The LMs build each layer, and size its cache, from its own entry.
         """
-        architecture = self.architecture()
-        if self.sliding_window is not None and self.local_rope_theta is not None:
-            architecture.update(rope_theta=self.local_rope_theta, rope_scaling=None)
         block = BlockConfig(
             d_model=self.d_model,
             n_heads=self.n_heads,
@@ -302,9 +358,31 @@ class LMConfig(Architecture):
             causal=True,
             expert_capacity_factor=self.expert_capacity_factor,
             router_z_loss_coef=self.router_z_loss_coef,
-            **architecture,
+            **self.architecture(),
         )
-        return (block,) * self.n_layers
+        full = dataclasses.replace(block, sliding_window=None)
+        if self.local_rope_theta is not None:  # Gemma 3: the sliding layers' own rope
+            block = dataclasses.replace(block, rope_theta=self.local_rope_theta, rope_scaling=None)
+        blocks = []
+        for i in range(self.n_layers):
+            layer = full if self.layer_type(i) == "full_attention" else block
+            if i in self.dense_layers:
+                layer = dataclasses.replace(
+                    layer,
+                    use_moe=False,
+                    d_ff=self.d_ff if self.dense_d_ff is None else self.dense_d_ff,
+                    shared_expert_d_ff=None,
+                    shared_expert_gate=False,
+                )
+            blocks.append(layer)
+        return tuple(blocks)
+
+    def layer_type(self, i: int) -> str:
+        """Layer i's attention kind: "sliding_attention" (a window of sliding_window) or
+        "full_attention"; without layer_types every layer is sliding when sliding_window is set."""
+        if self.layer_types is not None:
+            return self.layer_types[i]
+        return "full_attention" if self.sliding_window is None else "sliding_attention"
 
 
 def check_moe_config(num_experts: int, top_k: int, expert_capacity_factor: float | None) -> None:
@@ -342,6 +420,12 @@ def _check_block(config: BlockConfig | LMConfig) -> None:
     config._check_architecture()
 
 
+def _as_tuple(name: str, value: Any) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a tuple (or list), got {type(value).__name__} {value!r}")
+    return tuple(value)
+
+
 def _check_positive_int(name: str, value: Any, what: str = "int") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive {what} (>= 1), got {value!r}")
@@ -363,10 +447,15 @@ _TYPES = {
 
 
 def _is_of_type(value: Any, annotation: str) -> bool:
-    """Whether a JSON value fits a field annotation such as "int | None"."""
+    """Whether a JSON value fits a field annotation such as "int | None" or "tuple[int, ...]"
+    (a list or tuple of such values)."""
     for part in (p.strip() for p in annotation.split("|")):
         if part == "None" and value is None:
             return True
+        if part.startswith("tuple[") and isinstance(value, (list, tuple)):
+            item = part.removeprefix("tuple[").removesuffix(", ...]")
+            if all(_is_of_type(v, item) for v in value):
+                return True
         if part == "RopeScaling" and isinstance(value, (Mapping, RopeScaling)):
             return True
         kinds = _TYPES.get(part, ())

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import reference as ref
 import torch
-from family_configs import BAD, BASE, BLOCKS, LLAMA3_SCALING
+from family_configs import BAD, BAD_LAYERS, BASE, BLOCKS, LLAMA3_SCALING, LMS
 
 import jax_block
 import torch_block
-from twin_core import inv_frequencies
+from twin_core import LMConfig, inv_frequencies
 
 LM_FIELDS = dict(vocab_size=64, max_seq_len=32, n_layers=1)
 
@@ -31,6 +31,37 @@ def test_a_bad_configuration_is_refused_with_the_same_message_in_both(name, modu
     assert messages[0] == messages[1]
     for word in words:
         assert word in messages[0], (word, messages[0])
+
+
+@pytest.mark.parametrize("name", BAD_LAYERS)
+def test_bad_per_layer_fields_are_refused_with_the_same_message_in_both(name):
+    fields, words = BAD_LAYERS[name]
+    kwargs = {**BASE, **LM_FIELDS, "n_layers": 2, **fields}
+    messages = []
+    for build in (torch_block.TransformerLM, jax_block.TransformerLM.create):
+        with pytest.raises(ValueError) as info:
+            build(**kwargs)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    for word in words:
+        assert word in messages[0], (word, messages[0])
+
+
+def test_block_configs_resolve_the_per_layer_fields():
+    config = LMConfig(**LMS["mixed_layers"])
+    sliding, dense = config.block_configs()
+    assert (sliding.sliding_window, sliding.use_moe, sliding.shared_expert_d_ff) == (3, True, 40)
+    assert (dense.sliding_window, dense.use_moe, dense.d_ff) == (None, False, 56)
+    assert (dense.shared_expert_d_ff, dense.shared_expert_gate) == (None, False)
+    compact = LMConfig(**{**LMS["mixed_layers"], "layer_types": None, "dense_d_ff": None})
+    assert {b.sliding_window for b in compact.block_configs()} == {3}  # every layer sliding
+    # JSON lists in, tuples kept (the config stays hashable: a static argument of jit)
+    data = config.to_dict()
+    assert data["layer_types"] == ["sliding_attention", "full_attention"]
+    assert data["dense_layers"] == [1]
+    assert LMConfig.from_dict(data) == config and hash(LMConfig.from_dict(data)) == hash(config)
+    with pytest.raises(ValueError, match="layer_types=3"):
+        LMConfig.from_dict({**data, "layer_types": 3})
 
 
 # --------------------------------------------------------------------------- the references

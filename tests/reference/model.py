@@ -34,10 +34,14 @@ DEFAULTS: dict[str, Any] = dict(
     rope_theta=10000.0,
     rope_scaling=None,
     sliding_window=None,
+    qk_norm=None,
     norm_topk_prob=True,
     shared_expert_d_ff=None,
     shared_expert_gate=False,
     tie_embeddings=True,
+    layer_types=None,
+    dense_layers=(),
+    dense_d_ff=None,
 )
 
 Weights = Mapping[str, np.ndarray]
@@ -159,14 +163,25 @@ def kv_head(h: int, s: Mapping) -> int:
     return h // (s["n_heads"] // s["n_kv_heads"])
 
 
+def qk_normed(y: np.ndarray, weights: Weights, name: str, s: Mapping, heads: int) -> np.ndarray:
+    """A q or k projection y (B, T, heads * D) split into heads (B, T, heads, D), normed as
+    qk_norm says with the weights under `name`: over the whole projection before the split
+    ("projection"), over each head after it ("head"), or not at all (None)."""
+    if s["qk_norm"] == "projection":
+        y = norm(y, weights, name, s)
+    y = y.reshape(*y.shape[:-1], heads, y.shape[-1] // heads)
+    return norm(y, weights, name, s) if s["qk_norm"] == "head" else y
+
+
 def keys_values(
     x: np.ndarray, weights: Weights, name: str, s: Mapping, positions: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """What the cache holds for x (B, L, d_model): keys (rotated with rope) and values, each
-    (B, L, n_kv_heads, head_dim); positions (B|1, L), default arange(L)."""
+    (B, L, n_kv_heads, head_dim), k normed as qk_norm says; positions (B|1, L), default
+    arange(L)."""
     B, L, _ = x.shape
     KV, D = s["n_kv_heads"], s["head_dim"]
-    k = linear(x, weights, join(name, "k_proj")).reshape(B, L, KV, D)
+    k = qk_normed(linear(x, weights, join(name, "k_proj")), weights, join(name, "k_norm"), s, KV)
     v = linear(x, weights, join(name, "v_proj")).reshape(B, L, KV, D)
     if s["positions"] == "rope":
         k = rotate(k, np.arange(L)[None, :] if positions is None else positions, inv_freq(s))
@@ -189,7 +204,8 @@ def attention(
     x = np.asarray(x, np.float64)
     B, L, _ = x.shape
     T, H, D = L - query_start, s["n_heads"], s["head_dim"]
-    q = linear(x[:, query_start:], weights, join(name, "q_proj")).reshape(B, T, H, D)
+    q = linear(x[:, query_start:], weights, join(name, "q_proj"))
+    q = qk_normed(q, weights, join(name, "q_norm"), s, H)  # (B, T, H, D)
     k, v = keys_values(x, weights, name, s, positions)
     if s["positions"] == "rope":
         pos = np.arange(L)[None, :] if positions is None else np.asarray(positions)
@@ -315,6 +331,19 @@ def block(
     return h + result.out, result
 
 
+def layer_spec(s: Mapping, i: int) -> dict[str, Any]:
+    """Layer i's spec in an LM spec: a "full_attention" layer of layer_types has no window (a
+    "sliding_attention" one keeps sliding_window; without layer_types every layer does); a layer
+    of dense_layers is a dense feed-forward (dense_d_ff wide) without a shared expert."""
+    out = dict(s)
+    if s["layer_types"] is not None and s["layer_types"][i] == "full_attention":
+        out["sliding_window"] = None
+    if i in s["dense_layers"]:
+        out.update(use_moe=False, shared_expert_d_ff=None, shared_expert_gate=False)
+        out["d_ff"] = s["dense_d_ff"] or s["d_ff"]
+    return out
+
+
 def real_positions(attention_mask: np.ndarray) -> np.ndarray:
     """(B, T): the number of real tokens before each slot, counted in a loop (pads: 0)."""
     positions = np.zeros(attention_mask.shape, np.int64)
@@ -331,7 +360,7 @@ def lm(
 ) -> tuple[np.ndarray, float]:
     """The LM in eval mode: logits (B, T, vocab_size) and the summed MoE aux loss (0.0 when
     dense). Embedding (+ learned positions), blocks with pad keys masked and positions counting
-    real tokens, final norm, head (tied by default)."""
+    real tokens (each layer as `layer_spec` says), final norm, head (tied by default)."""
     ids = np.asarray(ids)
     B, T = ids.shape
     attention_mask = np.ones((B, T), np.int64) if attention_mask is None else attention_mask
@@ -342,7 +371,7 @@ def lm(
     key_mask = np.asarray(attention_mask).astype(bool)[:, None, None, :]  # (B, 1, 1, T)
     aux = 0.0
     for i in range(s["n_layers"]):
-        x, result = block(x, weights, s, key_mask, positions, name=f"blocks.{i}")
+        x, result = block(x, weights, layer_spec(s, i), key_mask, positions, name=f"blocks.{i}")
         aux += 0.0 if result is None else result.aux
     x = norm(x, weights, "norm", s)
     head = weights["token_embedding.weight" if s["tie_embeddings"] else "lm_head.weight"]
