@@ -54,6 +54,24 @@ BLOCKS: dict[str, dict[str, Any]] = {
         norm_topk_prob=False,
     ),
     "layernorm_qk_norm": dict(BASE, qk_norm="head"),  # the block's norm kind: with biases
+    # Gemma 2: Gemma's RMSNorm, sandwich norms, gated gelu_tanh, its own query scale, softcapped
+    # scores (a cap of 2 acts on unit-scale scores); Gemma 3: q/k norm per head, no softcap
+    "gemma2": dict(
+        LLAMA,
+        norm="gemma_rmsnorm",
+        activation="gelu_tanh",
+        sandwich_norms=True,
+        query_pre_attn_scalar=6,
+        attn_logit_softcap=2.0,
+    ),
+    "gemma3": dict(
+        LLAMA,
+        norm="gemma_rmsnorm",
+        activation="gelu_tanh",
+        sandwich_norms=True,
+        query_pre_attn_scalar=6,
+        qk_norm="head",
+    ),
     "shared_ungated": dict(
         BASE, use_moe=True, num_experts=3, top_k_experts=1, shared_expert_d_ff=24
     ),
@@ -72,6 +90,26 @@ LMS: dict[str, dict[str, Any]] = {
     "qwen2_moe": dict(_LM, **BLOCKS["qwen2_moe"]),
     "qwen3": dict(_LM, **BLOCKS["qwen3"]),
     "olmoe": dict(_LM, **BLOCKS["olmoe"], tie_embeddings=False),
+    # Gemma: embeddings times sqrt(d_model), sliding and full layers; Gemma 2 softcaps its
+    # logits, Gemma 3's sliding layers rotate with their own base (its full ones llama3-scaled)
+    "gemma2": dict(
+        _LM,
+        **BLOCKS["gemma2"],
+        embed_scale=True,
+        final_logit_softcap=3.0,
+        sliding_window=WINDOW,
+        layer_types=("sliding_attention", "full_attention"),
+    ),
+    "gemma3": dict(
+        _LM,
+        **BLOCKS["gemma3"],
+        embed_scale=True,
+        sliding_window=WINDOW,
+        layer_types=("sliding_attention", "full_attention"),
+        rope_theta=1e6,
+        rope_scaling=LLAMA3_SCALING,
+        local_rope_theta=100.0,
+    ),
     # per-layer: layer 0 sliding with MoE, layer 1 full attention with a dense feed-forward
     "mixed_layers": dict(
         _LM,

@@ -1,12 +1,16 @@
-"""Tiny Hugging Face models of the six families, built by transformers itself, for the HF tests.
+"""Tiny Hugging Face models of the families, built by transformers itself, for the HF tests.
 
 Weights are redrawn at unit scale (embeddings N(0, 1), matrices N(0, 1/fan_in), norm weights
 near 1, biases N(0, 0.2)) so that logits spread over several units and greedy choices and
 expert routing are far from ties; transformers' own init (std 0.02) leaves them near ties.
+Gemma multiplies its embeddings by sqrt(hidden_size) and its norms by (1 + weight): there the
+embeddings are N(0, 1/hidden_size) and the norm weights near 0, the same scales in effect.
+Gemma's models attend eagerly (`EAGER`): its softcapping has no other attention in transformers.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,9 @@ _ROPE = dict(
     max_position_embeddings=64,
     **NO_TOKENS,
 )
-WINDOW = 5  # mistral's window: shorter than the greedy test's prompts + new tokens
+WINDOW = 5  # mistral's and Gemma's window: shorter than the greedy test's prompts + new tokens
+ALTERNATING = ["sliding_attention", "full_attention"]  # Gemma's layer kinds, two layers
+EAGER = ("gemma2", "gemma3_text")
 
 CONFIGS: dict[str, Any] = {
     "gpt2": lambda: transformers.GPT2Config(
@@ -45,6 +51,19 @@ CONFIGS: dict[str, Any] = {
         moe_intermediate_size=24,
         shared_expert_intermediate_size=40,
     ),
+    # softcaps small enough to act on unit-scale scores and logits; a query scale of its own
+    "gemma2": lambda: transformers.Gemma2Config(
+        **_ROPE,
+        head_dim=8,
+        query_pre_attn_scalar=6,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=5.0,
+        sliding_window=WINDOW,
+        layer_types=ALTERNATING,
+    ),
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(
+        **_ROPE, head_dim=8, query_pre_attn_scalar=8, sliding_window=WINDOW, layer_types=ALTERNATING
+    ),
     # every llama option on: llama3 rope scaling, attention and MLP biases, tied embeddings
     "llama_options": lambda: transformers.LlamaConfig(
         **{**_ROPE, "num_key_value_heads": 1},
@@ -61,21 +80,22 @@ CONFIGS: dict[str, Any] = {
         },
     ),
 }
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "gemma2", "gemma3_text")
 
 
 def rescale(model: torch.nn.Module, seed: int) -> None:
     """Redraw every parameter at unit scale (see the module docstring), in place."""
     generator = torch.Generator().manual_seed(seed)
+    gemma = model.config.model_type in EAGER
     conv1d = transformers.pytorch_utils.Conv1D
     fan_in_first = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, conv1d)}
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=generator)
             if "embed" in name or name.endswith(("wte.weight", "wpe.weight")):
-                p.copy_(noise)
+                p.copy_(noise / math.sqrt(p.shape[-1]) if gemma else noise)
             elif p.dim() == 1 and ("norm" in name or ".ln_" in name):
-                p.copy_(1 + 0.1 * noise)
+                p.copy_(0.1 * noise if gemma else 1 + 0.1 * noise)
             elif p.dim() == 1:
                 p.copy_(0.2 * noise)
             else:
@@ -90,9 +110,14 @@ def build(name: str, seed: int = 0, **fields: Any) -> transformers.PreTrainedMod
     config = CONFIGS[name]()
     for key, value in fields.items():
         setattr(config, key, value)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = transformers.AutoModelForCausalLM.from_config(config, **attention(name))
     rescale(model, seed)
     return model.eval()
+
+
+def attention(name: str) -> dict[str, str]:
+    """from_config's / from_pretrained's attention choice for the model `name`."""
+    return {"attn_implementation": "eager"} if name in EAGER else {}
 
 
 def save(model: transformers.PreTrainedModel, directory: Path, **kwargs: Any) -> Path:
@@ -102,10 +127,11 @@ def save(model: transformers.PreTrainedModel, directory: Path, **kwargs: Any) ->
 
 
 def load(directory: Path, **kwargs: Any) -> transformers.PreTrainedModel:
-    """AutoModelForCausalLM.from_pretrained, asserting no missing, unexpected or mismatched
-    keys; eval mode."""
+    """AutoModelForCausalLM.from_pretrained (Gemma attending eagerly), asserting no missing,
+    unexpected or mismatched keys; eval mode."""
+    family = json.loads((Path(directory) / "config.json").read_text())["model_type"]
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, output_loading_info=True, **kwargs
+        directory, output_loading_info=True, **attention(family), **kwargs
     )
     problems = {k: v for k, v in info.items() if v}
     assert not problems, problems

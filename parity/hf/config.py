@@ -227,6 +227,7 @@ def _gemma_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
         tie_embeddings=_bool(data, "tie_word_embeddings", True),
         sandwich_norms=True,
         embed_scale=True,
+        qk_norm="head" if gemma3 else None,
         query_pre_attn_scalar=_size(data, "query_pre_attn_scalar", 256),  # an int, as HF's
         final_logit_softcap=_optional_positive(
             data, "final_logit_softcapping", None if gemma3 else 30.0
@@ -490,8 +491,9 @@ _GEMMA: list[Requirement] = [
         "a whole number (an int in config.json) or None",
     ),
 ]
-REQUIREMENTS["gemma2"] = _GEMMA + [_is("local_rope_theta", None)]
+REQUIREMENTS["gemma2"] = _GEMMA + [_is("qk_norm", None), _is("local_rope_theta", None)]
 REQUIREMENTS["gemma3_text"] = _GEMMA + [
+    _is("qk_norm", "head"),
     _is("attn_logit_softcap", None),
     (
         "local_rope_theta",
@@ -653,8 +655,7 @@ def _gemma_config(config: LMConfig, family: str) -> dict[str, Any]:
 
 def _layer_types(config: LMConfig) -> list[str]:
     """transformers' layer_types: each layer's attention kind."""
-    kind = "full_attention" if config.sliding_window is None else "sliding_attention"
-    return [kind] * config.n_layers
+    return [config.layer_type(i) for i in range(config.n_layers)]
 
 
 def _float_or_none(value: float | None) -> float | None:

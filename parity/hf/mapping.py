@@ -53,10 +53,10 @@ def _linear(ours: str, hf: str, out: str, inp: str, bias: bool, conv1d: bool = F
     return rows
 
 
-def _norm(ours: str, hf: str, layernorm: bool) -> list[HFRow]:
-    rows = [HFRow(f"{ours}.weight", "(d_model,)", f"{hf}.weight", "(d_model,)", COPY)]
+def _norm(ours: str, hf: str, layernorm: bool, size: str = "(d_model,)") -> list[HFRow]:
+    rows = [HFRow(f"{ours}.weight", size, f"{hf}.weight", size, COPY)]
     if layernorm:
-        rows.append(HFRow(f"{ours}.bias", "(d_model,)", f"{hf}.bias", "(d_model,)", COPY))
+        rows.append(HFRow(f"{ours}.bias", size, f"{hf}.bias", size, COPY))
     return rows
 
 
@@ -117,6 +117,9 @@ def _rope_block(family: str, config: LMConfig) -> list[HFRow]:
     rows += _linear(
         f"{b}.attention.out_proj", f"{h}.self_attn.o_proj", "d_model", "H*D", config.out_bias
     )
+    if config.qk_norm == "head":  # Gemma 3: q_norm and k_norm over each head
+        for name in ("q_norm", "k_norm"):
+            rows += _norm(f"{b}.attention.{name}", f"{h}.self_attn.{name}", False, "(D,)")
     if config.sandwich_norms:  # Gemma: each sublayer's input and output normed
         rows += _norm(f"{b}.post_attention_norm", f"{h}.post_attention_layernorm", False)
         rows += _norm(f"{b}.norm2", f"{h}.pre_feedforward_layernorm", False)
@@ -290,15 +293,17 @@ def markdown_tables() -> str:
             "q/k/v with qkv_bias; attention and the rest as llama",
         ),
         (
-            "gemma2",
+            "gemma3_text",
             LMConfig(
                 **base,
                 **{**rope, "norm": "gemma_rmsnorm"},
+                qk_norm="head",
                 sandwich_norms=True,
                 embed_scale=True,
             ),
             "norm",
-            "with attention_bias, as llama; the rest as llama; gemma3_text: the same rows",
+            "with attention_bias, as llama; the rest as llama; gemma2: the same rows without "
+            "q_norm, k_norm",
         ),
     ]
     parts = []

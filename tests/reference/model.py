@@ -42,6 +42,12 @@ DEFAULTS: dict[str, Any] = dict(
     layer_types=None,
     dense_layers=(),
     dense_d_ff=None,
+    sandwich_norms=False,
+    query_pre_attn_scalar=None,
+    attn_logit_softcap=None,
+    embed_scale=False,
+    final_logit_softcap=None,
+    local_rope_theta=None,
 )
 
 Weights = Mapping[str, np.ndarray]
@@ -96,10 +102,13 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def norm(x: np.ndarray, weights: Weights, name: str, s: Mapping) -> np.ndarray:
-    """The spec's norm (LayerNorm or RMSNorm) with the weights under `name`."""
+    """The spec's norm (LayerNorm, RMSNorm, or Gemma's RMSNorm: RMSNorm times (1 + weight)) with
+    the weights under `name`."""
     x = np.asarray(x, np.float64)
     if s["norm"] == "rmsnorm":
         return rms_norm(x, weights[join(name, "weight")], s["norm_eps"])
+    if s["norm"] == "gemma_rmsnorm":
+        return rms_norm(x, 1.0 + weights[join(name, "weight")], s["norm_eps"])
     return layer_norm(x, weights[join(name, "weight")], weights[join(name, "bias")], s["norm_eps"])
 
 
@@ -214,6 +223,8 @@ def attention(
     if mask is not None:
         given = np.broadcast_to(np.asarray(mask).astype(bool), (B, H, T, L))
     out = np.zeros((B, T, H, D))
+    scalar = D if s["query_pre_attn_scalar"] is None else s["query_pre_attn_scalar"]
+    cap = s["attn_logit_softcap"]  # scores capped to cap * tanh(scores / cap)
     for b in range(B):
         for h in range(H):
             g = kv_head(h, s)
@@ -222,7 +233,9 @@ def attention(
                 keys = np.flatnonzero(allowed & given[b, h, t])
                 if keys.size == 0:
                     continue
-                scores = k[b, keys, g] @ q[b, t, h] / math.sqrt(D)
+                scores = k[b, keys, g] @ q[b, t, h] / math.sqrt(scalar)
+                if cap is not None:
+                    scores = cap * np.tanh(scores / cap)
                 p = np.exp(scores - scores.max())
                 out[b, t, h] = (p / p.sum()) @ v[b, keys, g]
     return linear(out.reshape(B, T, H * D), weights, join(name, "out_proj"))
@@ -320,24 +333,35 @@ def block(
     capacity_factor: float | None = None,
 ) -> tuple[np.ndarray, MoEOut | None]:
     """The pre-norm block without dropout: the output (B, T, d_model) and, for the MoE, what
-    it computed (capacity_factor as in `moe`)."""
+    it computed (capacity_factor as in `moe`). With sandwich_norms the attention's and the
+    feed-forward's outputs are normed (post_attention_norm, post_feed_forward_norm) before
+    their residual adds."""
     x = np.asarray(x, np.float64)
+
+    def output(y: np.ndarray, norm_name: str) -> np.ndarray:
+        return norm(y, weights, join(name, norm_name), s) if s["sandwich_norms"] else y
+
     normed = norm(x, weights, join(name, "norm1"), s)
-    h = x + attention(normed, weights, join(name, "attention"), s, mask, positions)
+    attn = attention(normed, weights, join(name, "attention"), s, mask, positions)
+    h = x + output(attn, "post_attention_norm")
     normed = norm(h, weights, join(name, "norm2"), s)
     if not s["use_moe"]:
-        return h + feed_forward(normed, weights, join(name, "feed_forward"), s), None
+        ff = feed_forward(normed, weights, join(name, "feed_forward"), s)
+        return h + output(ff, "post_feed_forward_norm"), None
     result = moe(normed, weights, join(name, "feed_forward"), s, capacity_factor)
-    return h + result.out, result
+    return h + output(result.out, "post_feed_forward_norm"), result
 
 
 def layer_spec(s: Mapping, i: int) -> dict[str, Any]:
     """Layer i's spec in an LM spec: a "full_attention" layer of layer_types has no window (a
     "sliding_attention" one keeps sliding_window; without layer_types every layer does); a layer
-    of dense_layers is a dense feed-forward (dense_d_ff wide) without a shared expert."""
+    of dense_layers is a dense feed-forward (dense_d_ff wide) without a shared expert; a sliding
+    layer rotates with local_rope_theta, unscaled, when that is set."""
     out = dict(s)
     if s["layer_types"] is not None and s["layer_types"][i] == "full_attention":
         out["sliding_window"] = None
+    if out["sliding_window"] is not None and s["local_rope_theta"] is not None:
+        out.update(rope_theta=s["local_rope_theta"], rope_scaling=None)
     if i in s["dense_layers"]:
         out.update(use_moe=False, shared_expert_d_ff=None, shared_expert_gate=False)
         out["d_ff"] = s["dense_d_ff"] or s["d_ff"]
@@ -360,12 +384,16 @@ def lm(
 ) -> tuple[np.ndarray, float]:
     """The LM in eval mode: logits (B, T, vocab_size) and the summed MoE aux loss (0.0 when
     dense). Embedding (+ learned positions), blocks with pad keys masked and positions counting
-    real tokens (each layer as `layer_spec` says), final norm, head (tied by default)."""
+    real tokens (each layer as `layer_spec` says), final norm, head (tied by default). With
+    embed_scale the token embeddings are times sqrt(d_model); with final_logit_softcap the
+    logits are capped."""
     ids = np.asarray(ids)
     B, T = ids.shape
     attention_mask = np.ones((B, T), np.int64) if attention_mask is None else attention_mask
     positions = real_positions(np.asarray(attention_mask))  # (B, T)
     x = weights["token_embedding.weight"][ids]  # (B, T, d_model)
+    if s["embed_scale"]:
+        x = x * math.sqrt(s["d_model"])
     if s["positions"] == "learned":
         x = x + weights["position_embedding.weight"][positions]
     key_mask = np.asarray(attention_mask).astype(bool)[:, None, None, :]  # (B, 1, 1, T)
@@ -375,7 +403,8 @@ def lm(
         aux += 0.0 if result is None else result.aux
     x = norm(x, weights, "norm", s)
     head = weights["token_embedding.weight" if s["tie_embeddings"] else "lm_head.weight"]
-    return x @ head.T, aux
+    logits, cap = x @ head.T, s["final_logit_softcap"]
+    return (logits if cap is None else cap * np.tanh(logits / cap)), aux
 
 
 def greedy(ids: np.ndarray, weights: Weights, s: Mapping, mask: np.ndarray, n: int) -> np.ndarray:
