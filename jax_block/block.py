@@ -90,6 +90,7 @@ class TransformerBlock(ConfiguredModule):
             positions=config.positions,
             rope_theta=config.rope_theta,
             rope_scaling=config.rope_scaling,
+            partial_rotary_factor=config.partial_rotary_factor,
             sliding_window=config.sliding_window,
             name="attention",
             **dtypes,

@@ -57,6 +57,7 @@ class TransformerBlock(nn.Module):
             positions=config.positions,
             rope_theta=config.rope_theta,
             rope_scaling=config.rope_scaling,
+            partial_rotary_factor=config.partial_rotary_factor,
             sliding_window=config.sliding_window,
         )
         self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps)
