@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twin_core import RopeScaling, check_heads, inv_frequencies
+from twin_core import RopeScaling, check_heads, rope_tables
 
 from .cache import KVCache
 from .norm import make_norm
@@ -197,6 +197,7 @@ class MultiHeadAttention(AxisNamedModule):
     positions: str = "learned"
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    partial_rotary_factor: float = 1.0
     sliding_window: int | None = None
     query_pre_attn_scalar: float | None = None
     attn_logit_softcap: float | None = None
@@ -248,8 +249,8 @@ class MultiHeadAttention(AxisNamedModule):
         if self.positions == "rope":
             if positions is None:
                 positions = start + jnp.arange(T)[None, :]  # (1, T)
-            inv_freq = inv_frequencies(D, self.rope_theta, self.rope_scaling)  # (D/2,)
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+            rope = rope_tables(D, self.rope_theta, self.rope_scaling, self.partial_rotary_factor)
+            q, k = apply_rope(q, positions, rope), apply_rope(k, positions, rope)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, KV, T, D)
         k, v = (constrain(a, ("batch", "kv_heads", "length", "head_dim")) for a in (k, v))

@@ -76,6 +76,7 @@ BLOCKS: dict[str, dict[str, Any]] = {
         BASE, use_moe=True, num_experts=3, top_k_experts=1, shared_expert_d_ff=24
     ),
     "bidirectional_rope": dict(LLAMA, causal=False),
+    "phi3_partial_rotary": dict(LLAMA, partial_rotary_factor=0.5),  # 4 of 8 dims rotated
 }
 # The causal ones: full forward == cached prefill + decode.
 CAUSAL_BLOCKS = [name for name, config in BLOCKS.items() if config.get("causal", True)]

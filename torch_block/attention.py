@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from twin_core import RopeScaling, inv_frequencies
+from twin_core import RopeScaling, RopeTables, rope_tables
 
 from .cache import KVCache
 from .linear import Linear, linear_params
@@ -45,7 +45,7 @@ class AttentionParams(NamedTuple):
     n_heads: int
     n_kv_heads: int
     head_dim: int
-    inv_freq: torch.Tensor | None  # (D/2,) float32 with rope
+    rope: RopeTables | None  # its arrays float32 tensors, with rope
     scale: float  # the scores' factor: head_dim ** -0.5, or query_pre_attn_scalar ** -0.5
     softcap: float | None  # scores capped to softcap * tanh(scores / softcap)
     qk_norm: str | None  # "head", "projection" or None
@@ -73,9 +73,9 @@ def project(
     if params.qk_norm == "head":
         q, k = norm(q, params.q_norm), norm(k, params.k_norm)
     v = split_heads(F.linear(tokens, *params.v), B, T, KV, D)
-    if params.inv_freq is not None:
-        q = apply_rope(q, positions, params.inv_freq)
-        k = apply_rope(k, positions, params.inv_freq)
+    if params.rope is not None:
+        q = apply_rope(q, positions, params.rope)
+        k = apply_rope(k, positions, params.rope)
     return q, k, v
 
 
@@ -162,6 +162,7 @@ class MultiHeadAttention(nn.Module):
         positions: str = "learned",
         rope_theta: float = 10000.0,
         rope_scaling: RopeScaling | None = None,
+        partial_rotary_factor: float = 1.0,
         sliding_window: int | None = None,
         query_pre_attn_scalar: float | None = None,
         attn_logit_softcap: float | None = None,
@@ -196,18 +197,40 @@ class MultiHeadAttention(nn.Module):
             self.k_norm = make_norm(norm, k_dim, norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.rope = positions == "rope"
+        self.rope_buffers: list[str] = []  # float32 whatever the module's dtype
         if self.rope:
-            inv_freq = torch.from_numpy(inv_frequencies(D, rope_theta, rope_scaling))
-            self.register_buffer("inv_freq", inv_freq, persistent=False)  # (D/2,)
+            tables = rope_tables(D, rope_theta, rope_scaling, partial_rotary_factor)
+            self.rope_tables = tables
+            arrays = dict(
+                inv_freq=tables.inv_freq,  # (R/2,)
+                long_inv_freq=tables.long_inv_freq,  # (R/2,) longrope
+                rope_exponent=None if tables.ntk is None else tables.ntk.exponent,  # (R/2,)
+            )
+            for name, array in arrays.items():
+                if array is not None:
+                    self.register_buffer(name, torch.from_numpy(array), persistent=False)
+                    self.rope_buffers.append(name)
 
     def _apply(self, fn, recurse=True):
         """As every module (`.to`, `.cuda`, `.bfloat16`, ...), but the rope frequencies stay
         float32 on a dtype cast: rounded frequencies would rotate by other angles."""
-        inv_freq = self.inv_freq if self.rope else None
+        before = {name: getattr(self, name) for name in self.rope_buffers}
         super()._apply(fn, recurse)
-        if inv_freq is not None:
-            self.inv_freq = inv_freq.to(self.inv_freq.device)
+        for name, tensor in before.items():
+            setattr(self, name, tensor.to(getattr(self, name).device))
         return self
+
+    def rope_params(self) -> RopeTables | None:
+        """The rope constants with this module's float32 tensors in place of the arrays."""
+        if not self.rope:
+            return None
+        tables = self.rope_tables
+        ntk = tables.ntk
+        return tables._replace(
+            inv_freq=self.inv_freq,
+            long_inv_freq=getattr(self, "long_inv_freq", None),
+            ntk=None if ntk is None else ntk._replace(exponent=self.rope_exponent),
+        )
 
     def params(self) -> AttentionParams:
         """The tensors and sizes `project` and `merge_heads` read."""
@@ -219,7 +242,7 @@ class MultiHeadAttention(nn.Module):
             n_heads=self.n_heads,
             n_kv_heads=self.n_kv_heads,
             head_dim=self.head_dim,
-            inv_freq=self.inv_freq if self.rope else None,
+            rope=self.rope_params(),
             scale=self.scale,
             softcap=self.softcap,
             qk_norm=self.qk_norm,

@@ -60,6 +60,7 @@ class TransformerBlock(nn.Module):
             positions=config.positions,
             rope_theta=config.rope_theta,
             rope_scaling=config.rope_scaling,
+            partial_rotary_factor=config.partial_rotary_factor,
             sliding_window=config.sliding_window,
             query_pre_attn_scalar=config.query_pre_attn_scalar,
             attn_logit_softcap=config.attn_logit_softcap,

@@ -34,33 +34,117 @@ LLAMA_OPTIONS: Mapping[str, Any] = types.MappingProxyType(
 )
 
 
+# rope_type -> (the fields it needs, the fields it may have), named as transformers' rope
+# parameters name them (docs/design.md section 8)
+ROPE_TYPES: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = types.MappingProxyType(
+    {
+        "llama3": (
+            ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+            (),
+        ),
+        "linear": (("factor",), ()),
+        "dynamic": (("factor", "original_max_position_embeddings"), ()),
+        "yarn": (
+            ("factor", "original_max_position_embeddings"),
+            ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+        ),
+        "longrope": (
+            ("factor", "original_max_position_embeddings", "short_factor", "long_factor"),
+            ("attention_factor",),
+        ),
+    }
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3's rope frequency scaling (`rope_type: "llama3"`), as transformers computes it."""
+    """A rope frequency scaling as transformers computes it (`twin_core.rope`), by `rope_type`:
 
-    factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    "llama3": factor, low_freq_factor, high_freq_factor, original_max_position_embeddings.
+    "linear": factor (every frequency divided by it).
+    "dynamic": factor, original_max_position_embeddings (transformers' max_position_embeddings:
+        longer sequences rotate with a base grown from their length, dynamic NTK).
+    "yarn": factor, original_max_position_embeddings; optional attention_factor, beta_fast (32),
+        beta_slow (1), mscale, mscale_all_dim, truncate (True).
+    "longrope": factor, original_max_position_embeddings, short_factor and long_factor (one per
+        frequency; the long ones for sequences longer than the original); optional
+        attention_factor.
+    A field that its type does not read is refused; None is "not set".
+    """
+
+    factor: float | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
     rope_type: str = "llama3"
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool | None = None
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.rope_type != "llama3":
+        if self.rope_type not in ROPE_TYPES:
             raise ValueError(
-                f"rope_scaling.rope_type must be 'llama3' (or no scaling), got {self.rope_type!r}"
+                f"rope_scaling.rope_type must be one of {list(ROPE_TYPES)} (or no scaling), "
+                f"got {self.rope_type!r}"
             )
-        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+        needed, optional = ROPE_TYPES[self.rope_type]
+        fields = [f.name for f in dataclasses.fields(self) if f.name != "rope_type"]
+        missing = [name for name in needed if getattr(self, name) is None]
+        extra = [n for n in fields if n not in needed + optional and getattr(self, n) is not None]
+        if missing or extra:
+            raise ValueError(
+                f"rope_scaling ({self.rope_type!r}): missing {missing}, not read by this type "
+                f"{extra}; it needs {list(needed)}"
+                + (f" and may have {list(optional)}" if optional else "")
+            )
+        positive = ("factor", "low_freq_factor", "high_freq_factor", "attention_factor")
+        for name in (*positive, "beta_fast", "beta_slow"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"rope_scaling.{name} must be a number > 0, got {value!r}")
-        if not self.high_freq_factor > self.low_freq_factor:
+            if value is not None:
+                _check_number(f"rope_scaling.{name}", value, "> 0", lambda v: v > 0)
+        for name in ("mscale", "mscale_all_dim"):
+            if getattr(self, name) is not None:
+                _check_number(f"rope_scaling.{name}", getattr(self, name), "", lambda v: True)
+        if self.truncate is not None and not isinstance(self.truncate, bool):
+            raise TypeError(f"rope_scaling.truncate must be a bool, got {self.truncate!r}")
+        if self.original_max_position_embeddings is not None:
+            _check_positive_int(
+                "rope_scaling.original_max_position_embeddings",
+                self.original_max_position_embeddings,
+            )
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
             raise ValueError(
                 f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must be > "
                 f"low_freq_factor ({self.low_freq_factor})"
             )
-        _check_positive_int(
-            "rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings
-        )
+        for name in ("short_factor", "long_factor"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
+                raise ValueError(f"rope_scaling.{name} must be a list of numbers, got {value!r}")
+            for v in value:
+                _check_number(f"rope_scaling.{name} entries", v, "> 0", lambda v: v > 0)
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        if self.rope_type == "longrope" and len(self.short_factor) != len(self.long_factor):
+            raise ValueError(
+                f"rope_scaling: short_factor ({len(self.short_factor)}) and long_factor "
+                f"({len(self.long_factor)}) must have one entry per frequency each"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that are set, as plain JSON types (rope_type always)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,7 +159,8 @@ class Architecture:
     head_dim: the size of a head (None: d_model // n_heads).
     qkv_bias, out_bias: biases of the q/k/v projections and of the output projection.
     positions: "learned" (an embedding in the LM) or "rope" (rotate q and k by `rope_theta`,
-        optionally with llama3 `rope_scaling`).
+        optionally with a `rope_scaling`); `partial_rotary_factor` f rotates only the first
+        int(head_dim * f) dims of each head (transformers' rounding), the rest pass through.
     sliding_window: a query at p attends keys k with p - W < k <= p (None: every earlier key).
     qk_norm: a norm of the block's kind on q and k before rope: "head" over each head's
         head_dim (Qwen3), "projection" over the whole q and k projections before the split
@@ -101,6 +186,7 @@ class Architecture:
     positions: str = "learned"
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    partial_rotary_factor: float = 1.0
     sliding_window: int | None = None
     qk_norm: str | None = None
     norm_topk_prob: bool = True
@@ -135,7 +221,7 @@ class Architecture:
         out = {name: getattr(self, name) for name in names}
         out.update({k: list(v) for k, v in out.items() if isinstance(v, tuple)})
         if self.rope_scaling is not None:
-            out["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
+            out["rope_scaling"] = self.rope_scaling.to_dict()
         return out
 
     @classmethod
@@ -209,10 +295,20 @@ class Architecture:
                 )
         if self.head_dim is not None:
             _check_positive_int("head_dim", self.head_dim)
-        if self.positions == "rope" and self.resolved_head_dim % 2 != 0:
-            raise ValueError(
-                f"positions='rope' needs an even head_dim, got head_dim={self.resolved_head_dim}"
-            )
+        _check_number(
+            "partial_rotary_factor", self.partial_rotary_factor, "in (0, 1]", lambda v: 0 < v <= 1
+        )
+        if self.positions != "rope" and self.partial_rotary_factor != 1.0:
+            raise ValueError("partial_rotary_factor is set but positions is not 'rope'")
+        if self.positions == "rope":
+            dims = rotary_dims(self.resolved_head_dim, self.partial_rotary_factor)
+            if dims % 2 != 0 or dims < 2:
+                raise ValueError(
+                    f"positions='rope' needs an even number >= 2 of rotated dims per head, got "
+                    f"int(head_dim * partial_rotary_factor) = int({self.resolved_head_dim} * "
+                    f"{self.partial_rotary_factor}) = {dims}"
+                )
+            _check_rope_scaling(self.rope_scaling, dims)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise TypeError(
                 "rope_scaling must be None or a RopeScaling, "
@@ -424,6 +520,28 @@ def _as_tuple(name: str, value: Any) -> tuple:
     if not isinstance(value, (list, tuple)):
         raise TypeError(f"{name} must be a tuple (or list), got {type(value).__name__} {value!r}")
     return tuple(value)
+
+
+def rotary_dims(head_dim: int, partial_rotary_factor: float) -> int:
+    """The dims of a head that rope rotates: int(head_dim * partial_rotary_factor), the first
+    ones (transformers' rounding)."""
+    return int(head_dim * partial_rotary_factor)
+
+
+def _check_rope_scaling(scaling: RopeScaling | None, dims: int) -> None:
+    """Raise ValueError where a scaling cannot rotate `dims` dims as transformers does."""
+    if scaling is None or not isinstance(scaling, RopeScaling):
+        return
+    if scaling.rope_type == "longrope" and len(scaling.short_factor) != dims // 2:
+        raise ValueError(
+            f"rope_scaling: short_factor and long_factor need one entry per frequency "
+            f"(rotated dims / 2 = {dims // 2}), got {len(scaling.short_factor)}"
+        )
+    if scaling.rope_type == "dynamic" and dims <= 2:
+        raise ValueError(
+            f"rope_scaling 'dynamic' needs more than 2 rotated dims per head (its base grows "
+            f"by the power dims / (dims - 2)), got {dims}"
+        )
 
 
 def _check_positive_int(name: str, value: Any, what: str = "int") -> None:

@@ -109,6 +109,26 @@ def test_rotation_of_the_reference_matches_transformers():
     np.testing.assert_allclose(got_k, want_k.numpy(), atol=1e-12)
 
 
+def test_partial_rotation_of_the_reference_matches_transformers_phi3():
+    from transformers.models.phi3.modeling_phi3 import apply_rotary_pos_emb
+
+    rng = np.random.default_rng(1)
+    q, k = rng.standard_normal((2, 2, 5, 8)), rng.standard_normal((2, 2, 5, 8))  # (B, H, T, D)
+    positions = np.array([[0, 1, 2, 3, 4], [7, 9, 11, 13, 15]])  # (B, T)
+    freq = ref.inv_freq(ref.spec(d_model=16, n_heads=2, partial_rotary_factor=0.75))  # 6 of 8
+    assert freq.shape == (3,)
+    angles = positions[..., None] * freq  # (B, T, 3)
+    emb = torch.from_numpy(np.concatenate([angles, angles], axis=-1))  # (B, T, 6)
+    want_q, want_k = apply_rotary_pos_emb(
+        torch.from_numpy(q), torch.from_numpy(k), emb.cos(), emb.sin()
+    )
+    got_q = ref.rotate(q.transpose(0, 2, 1, 3), positions, freq).transpose(0, 2, 1, 3)
+    got_k = ref.rotate(k.transpose(0, 2, 1, 3), positions, freq).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(got_q, want_q.numpy(), atol=1e-12)
+    np.testing.assert_allclose(got_k, want_k.numpy(), atol=1e-12)
+    np.testing.assert_array_equal(got_q[..., 6:], q[..., 6:])  # the last 2 dims pass through
+
+
 def test_reference_masks_follow_the_window_rule():
     assert ref.allowed_keys(5, 8, causal=True, window=None).tolist() == [1] * 6 + [0] * 2
     assert ref.allowed_keys(5, 8, causal=True, window=3).tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
@@ -131,6 +151,7 @@ VARIANTS = {
         dict(positions="learned"),
         dict(rope_theta=100.0),
         dict(rope_scaling=LLAMA3_SCALING),
+        dict(partial_rotary_factor=0.5),
         dict(sliding_window=2),
     ],
     "qwen2_moe": [dict(norm_topk_prob=True), dict(shared_expert_gate=False)],

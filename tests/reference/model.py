@@ -3,8 +3,9 @@
 Weights are read by torch's state_dict names (Linear weights (out, in); see weights.py for
 Flax trees). A model is described by `spec(**fields)`: the block's or LM's constructor fields
 over the defaults of the original block; `rope_scaling` may be any object with the llama3
-attributes. Explicit loops where an order, an index mapping or a mask is the point, so that a
-test comparing a twin with these functions can fail.
+attributes (the other rope types are checked against transformers' own functions). Explicit
+loops where an order, an index mapping or a mask is the point, so that a test comparing a twin
+with these functions can fail.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ DEFAULTS: dict[str, Any] = dict(
     positions="learned",
     rope_theta=10000.0,
     rope_scaling=None,
+    partial_rotary_factor=1.0,
     sliding_window=None,
     qk_norm=None,
     norm_topk_prob=True,
@@ -139,19 +141,22 @@ def llama3_inv_freq(inv_freq: np.ndarray, scaling: Any) -> np.ndarray:
 
 
 def inv_freq(s: Mapping) -> np.ndarray:
-    """The spec's rope frequencies (head_dim / 2,)."""
-    freq = default_inv_freq(s["head_dim"], s["rope_theta"])
+    """The spec's rope frequencies (R / 2,) over the R = int(head_dim * partial_rotary_factor)
+    rotated dims (llama3 scaling or none)."""
+    freq = default_inv_freq(int(s["head_dim"] * s["partial_rotary_factor"]), s["rope_theta"])
     return freq if s["rope_scaling"] is None else llama3_inv_freq(freq, s["rope_scaling"])
 
 
 def rotate(x: np.ndarray, positions: np.ndarray, freq: np.ndarray) -> np.ndarray:
-    """x (B, T, heads, D) rotated per head: x*cos + rotate_half(x)*sin, angle position*freq[i]
-    on both halves; rotate_half(x) = concat(-x[D/2:], x[:D/2]); positions (B|1, T)."""
-    angles = np.asarray(positions, np.float64)[..., None] * freq  # (B|1, T, D/2)
-    angles = np.concatenate([angles, angles], axis=-1)[:, :, None, :]  # (B|1, T, 1, D)
-    half = x.shape[-1] // 2
-    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * np.cos(angles) + rotated * np.sin(angles)
+    """x (B, T, heads, D) rotated per head over its first R = 2 * len(freq) dims, the others
+    unchanged: r*cos + rotate_half(r)*sin of r = x[..., :R], angle position*freq[i] on both
+    halves; rotate_half(r) = concat(-r[R/2:], r[:R/2]); positions (B|1, T)."""
+    half = len(freq)
+    angles = np.asarray(positions, np.float64)[..., None] * freq  # (B|1, T, R/2)
+    angles = np.concatenate([angles, angles], axis=-1)[:, :, None, :]  # (B|1, T, 1, R)
+    r = x[..., : 2 * half]
+    rotated = np.concatenate([-r[..., half:], r[..., :half]], axis=-1)
+    return np.concatenate([r * np.cos(angles) + rotated * np.sin(angles), x[..., 2 * half :]], -1)
 
 
 # --------------------------------------------------------------------------- attention
