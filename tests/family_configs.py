@@ -55,7 +55,8 @@ BLOCKS: dict[str, dict[str, Any]] = {
     ),
     "layernorm_qk_norm": dict(BASE, qk_norm="head"),  # the block's norm kind: with biases
     # Gemma 2: Gemma's RMSNorm, sandwich norms, gated gelu_tanh, its own query scale, softcapped
-    # scores (a cap of 2 acts on unit-scale scores); Gemma 3: q/k norm per head, no softcap
+    # scores (a cap of 2 acts on unit-scale scores); Gemma 3: q/k norm per head, no softcap.
+    # Norm weights are drawn near 1 (as for the other norms): Gemma's norms then scale by 2
     "gemma2": dict(
         LLAMA,
         norm="gemma_rmsnorm",
@@ -69,7 +70,7 @@ BLOCKS: dict[str, dict[str, Any]] = {
         norm="gemma_rmsnorm",
         activation="gelu_tanh",
         sandwich_norms=True,
-        query_pre_attn_scalar=6,
+        query_pre_attn_scalar=32,  # its q and k are normed: scores up to about 4 * head_dim
         qk_norm="head",
     ),
     "shared_ungated": dict(
@@ -92,7 +93,7 @@ LMS: dict[str, dict[str, Any]] = {
     "qwen3": dict(_LM, **BLOCKS["qwen3"]),
     "olmoe": dict(_LM, **BLOCKS["olmoe"], tie_embeddings=False),
     # Gemma: embeddings times sqrt(d_model), sliding and full layers; Gemma 2 softcaps its
-    # logits, Gemma 3's sliding layers rotate with their own base (its full ones llama3-scaled)
+    # logits, Gemma 3's sliding layers rotate with their own base (its full ones linear-scaled)
     "gemma2": dict(
         _LM,
         **BLOCKS["gemma2"],
@@ -108,7 +109,7 @@ LMS: dict[str, dict[str, Any]] = {
         sliding_window=WINDOW,
         layer_types=("sliding_attention", "full_attention"),
         rope_theta=1e6,
-        rope_scaling=LLAMA3_SCALING,
+        rope_scaling=RopeScaling(rope_type="linear", factor=8.0),
         local_rope_theta=100.0,
     ),
     # per-layer: layer 0 sliding with MoE, layer 1 full attention with a dense feed-forward

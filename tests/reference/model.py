@@ -142,9 +142,15 @@ def llama3_inv_freq(inv_freq: np.ndarray, scaling: Any) -> np.ndarray:
 
 def inv_freq(s: Mapping) -> np.ndarray:
     """The spec's rope frequencies (R / 2,) over the R = int(head_dim * partial_rotary_factor)
-    rotated dims (llama3 scaling or none)."""
+    rotated dims (llama3 scaling, linear scaling: every frequency divided by its factor, or
+    none)."""
     freq = default_inv_freq(int(s["head_dim"] * s["partial_rotary_factor"]), s["rope_theta"])
-    return freq if s["rope_scaling"] is None else llama3_inv_freq(freq, s["rope_scaling"])
+    scaling = s["rope_scaling"]
+    if scaling is None:
+        return freq
+    if getattr(scaling, "rope_type", "llama3") == "linear":
+        return freq / scaling.factor
+    return llama3_inv_freq(freq, scaling)
 
 
 def rotate(x: np.ndarray, positions: np.ndarray, freq: np.ndarray) -> np.ndarray:
