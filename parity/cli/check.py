@@ -83,7 +83,8 @@ def add_check_options(parser: argparse.ArgumentParser, default: object = None) -
         "--config",
         choices=(*CONFIGS, "all"),
         default=given("all"),
-        help="configuration (block and language model) to check (default: all)",
+        help="configuration (block and language model) to check (default: all, which leaves "
+        "out the opt-in families gemma2 and gemma3)",
     )
     parser.add_argument(
         "--dtype",

@@ -37,6 +37,17 @@ _LLAMA = dict(
     ),
 )
 _ROPE_1E6 = dict(rope_theta=1e6, rope_scaling=None)  # Mistral's, Qwen2's and Mixtral's rope
+# Gemma: its RMSNorm (1 + w), sandwich norms, gated gelu_tanh, its own query scale; softcaps small
+# enough to act on this model's scores and logits (Gemma 2's 50 and 30 would not)
+_GEMMA = dict(
+    _LLAMA,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    norm="gemma_rmsnorm",
+    activation="gelu_tanh",
+    sandwich_norms=True,
+    query_pre_attn_scalar=16,
+)
 SLIDING_WINDOW = 4  # shorter than the prefill, the block's sequence and every LM prompt
 CONFIGS: dict[str, dict[str, Any]] = {
     "dense": _BLOCK,
@@ -57,9 +68,29 @@ CONFIGS: dict[str, dict[str, Any]] = {
         shared_expert_d_ff=96,
         shared_expert_gate=True,
     ),
+    "gemma2": dict(_GEMMA, attn_logit_softcap=2.0),
+    # Gemma 3: q/k norm per head; global layers at base 1e6, linear-scaled (its local layers:
+    # LM_OPTIONS)
+    "gemma3": dict(
+        _GEMMA,
+        qk_norm="head",
+        rope_theta=1e6,
+        rope_scaling=RopeScaling(rope_type="linear", factor=8.0),
+    ),
+}
+# What the language model of a configuration adds to its block's fields
+_ALTERNATING = dict(
+    sliding_window=SLIDING_WINDOW, layer_types=("sliding_attention", "full_attention")
+)
+LM_OPTIONS: dict[str, dict[str, Any]] = {
+    "gemma2": dict(_ALTERNATING, embed_scale=True, final_logit_softcap=1.0),
+    "gemma3": dict(_ALTERNATING, embed_scale=True, local_rope_theta=10000.0),
 }
 ORIGINAL = ("dense", "moe")  # the original architecture: every block case
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+# Families checked when asked for by name (`check --config NAME`), outside the default run's
+# minute: their LM and bfloat16 rows
+OPT_IN = ("gemma2", "gemma3")
 MOE_FAMILIES = tuple(name for name in FAMILIES if CONFIGS[name].get("use_moe"))
 BATCH, SEQ_LEN, PREFILL_LEN = 2, 16, 8
 TRAIN_CAPACITY_FACTOR = 0.5  # capacity 4 per expert < 64 assignments / 8 experts: drops certain

@@ -33,6 +33,8 @@ from parity.report.registry import (
     BATCH,
     CONFIGS,
     FAMILIES,
+    LM_OPTIONS,
+    OPT_IN,
     PREFILL_LEN,
     SEQ_LEN,
     SLIDING_WINDOW,
@@ -177,6 +179,27 @@ def test_the_family_configurations_are_the_issues():
     assert CONFIGS["llama"]["rope_scaling"] is not None  # llama3 frequencies in the report
     # the window is shorter than the prefill, the block's sequence and every LM prompt
     assert SLIDING_WINDOW < min(PREFILL_LEN, SEQ_LEN, *lm_cases.PROMPT_LENGTHS)
+
+
+def test_the_gemma_configurations_use_every_gemma_option():
+    """Gemma 2 and 3 in the block and the LM: each option of theirs on, sliding and full
+    layers, Gemma 3's local rope base beside its linear-scaled global one."""
+    for name in OPT_IN:
+        block, lm = CONFIGS[name], lm_cases.LM_CONFIGS[name]
+        assert (block["norm"], block["activation"], block["sandwich_norms"]) == (
+            "gemma_rmsnorm",
+            "gelu_tanh",
+            True,
+        )
+        assert block["query_pre_attn_scalar"] != block.get("head_dim", 8)
+        assert lm["embed_scale"] and set(lm["layer_types"]) == {
+            "sliding_attention",
+            "full_attention",
+        }
+        assert lm.items() >= {**block, **LM_OPTIONS[name]}.items()
+    assert CONFIGS["gemma2"]["attn_logit_softcap"] and LM_OPTIONS["gemma2"]["final_logit_softcap"]
+    assert CONFIGS["gemma3"]["qk_norm"] == "head" and CONFIGS["gemma3"]["rope_scaling"].factor == 8
+    assert LM_OPTIONS["gemma3"]["local_rope_theta"] != CONFIGS["gemma3"]["rope_theta"]
 
 
 ARCHITECTURE_DEFAULTS = dict(
@@ -596,16 +619,18 @@ def test_run_cases_spreads_configurations_over_workers_and_keeps_the_order(monke
     monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get this sys.path too
     monkeypatch.setattr(report, "CASE_MODULES", ("pid_parity_cases",))
     rows = report.run_cases(workers=2)
-    in_order = [(config, dtype) for config in CONFIGS for dtype in ("float32", "bfloat16")]
+    default = [config for config in CONFIGS if config not in OPT_IN]  # opt-in: run when named
+    in_order = [(config, dtype) for config in default for dtype in ("float32", "bfloat16")]
     assert [(row.config, row.dtype) for row in rows] == in_order
     pids = {row.note for row in rows}
     assert len(pids) == 2 and str(os.getpid()) not in pids
     here = report.run_cases(config="llama", workers=2)  # one configuration: no worker
     assert [row.note for row in here] == [str(os.getpid())] * 2
+    assert {row.config for row in report.run_cases(config="gemma3")} == {"gemma3"}
 
 
 def test_run_cases_refuses_an_unknown_config_or_dtype():
-    known = "dense, moe, gpt2, llama, mistral, qwen2, mixtral, qwen2_moe"
+    known = "dense, moe, gpt2, llama, mistral, qwen2, mixtral, qwen2_moe, gemma2, gemma3"
     with pytest.raises(ValueError, match=f"config must be one of {known} or all, got 'big'"):
         report.run_cases(config="big")
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16 or all"):

@@ -23,7 +23,7 @@ import torch_block
 from ...convert import from_torch
 from ...dtypes import JAX_DTYPES, TORCH_DTYPES
 from ..compare import Row, to_float64
-from ..registry import CONFIGS, FAMILIES, ORIGINAL, Setup, case
+from ..registry import CONFIGS, FAMILIES, LM_OPTIONS, OPT_IN, ORIGINAL, Setup, case
 from ..run import run_both
 from ..tokens import compare_tokens
 
@@ -32,9 +32,14 @@ UNTIED = ("llama", "mistral", "mixtral")  # families whose LM head is its own we
 LM_CONFIGS: dict[str, dict[str, Any]] = {
     "dense": dict(_LM, dropout=0.0),
     "moe": dict(_LM, dropout=0.0, use_moe=True, num_experts=4, top_k_experts=2),
-    **{name: dict(_LM, **CONFIGS[name], tie_embeddings=name not in UNTIED) for name in FAMILIES},
+    **{
+        name: dict(
+            _LM, **CONFIGS[name], **LM_OPTIONS.get(name, {}), tie_embeddings=name not in UNTIED
+        )
+        for name in FAMILIES + OPT_IN
+    },
 }
-LM_CASE_CONFIGS = ORIGINAL + FAMILIES
+LM_CASE_CONFIGS = ORIGINAL + FAMILIES + OPT_IN
 PROMPT_LENGTHS = (16, 5, 11, 8)  # one row per prompt; the longest sets PROMPT_LEN
 PROMPT_LEN = max(PROMPT_LENGTHS)
 DECODE_STEPS = 16  # one-token cached steps after the prompts
