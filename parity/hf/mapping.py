@@ -258,7 +258,7 @@ def _transform_text(row: HFRow) -> str:
 def markdown_tables() -> str:
     """The tables for README.md: GPT-2's and Llama's in full (every option on: biases where the
     family can have them, an untied head); Mistral and Qwen2 as Llama's; Mixtral's and
-    Qwen2-MoE's feed-forward rows (the rest as Llama's); Gemma's norms (the rest as Llama's)."""
+    Qwen2-MoE's feed-forward rows (the rest as Llama's); Gemma 3's rows that Llama's lack."""
     base = dict(vocab_size=8, max_seq_len=8, d_model=8, n_layers=1, n_heads=2, d_ff=8)
     rope = dict(
         norm="rmsnorm",
@@ -270,16 +270,24 @@ def markdown_tables() -> str:
         tie_embeddings=False,
     )
     moe = dict(use_moe=True, num_experts=2)
+    llama = set(hf_rows("llama", LMConfig(**base, **rope)))
+
+    def every(row: HFRow) -> bool:
+        return True
+
+    def feed_forward(row: HFRow) -> bool:
+        return ".feed_forward." in row.ours
+
     tables = [
-        ("gpt2", LMConfig(**base, tie_embeddings=False), "", "always"),
+        ("gpt2", LMConfig(**base, tie_embeddings=False), every, "always"),
         (
             "llama",
             LMConfig(**base, **{**rope, "qkv_bias": True, "out_bias": True, "ffn_bias": True}),
-            "",
+            every,
             "with attention_bias (q/k/v and o_proj) and mlp_bias; mistral: the same rows, no "
             "biases; qwen2: the same rows, q/k/v biases only",
         ),
-        ("mixtral", LMConfig(**base, **rope, **moe), ".feed_forward.", "none"),
+        ("mixtral", LMConfig(**base, **rope, **moe), feed_forward, "none"),
         (
             "qwen2_moe",
             LMConfig(
@@ -289,7 +297,7 @@ def markdown_tables() -> str:
                 shared_expert_d_ff=8,
                 shared_expert_gate=True,
             ),
-            ".feed_forward.",
+            feed_forward,
             "q/k/v with qkv_bias; attention and the rest as llama",
         ),
         (
@@ -301,13 +309,13 @@ def markdown_tables() -> str:
                 sandwich_norms=True,
                 embed_scale=True,
             ),
-            "norm",
-            "with attention_bias, as llama; the rest as llama; gemma2: the same rows without "
+            lambda row: row not in llama,
+            "with attention_bias, as llama; the other rows as llama's; gemma2: these without "
             "q_norm, k_norm",
         ),
     ]
     parts = []
-    for family, config, only, biases in tables:
+    for family, config, shown, biases in tables:
         parts += [
             f"**{family}** (biases: {biases}; `lm_head` only when untied; `{{i}}` layer, "
             "`{e}` expert)",
@@ -316,7 +324,7 @@ def markdown_tables() -> str:
             "|---|---|---|---|---|",
         ]
         for row in hf_rows(family, config):
-            if only in row.ours:
+            if shown(row):
                 parts.append(
                     f"| `{row.ours}` | {row.ours_shape} | `{row.hf}` | {row.hf_shape} "
                     f"| {_transform_text(row)} |"
