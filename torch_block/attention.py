@@ -314,9 +314,9 @@ class MultiHeadAttention(nn.Module):
             b = min(T, a + rows)
             lo, hi = self.key_range(start + a, start + b, S)
             allowed = self.allowed(start + a, start + b, lo, hi, mask, a, T, q.device)
-            keys, values = k[:, :, lo:hi], v[:, :, lo:hi]
+            scores = dict(scale=self.scale, softcap=self.softcap)
             blocks.append(
-                attend(q[:, :, a:b], keys, values, allowed, None, fused, self.scale, self.softcap)
+                attend(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], allowed, fused=fused, **scores)
             )
         return torch.cat(blocks, dim=2)
 
