@@ -1,4 +1,4 @@
-"""Tiny Hugging Face models of the families, built by transformers itself, for the HF tests.
+"""Tiny Hugging Face models of every family, built by transformers itself, for the HF tests.
 
 Weights are redrawn at unit scale (embeddings N(0, 1), matrices N(0, 1/fan_in), norm weights
 near 1, biases N(0, 0.2)) so that logits spread over several units and greedy choices and
@@ -51,6 +51,37 @@ CONFIGS: dict[str, Any] = {
         moe_intermediate_size=24,
         shared_expert_intermediate_size=40,
     ),
+    "qwen3": lambda: transformers.Qwen3Config(**_ROPE, head_dim=16),  # H * D != hidden_size
+    # layers 0 and 2 MoE, layer 1 dense (mlp_only_layers), a window on every layer
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **{**_ROPE, "num_hidden_layers": 3},
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+        use_sliding_window=True,
+        sliding_window=WINDOW,
+    ),
+    "olmoe": lambda: transformers.OlmoeConfig(
+        **_ROPE, num_experts=4, num_experts_per_tok=2, attention_bias=True
+    ),
+    # layer 0 full attention, layer 1 within the window (max_window_layers)
+    "qwen2_sliding": lambda: transformers.Qwen2Config(
+        **_ROPE, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1
+    ),
+    # layer 0 dense (decoder_sparse_step 2) and sliding (Qwen2-MoE's rule), layer 1 MoE, full
+    "qwen2_moe_sparse": lambda: transformers.Qwen2MoeConfig(
+        **_ROPE,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        decoder_sparse_step=2,
+        use_sliding_window=True,
+        sliding_window=WINDOW,
+        max_window_layers=2,
+    ),
     # softcaps small enough to act on unit-scale scores and logits; a query scale of its own
     "gemma2": lambda: transformers.Gemma2Config(
         **_ROPE,
@@ -80,7 +111,11 @@ CONFIGS: dict[str, Any] = {
         },
     ),
 }
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "gemma2", "gemma3_text")
+FAMILIES = (
+    "gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe",
+    "gemma2", "gemma3_text",
+)  # fmt: skip
+LAYER_VARIANTS = ("qwen2_sliding", "qwen2_moe_sparse")  # per-layer windows and dense layers
 
 
 def rescale(model: torch.nn.Module, seed: int) -> None:

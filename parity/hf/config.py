@@ -1,4 +1,4 @@
-"""config.json of a Hugging Face checkpoint <-> twin_core.LMConfig, for the families below.
+"""config.json of a Hugging Face checkpoint <-> twin_core.LMConfig, for the families of FAMILIES.
 
 Reading follows transformers' own configuration classes (defaults, both rope spellings, the
 per-layer sliding-window rules of Qwen2 and Qwen2-MoE); anything the block cannot compute
@@ -16,7 +16,19 @@ from typing import Any
 
 from twin_core import LLAMA_OPTIONS, LMConfig, RopeScaling
 
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "gemma2", "gemma3_text")
+FAMILIES = (
+    "gpt2",
+    "llama",
+    "mistral",
+    "qwen2",
+    "mixtral",
+    "qwen2_moe",
+    "qwen3",
+    "qwen3_moe",
+    "olmoe",
+    "gemma2",
+    "gemma3_text",
+)
 GEMMA = ("gemma2", "gemma3_text")
 ARCHITECTURES = {
     "gpt2": "GPT2LMHeadModel",
@@ -25,6 +37,9 @@ ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
 }
@@ -51,6 +66,12 @@ ROPE_ACTIVATION_NAMES = {
     "relu": "relu",
 }
 DEFAULT_THETA = {"mixtral": 1_000_000.0, "gemma3_text": 1_000_000.0}  # the others: 10000.0
+DEFAULT_HEAD_DIM = {"qwen3": 128}  # the others: hidden_size // num_attention_heads
+FULL, SLIDING = "full_attention", "sliding_attention"
+QWEN_WINDOWS = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")  # use_sliding_window, layer types
+# transformers' defaults of the MoE families: (expert width, experts, experts per token)
+MOE_DEFAULTS = {"qwen2_moe": (1408, 60, 4), "qwen3_moe": (768, 128, 8), "olmoe": (2048, 64, 8)}
+DENSE_D_FF = {"qwen2_moe": 5632, "qwen3_moe": 6144}  # intermediate_size: the dense layers' width
 GEMMA3_LOCAL_THETA = 10_000.0  # Gemma 3's sliding layers' base when config.json gives none
 # fields that change the computation in ways no family here supports, when set (not null);
 # the Gemma families compute the softcappings
@@ -130,7 +151,7 @@ def _rope_family_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
     d_model = _size(data, "hidden_size", 4096)
     n_heads = _size(data, "num_attention_heads", 32)
     n_kv_heads = data.get("num_key_value_heads")
-    head_dim = data.get("head_dim")
+    head_dim = data.get("head_dim", DEFAULT_HEAD_DIM.get(family))
     max_seq_len = _size(data, "max_position_embeddings", 2048, MAX_POSITIONS)
     fields: dict[str, Any] = dict(
         LLAMA_OPTIONS,
@@ -140,9 +161,9 @@ def _rope_family_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
         n_layers=_size(data, "num_hidden_layers", None),  # no default: it sizes the weights
         n_heads=n_heads,
         n_kv_heads=None if n_kv_heads is None else _size(data, "num_key_value_heads", None),
-        head_dim=None if head_dim is None else _size(data, "head_dim", None),
+        head_dim=None if head_dim is None else _size({"head_dim": head_dim}, "head_dim", None),
         d_ff=_size(data, "intermediate_size", 11008),
-        norm_eps=_positive(data, "rms_norm_eps", 1e-5 if family == "mixtral" else 1e-6),
+        norm_eps=_positive(data, "rms_norm_eps", 1e-5 if family in ("mixtral", "olmoe") else 1e-6),
         activation=_activation(data, "hidden_act", "silu"),
         tie_embeddings=_bool(data, "tie_word_embeddings", False),
     )
@@ -155,7 +176,24 @@ def _rope_family_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
         fields["sliding_window"] = None if window is None else _size(data, "sliding_window", None)
     elif family in ("qwen2", "qwen2_moe"):
         fields["qkv_bias"] = True if family == "qwen2" else _bool(data, "qkv_bias", True)
-        fields["sliding_window"] = _qwen_window(data, family, fields["n_layers"])
+    elif family in ("qwen3", "qwen3_moe", "olmoe"):  # q/k norms; attention_bias on all four
+        fields["qkv_bias"] = fields["out_bias"] = _bool(data, "attention_bias", False)
+        fields["qk_norm"] = "projection" if family == "olmoe" else "head"
+    if family in QWEN_WINDOWS:
+        fields["sliding_window"], fields["layer_types"] = _qwen_windows(
+            data, family, fields["n_layers"]
+        )
+    if family == "olmoe":
+        if data.get("clip_qkv") is not None:
+            raise ValueError(
+                f"config.json (olmoe): clip_qkv={data['clip_qkv']!r} (clamping q, k and v) is "
+                "not supported"
+            )
+        if head_dim is not None and fields["head_dim"] != d_model // n_heads:
+            raise ValueError(
+                f"config.json (olmoe): head_dim={head_dim!r} must be hidden_size // "
+                f"num_attention_heads = {d_model // n_heads} (OLMoE's q/k norms are that wide)"
+            )
     if family == "mixtral":
         fields.update(
             use_moe=True,
@@ -164,27 +202,28 @@ def _rope_family_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
             norm_topk_prob=True,
             expert_capacity_factor=None,
         )
-    elif family == "qwen2_moe":
-        if data.get("decoder_sparse_step", 1) != 1:
-            raise ValueError(
-                f"config.json (qwen2_moe): decoder_sparse_step={data['decoder_sparse_step']!r} "
-                "mixes dense and MoE layers; only 1 (every layer MoE) is supported"
-            )
-        if data.get("mlp_only_layers"):
-            raise ValueError(
-                f"config.json (qwen2_moe): mlp_only_layers={data['mlp_only_layers']!r} mixes "
-                "dense and MoE layers; only [] is supported"
-            )
+    elif family in MOE_DEFAULTS:
+        experts_key = "num_local_experts" if "num_local_experts" in data else "num_experts"
+        d_ff, num_experts, top_k = MOE_DEFAULTS[family]
         fields.update(
             use_moe=True,
-            d_ff=_size(data, "moe_intermediate_size", 1408),
-            num_experts=_size(data, "num_experts", 60),
-            top_k_experts=_size(data, "num_experts_per_tok", 4),
+            d_ff=_size(
+                data, "intermediate_size" if family == "olmoe" else "moe_intermediate_size", d_ff
+            ),
+            num_experts=_size(data, experts_key, num_experts),
+            top_k_experts=_size(data, "num_experts_per_tok", top_k),
             norm_topk_prob=_bool(data, "norm_topk_prob", False),
-            shared_expert_d_ff=_size(data, "shared_expert_intermediate_size", 5632),
-            shared_expert_gate=True,
             expert_capacity_factor=None,
         )
+        if family == "qwen2_moe":
+            fields.update(
+                shared_expert_d_ff=_size(data, "shared_expert_intermediate_size", 5632),
+                shared_expert_gate=True,
+            )
+        if family != "olmoe":
+            fields["dense_layers"] = _dense_layers(data, family, fields["n_layers"])
+            if fields["dense_layers"]:
+                fields["dense_d_ff"] = _size(data, "intermediate_size", DENSE_D_FF[family])
     return fields
 
 
@@ -251,9 +290,15 @@ def _gemma_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
             )
         fields["local_rope_theta"] = local_theta
     # without layer_types: Gemma 2 alternates, Gemma 3 slides but every sliding_window_pattern-th
-    pattern = _size(data, "sliding_window_pattern", 6) if gemma3 else 2
-    sliding = [(i + 1) % pattern != 0 for i in range(n_layers)]
-    fields.update(_attention_kinds(data, family, n_layers, sliding, 4096))
+    layer_types = data.get("layer_types")
+    if layer_types is None:
+        pattern = _size(data, "sliding_window_pattern", 6) if gemma3 else 2
+        layer_types = [FULL if (i + 1) % pattern == 0 else SLIDING for i in range(n_layers)]
+    window = data.get("sliding_window", 4096)
+    window = None if window is None else _size(data, "sliding_window", None)
+    fields["sliding_window"], fields["layer_types"] = _layer_kinds(
+        layer_types, n_layers, window, family, f"sliding_window={window!r}"
+    )
     return fields
 
 
@@ -285,30 +330,18 @@ def _gemma3_rope_parameters(data: Mapping[str, Any]) -> tuple[dict, dict]:
     return full, sliding
 
 
-def _attention_kinds(
-    data: Mapping[str, Any], family: str, n_layers: int, sliding: list[bool], window: int
-) -> dict[str, Any]:
-    """sliding_window (and the layer kinds) from config.json's layer_types, or from `sliding`
-    (which layers slide when it has none); `window` is the family's default width."""
-    layer_types = data.get("layer_types")
-    if layer_types is not None:
-        if not isinstance(layer_types, list) or len(layer_types) != n_layers:
-            raise ValueError(
-                f"config.json: layer_types must list {n_layers} layer types, got {layer_types!r}"
-            )
-        unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
-        if unknown:
-            raise ValueError(f"config.json: unsupported layer types {unknown}")
-        sliding = [kind == "sliding_attention" for kind in layer_types]
-    if not any(sliding):
-        return {"sliding_window": None}
-    width = _size(data, "sliding_window", window)
-    if all(sliding):
-        return {"sliding_window": width}
-    return {
-        "sliding_window": width,
-        "layer_types": tuple("sliding_attention" if s else "full_attention" for s in sliding),
-    }
+def _dense_layers(data: Mapping[str, Any], family: str, n_layers: int) -> tuple[int, ...]:
+    """The dense layers of a Qwen MoE model, as transformers decides: layer i is MoE unless it
+    is in mlp_only_layers or (i + 1) is not a multiple of decoder_sparse_step."""
+    step = _size(data, "decoder_sparse_step", 1)
+    only = data.get("mlp_only_layers") or []
+    if not isinstance(only, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in only
+    ):
+        raise ValueError(
+            f"config.json ({family}): mlp_only_layers must be a list of layer indices, got {only!r}"
+        )
+    return tuple(i for i in range(n_layers) if i in only or (i + 1) % step != 0)
 
 
 def _rope(
@@ -355,37 +388,53 @@ def _rope(
     return theta, scaling
 
 
-def _qwen_window(data: Mapping[str, Any], family: str, n_layers: int) -> int | None:
-    """One window for every layer, from use_sliding_window and the per-layer types (as
-    transformers derives them); a mix of sliding and full layers is refused."""
+def _qwen_windows(
+    data: Mapping[str, Any], family: str, n_layers: int
+) -> tuple[int | None, tuple[str, ...] | None]:
+    """(sliding_window, layer_types) as transformers derives them: the window only with
+    use_sliding_window; the layer types from config.json's layer_types, else Qwen2's and Qwen3's
+    rule (layers >= max_window_layers slide), Qwen2-MoE's (even layers < max_window_layers
+    slide) or Qwen3-MoE's (every layer; it reads no layer_types). A uniform model comes back in
+    the compact form (layer_types None)."""
     use_window = _bool(data, "use_sliding_window", False)
-    layer_types = data.get("layer_types")
+    window = data.get("sliding_window", 4096) if use_window else None
+    window = None if window in (None, 0) else _size(data, "sliding_window", None)
+    layer_types = data.get("layer_types") if family != "qwen3_moe" else None
     if layer_types is None:
         window_layers = data.get("max_window_layers", 28)
-        if family == "qwen2":
-            sliding = [use_window and i >= window_layers for i in range(n_layers)]
+        if family == "qwen3_moe":
+            sliding = [window is not None] * n_layers
+        elif family == "qwen2_moe":
+            sliding = [use_window and i % 2 == 0 and i < window_layers for i in range(n_layers)]
         else:
-            sliding = [
-                use_window and (i + 1) % 2 == 1 and i < window_layers for i in range(n_layers)
-            ]
-    else:
-        if not isinstance(layer_types, list) or len(layer_types) != n_layers:
-            raise ValueError(
-                f"config.json: layer_types must list {n_layers} layer types, got {layer_types!r}"
-            )
-        unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
-        if unknown:
-            raise ValueError(f"config.json: unsupported layer types {unknown}")
-        sliding = [kind == "sliding_attention" for kind in layer_types]
-    if not any(sliding):
-        return None
-    if not all(sliding):
-        which = [i for i, s in enumerate(sliding) if s]
+            sliding = [window is not None and i >= window_layers for i in range(n_layers)]
+        layer_types = [SLIDING if s else FULL for s in sliding]
+    settings = f"use_sliding_window={use_window}, sliding_window={data.get('sliding_window')!r}"
+    return _layer_kinds(layer_types, n_layers, window, family, settings)
+
+
+def _layer_kinds(
+    layer_types: Any, n_layers: int, window: int | None, family: str, settings: str
+) -> tuple[int | None, tuple[str, ...] | None]:
+    """(sliding_window, layer_types) of config.json's layer types (a list, one per layer) and
+    window; a uniform model in the compact form (layer_types None). `settings` says where the
+    window came from, for the error of sliding layers without one."""
+    if not isinstance(layer_types, list) or len(layer_types) != n_layers:
         raise ValueError(
-            f"config.json ({family}): layers {which} use sliding-window attention and the others "
-            "full attention; only one window for every layer is supported"
+            f"config.json: layer_types must list {n_layers} layer types, got {layer_types!r}"
         )
-    return _size(data, "sliding_window", None)
+    unknown = sorted(set(layer_types) - {FULL, SLIDING}, key=str)
+    if unknown:
+        raise ValueError(f"config.json: unsupported layer types {unknown}")
+    sliding = [i for i, kind in enumerate(layer_types) if kind == SLIDING]
+    if sliding and window is None:
+        raise ValueError(
+            f"config.json ({family}): layers {sliding} are sliding_attention but no window is "
+            f"set ({settings})"
+        )
+    if len(set(layer_types)) == 1:
+        return (window if sliding else None), None
+    return window, tuple(layer_types)
 
 
 def _size(data: Mapping[str, Any], key: str, default: Any, limit: int = MAX_SIZE) -> int:
@@ -445,9 +494,12 @@ _ROPE_MOE: list[Requirement] = [
     _is("positions", "rope"),
     _is("gated_ffn", True),
     _is("use_moe", True),
-    _is("out_bias", False),
     _is("ffn_bias", False),
 ]
+_NO_QK_NORM = _is("qk_norm", None)
+_UNIFORM = _is("layer_types", None)  # one attention kind on every layer
+_EVERY_LAYER_MOE = _is("dense_layers", ())
+_ATTENTION_BIAS = ("qkv_bias", lambda c: c.qkv_bias == c.out_bias, "equal to out_bias")
 REQUIREMENTS: dict[str, list[Requirement]] = {
     "gpt2": [
         _is("norm", "layernorm"),
@@ -458,22 +510,45 @@ REQUIREMENTS: dict[str, list[Requirement]] = {
         _is("out_bias", True),
         _is("ffn_bias", True),
         _is("sliding_window", None),
+        _NO_QK_NORM,
+        _UNIFORM,
         ("n_kv_heads", lambda c: c.n_kv_heads in (None, c.n_heads), "None or n_heads"),
         ("head_dim", lambda c: c.head_dim in (None, c.d_model // c.n_heads), "d_model // n_heads"),
     ],
-    "llama": _ROPE_DENSE
-    + [
-        ("qkv_bias", lambda c: c.qkv_bias == c.out_bias, "equal to out_bias (attention_bias)"),
-        _is("sliding_window", None),
-    ],
-    "mistral": _ROPE_DENSE + [_is(f, False) for f in ("qkv_bias", "out_bias", "ffn_bias")],
-    "qwen2": _ROPE_DENSE + [_is("qkv_bias", True), _is("out_bias", False), _is("ffn_bias", False)],
+    "llama": _ROPE_DENSE + [_ATTENTION_BIAS, _is("sliding_window", None), _NO_QK_NORM, _UNIFORM],
+    "mistral": _ROPE_DENSE
+    + [_is(f, False) for f in ("qkv_bias", "out_bias", "ffn_bias")]
+    + [_NO_QK_NORM, _UNIFORM],
+    "qwen2": _ROPE_DENSE
+    + [_is("qkv_bias", True), _is("out_bias", False), _is("ffn_bias", False), _NO_QK_NORM],
     "mixtral": _ROPE_MOE
-    + [_is("qkv_bias", False), _is("shared_expert_d_ff", None), _is("norm_topk_prob", True)],
+    + [
+        _is("qkv_bias", False),
+        _is("out_bias", False),
+        _is("shared_expert_d_ff", None),
+        _is("norm_topk_prob", True),
+        _NO_QK_NORM,
+        _UNIFORM,
+        _EVERY_LAYER_MOE,
+    ],
     "qwen2_moe": _ROPE_MOE
     + [
+        _is("out_bias", False),
         ("shared_expert_d_ff", lambda c: c.shared_expert_d_ff is not None, "a shared expert"),
         _is("shared_expert_gate", True),
+        _NO_QK_NORM,
+    ],
+    "qwen3": _ROPE_DENSE + [_ATTENTION_BIAS, _is("ffn_bias", False), _is("qk_norm", "head")],
+    "qwen3_moe": _ROPE_MOE
+    + [_ATTENTION_BIAS, _is("shared_expert_d_ff", None), _is("qk_norm", "head"), _UNIFORM],
+    "olmoe": _ROPE_MOE
+    + [
+        _ATTENTION_BIAS,
+        _is("shared_expert_d_ff", None),
+        _is("qk_norm", "projection"),
+        _is("sliding_window", None),
+        _EVERY_LAYER_MOE,
+        ("head_dim", lambda c: c.head_dim in (None, c.d_model // c.n_heads), "d_model // n_heads"),
     ],
 }
 _GEMMA: list[Requirement] = [
@@ -600,30 +675,40 @@ def _rope_family_config(config: LMConfig, family: str) -> dict[str, Any]:
         out.update(attention_bias=config.qkv_bias, mlp_bias=config.ffn_bias)
     elif family in ("mistral", "mixtral"):
         out.update(sliding_window=window)
-    elif family in ("qwen2", "qwen2_moe"):  # the window of every layer, spelled out per layer
-        kind = "full_attention" if window is None else "sliding_attention"
-        out.update(
-            use_sliding_window=window is not None,
-            sliding_window=window,
-            max_window_layers=0 if window is not None else config.n_layers,
-            layer_types=[kind] * config.n_layers,
-        )
+    elif family in ("qwen3", "qwen3_moe", "olmoe"):
+        out.update(attention_bias=config.qkv_bias)
+    if family in QWEN_WINDOWS:  # the window of each layer, spelled out (Qwen3-MoE: uniform)
+        out.update(use_sliding_window=window is not None, sliding_window=window)
+        if family != "qwen3_moe":
+            kinds = [config.layer_type(i) for i in range(config.n_layers)]
+            out.update(
+                max_window_layers=kinds.index(SLIDING) if SLIDING in kinds else config.n_layers,
+                layer_types=kinds,
+            )
     if family == "mixtral":
         out.update(
             num_local_experts=config.num_experts,
             num_experts_per_tok=config.top_k_experts,
             router_jitter_noise=0.0,
         )
-    elif family == "qwen2_moe":
+    elif family in MOE_DEFAULTS:
         out.update(
-            qkv_bias=config.qkv_bias,
             num_experts=config.num_experts,
             num_experts_per_tok=config.top_k_experts,
-            moe_intermediate_size=config.d_ff,
-            shared_expert_intermediate_size=config.shared_expert_d_ff,
             norm_topk_prob=config.norm_topk_prob,
+        )
+    if family in DENSE_D_FF:  # Qwen MoE: the dense layers' width and where they are
+        dense_d_ff = config.d_ff if config.dense_d_ff is None else config.dense_d_ff
+        out.update(
+            intermediate_size=dense_d_ff,
+            moe_intermediate_size=config.d_ff,
             decoder_sparse_step=1,
-            mlp_only_layers=[],
+            mlp_only_layers=list(config.dense_layers),
+        )
+    if family == "qwen2_moe":
+        out.update(
+            qkv_bias=config.qkv_bias,
+            shared_expert_intermediate_size=config.shared_expert_d_ff,
         )
     return out
 
@@ -645,17 +730,12 @@ def _gemma_config(config: LMConfig, family: str) -> dict[str, Any]:
         attention_bias=config.qkv_bias,
         query_pre_attn_scalar=config.resolved_head_dim if scalar is None else int(scalar),
         sliding_window=config.sliding_window,
-        layer_types=_layer_types(config),
+        layer_types=[config.layer_type(i) for i in range(config.n_layers)],
         final_logit_softcapping=_float_or_none(config.final_logit_softcap),
         attn_logit_softcapping=_float_or_none(config.attn_logit_softcap),
         use_bidirectional_attention=False,
     )
     return out
-
-
-def _layer_types(config: LMConfig) -> list[str]:
-    """transformers' layer_types: each layer's attention kind."""
-    return [config.layer_type(i) for i in range(config.n_layers)]
 
 
 def _float_or_none(value: float | None) -> float | None:

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: `from_hf` and `to_hf` for the six families.
+"""Hugging Face checkpoints in and out: `from_hf` and `to_hf` for the families of FAMILIES.
 
 Reading checks config.json, every file header, every tensor name and shape before the model is
 allocated, then copies one tensor at a time into it: the torch model directly, the Flax params
@@ -49,7 +49,7 @@ from .files import (
     remove_stale,
     shard_names,
 )
-from .mapping import HFRow, expand, expected_hf_shapes, hf_from_ours, hf_rows, ours_from_hf
+from .mapping import HFRow, expand, expected_hf_shapes, hf_from_ours, ours_from_hf
 from .metadata import HFMetadata, folder_files
 
 # names that old checkpoints carry and transformers ignores: GPT-2's mask buffers, rope tables
@@ -75,7 +75,7 @@ class HFCheckpoint:
         with torch.device("meta"):
             meta = torch_block.TransformerLM.from_config(config)
         self.our_shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-        self.entries = sorted(expand(hf_rows(self.hf.family, config), config), key=lambda e: e[1])
+        self.entries = sorted(expand(self.hf.family, config), key=lambda e: e[1])
         self.buffers = sorted(set(self.our_shapes) - {ours for ours, _, _ in self.entries})
         self._names = self._check_names()
 
@@ -282,7 +282,7 @@ def to_hf(
     hf_config = hf_config_from_lm(config, dtype_name(dtype), metadata.token_ids)
 
     grouped: dict[str, list[tuple[str, HFRow]]] = {}
-    entries = expand(hf_rows(family, config), config)
+    entries = expand(family, config)
     for ours, hf_name, row in entries:
         grouped.setdefault(hf_name, []).append((ours, row))
     missing = sorted({ours for ours, _, _ in entries} - set(state))

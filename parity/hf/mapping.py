@@ -10,7 +10,7 @@ the layer, `{e}` for the expert.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -103,7 +103,12 @@ LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
 MIXTRAL_EXPERT = ("w1", "w3", "w2")
 
 
-def _rope_block(family: str, config: LMConfig) -> list[HFRow]:
+MOE_MLP = {"mixtral": "block_sparse_moe"}  # the others: "mlp"
+
+
+def _rope_block(family: str, block: Any) -> list[HFRow]:
+    """The rows of one layer of `block`'s config (a BlockConfig, or an LMConfig for its MoE
+    layers), symbolic in {i} and {e}: a dense layer of an MoE family has a plain MLP."""
     b, h = "blocks.{i}", "model.layers.{i}"
     rows = _norm(f"{b}.norm1", f"{h}.input_layernorm", False)
     for name, hf_name, out in (
@@ -112,48 +117,45 @@ def _rope_block(family: str, config: LMConfig) -> list[HFRow]:
         ("v_proj", "v_proj", "KV*D"),
     ):
         rows += _linear(
-            f"{b}.attention.{name}", f"{h}.self_attn.{hf_name}", out, "d_model", config.qkv_bias
+            f"{b}.attention.{name}", f"{h}.self_attn.{hf_name}", out, "d_model", block.qkv_bias
         )
     rows += _linear(
-        f"{b}.attention.out_proj", f"{h}.self_attn.o_proj", "d_model", "H*D", config.out_bias
+        f"{b}.attention.out_proj", f"{h}.self_attn.o_proj", "d_model", "H*D", block.out_bias
     )
-    if config.qk_norm == "head":  # Gemma 3: q_norm and k_norm over each head
-        for name in ("q_norm", "k_norm"):
-            rows += _norm(f"{b}.attention.{name}", f"{h}.self_attn.{name}", False, "(D,)")
-    if config.sandwich_norms:  # Gemma: each sublayer's input and output normed
+    if block.qk_norm is not None:  # Qwen3, Gemma 3: over each head; OLMoE: the projections
+        q, k = ("(D,)", "(D,)") if block.qk_norm == "head" else ("(H*D,)", "(KV*D,)")
+        for name, shape in (("q_norm", q), ("k_norm", k)):
+            rows += _norm(f"{b}.attention.{name}", f"{h}.self_attn.{name}", False, shape)
+    if block.sandwich_norms:  # Gemma: each sublayer's input and output normed
         rows += _norm(f"{b}.post_attention_norm", f"{h}.post_attention_layernorm", False)
         rows += _norm(f"{b}.norm2", f"{h}.pre_feedforward_layernorm", False)
     else:  # Llama's "post_attention_layernorm" is the feed-forward's input norm
         rows += _norm(f"{b}.norm2", f"{h}.post_attention_layernorm", False)
-    ffn = f"{b}.feed_forward"
-    if family == "mixtral":
-        moe = f"{h}.block_sparse_moe"
-        rows += _linear(f"{ffn}.gate", f"{moe}.gate", "E", "d_model", False)
+    ffn, moe = f"{b}.feed_forward", f"{h}.{MOE_MLP.get(family, 'mlp')}"
+    if not block.use_moe:
+        rows += _gated(ffn, f"{h}.mlp", LLAMA_MLP, "d_ff", block.ffn_bias)
+        if block.sandwich_norms:
+            rows += _norm(f"{b}.post_feed_forward_norm", f"{h}.post_feedforward_layernorm", False)
+        return rows
+    rows += _linear(f"{ffn}.gate", f"{moe}.gate", "E", "d_model", False)
+    expert = MIXTRAL_EXPERT if family == "mixtral" else LLAMA_MLP
+    rows += _gated(f"{ffn}.experts.{{e}}", f"{moe}.experts.{{e}}", expert, "d_ff", False)
+    if block.shared_expert_d_ff is not None:
         rows += _gated(
-            f"{ffn}.experts.{{e}}", f"{moe}.experts.{{e}}", MIXTRAL_EXPERT, "d_ff", False
-        )
-    elif family == "qwen2_moe":
-        rows += _linear(f"{ffn}.gate", f"{h}.mlp.gate", "E", "d_model", False)
-        rows += _gated(f"{ffn}.experts.{{e}}", f"{h}.mlp.experts.{{e}}", LLAMA_MLP, "d_ff", False)
-        rows += _gated(
-            f"{ffn}.shared_expert", f"{h}.mlp.shared_expert", LLAMA_MLP, "shared_d_ff", False
+            f"{ffn}.shared_expert", f"{moe}.shared_expert", LLAMA_MLP, "shared_d_ff", False
         )
         rows += _linear(
-            f"{ffn}.shared_expert_gate", f"{h}.mlp.shared_expert_gate", "1", "d_model", False
+            f"{ffn}.shared_expert_gate", f"{moe}.shared_expert_gate", "1", "d_model", False
         )
-    else:
-        rows += _gated(ffn, f"{h}.mlp", LLAMA_MLP, "d_ff", config.ffn_bias)
-    if config.sandwich_norms:
-        rows += _norm(f"{b}.post_feed_forward_norm", f"{h}.post_feedforward_layernorm", False)
     return rows
 
 
-def hf_rows(family: str, config: LMConfig) -> list[HFRow]:
-    """Every weight of an LM of `family` with `config`, symbolic in {i} and {e}."""
+def _lm_rows(family: str, config: LMConfig) -> tuple[list[HFRow], list[HFRow]]:
+    """The rows before the layers (embeddings) and after them (final norm, untied head)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if family == "gpt2":
-        rows = [
+        head = [
             HFRow(
                 "token_embedding.weight",
                 "(vocab, d_model)",
@@ -168,38 +170,48 @@ def hf_rows(family: str, config: LMConfig) -> list[HFRow]:
                 "(n_positions, d_model)",
                 COPY,
             ),
-            *_gpt2_block(),
-            *_norm("norm", "transformer.ln_f", True),
         ]
+        tail = _norm("norm", "transformer.ln_f", True)
     else:
-        rows = [
+        head = [
             HFRow(
                 "token_embedding.weight",
                 "(vocab, d_model)",
                 "model.embed_tokens.weight",
                 "(vocab, d_model)",
                 COPY,
-            ),
-            *_rope_block(family, config),
-            *_norm("norm", "model.norm", False),
+            )
         ]
+        tail = _norm("norm", "model.norm", False)
     if not config.tie_embeddings:
-        rows.append(
+        tail.append(
             HFRow("lm_head.weight", "(vocab, d_model)", "lm_head.weight", "(vocab, d_model)", COPY)
         )
-    return rows
+    return head, tail
 
 
-def expand(rows: list[HFRow], config: LMConfig) -> list[tuple[str, str, HFRow]]:
-    """(our key, HF name, row) for every layer i and expert e."""
-    out = []
-    for row in rows:
-        layers = range(config.n_layers) if "{i}" in row.ours else [None]
-        experts = range(config.num_experts) if "{e}" in row.ours else [None]
-        for i in layers:
-            for e in experts:
-                out.append((row.ours.format(i=i, e=e), row.hf.format(i=i, e=e), row))
-    return out
+def _layer_rows(family: str, block: Any) -> list[HFRow]:
+    return _gpt2_block() if family == "gpt2" else _rope_block(family, block)
+
+
+def hf_rows(family: str, config: LMConfig) -> list[HFRow]:
+    """The weights of an LM of `family` with `config`, symbolic in {i} and {e}, its layers as
+    `config`'s own fields say (an MoE layer in an MoE model; README's tables)."""
+    head, tail = _lm_rows(family, config)
+    return head + _layer_rows(family, config) + tail
+
+
+def expand(family: str, config: LMConfig) -> list[tuple[str, str, HFRow]]:
+    """(our key, HF name, row) of every weight: each layer i with the rows of its own block
+    config (`config.block_configs()`: a dense layer of an MoE model has dense rows), each
+    expert e."""
+    head, tail = _lm_rows(family, config)
+    out = [(row.ours, row.hf, row) for row in head]
+    for i, block in enumerate(config.block_configs()):
+        for row in _layer_rows(family, block):
+            experts = range(block.num_experts) if "{e}" in row.ours else [None]
+            out += [(row.ours.format(i=i, e=e), row.hf.format(i=i, e=e), row) for e in experts]
+    return out + [(row.ours, row.hf, row) for row in tail]
 
 
 def expected_hf_shapes(

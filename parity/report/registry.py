@@ -68,6 +68,20 @@ CONFIGS: dict[str, dict[str, Any]] = {
         shared_expert_d_ff=96,
         shared_expert_gate=True,
     ),
+    "qwen3": dict(_LLAMA, **_ROPE_1E6, qk_norm="head"),
+    "qwen3_moe": dict(
+        _LLAMA, **_ROPE_1E6, qk_norm="head", use_moe=True, num_experts=8, top_k_experts=2
+    ),
+    "olmoe": dict(
+        _LLAMA,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        qk_norm="projection",
+        use_moe=True,
+        num_experts=8,
+        top_k_experts=2,
+        norm_topk_prob=False,
+    ),
     "gemma2": dict(_GEMMA, attn_logit_softcap=2.0),
     # Gemma 3: q/k norm per head; global layers at base 1e6, linear-scaled (its local layers:
     # LM_OPTIONS)
@@ -78,20 +92,27 @@ CONFIGS: dict[str, dict[str, Any]] = {
         rope_scaling=RopeScaling(rope_type="linear", factor=8.0),
     ),
 }
-# What the language model of a configuration adds to its block's fields
+# The fields of a configuration's language model that only LMConfig has: Qwen3 with one layer of
+# full attention and one within the window, Qwen3-MoE with a dense layer; Gemma's sliding and full
+# layers, embedding scale, logit softcap (2) and local rope base (3).
 _ALTERNATING = dict(
     sliding_window=SLIDING_WINDOW, layer_types=("sliding_attention", "full_attention")
 )
-LM_OPTIONS: dict[str, dict[str, Any]] = {
+LM_LAYERS: dict[str, dict[str, Any]] = {
+    "qwen3": dict(
+        sliding_window=SLIDING_WINDOW, layer_types=("full_attention", "sliding_attention")
+    ),
+    "qwen3_moe": dict(dense_layers=(1,), dense_d_ff=96),
     "gemma2": dict(_ALTERNATING, embed_scale=True, final_logit_softcap=1.0),
     "gemma3": dict(_ALTERNATING, embed_scale=True, local_rope_theta=10000.0),
 }
 ORIGINAL = ("dense", "moe")  # the original architecture: every block case
+# The families of the default report, then those that run only when named (`check --config
+# qwen3`): the default run stays near a minute on 2 cores.
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
-# Families checked when asked for by name (`check --config NAME`), outside the default run's
-# minute: their LM and bfloat16 rows
-OPT_IN = ("gemma2", "gemma3")
-MOE_FAMILIES = tuple(name for name in FAMILIES if CONFIGS[name].get("use_moe"))
+NAMED_FAMILIES = ("qwen3", "qwen3_moe", "olmoe", "gemma2", "gemma3")
+DEFAULT_CONFIGS = ORIGINAL + FAMILIES  # `python -m parity`, `check --config all`
+MOE_FAMILIES = tuple(name for name in FAMILIES + NAMED_FAMILIES if CONFIGS[name].get("use_moe"))
 BATCH, SEQ_LEN, PREFILL_LEN = 2, 16, 8
 TRAIN_CAPACITY_FACTOR = 0.5  # capacity 4 per expert < 64 assignments / 8 experts: drops certain
 Z_LOSS_COEF = 0.1

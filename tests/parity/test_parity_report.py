@@ -32,9 +32,10 @@ from parity.report.precision import full_precision
 from parity.report.registry import (
     BATCH,
     CONFIGS,
+    DEFAULT_CONFIGS,
     FAMILIES,
-    LM_OPTIONS,
-    OPT_IN,
+    LM_LAYERS,
+    NAMED_FAMILIES,
     PREFILL_LEN,
     SEQ_LEN,
     SLIDING_WINDOW,
@@ -184,7 +185,7 @@ def test_the_family_configurations_are_the_issues():
 def test_the_gemma_configurations_use_every_gemma_option():
     """Gemma 2 and 3 in the block and the LM: each option of theirs on, sliding and full
     layers, Gemma 3's local rope base beside its linear-scaled global one."""
-    for name in OPT_IN:
+    for name in ("gemma2", "gemma3"):
         block, lm = CONFIGS[name], lm_cases.LM_CONFIGS[name]
         assert (block["norm"], block["activation"], block["sandwich_norms"]) == (
             "gemma_rmsnorm",
@@ -196,10 +197,10 @@ def test_the_gemma_configurations_use_every_gemma_option():
             "sliding_attention",
             "full_attention",
         }
-        assert lm.items() >= {**block, **LM_OPTIONS[name]}.items()
-    assert CONFIGS["gemma2"]["attn_logit_softcap"] and LM_OPTIONS["gemma2"]["final_logit_softcap"]
+        assert lm.items() >= {**block, **LM_LAYERS[name]}.items()
+    assert CONFIGS["gemma2"]["attn_logit_softcap"] and LM_LAYERS["gemma2"]["final_logit_softcap"]
     assert CONFIGS["gemma3"]["qk_norm"] == "head" and CONFIGS["gemma3"]["rope_scaling"].factor == 8
-    assert LM_OPTIONS["gemma3"]["local_rope_theta"] != CONFIGS["gemma3"]["rope_theta"]
+    assert LM_LAYERS["gemma3"]["local_rope_theta"] != CONFIGS["gemma3"]["rope_theta"]
 
 
 ARCHITECTURE_DEFAULTS = dict(
@@ -219,7 +220,21 @@ ARCHITECTURE_DEFAULTS = dict(
 )
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+def test_the_named_families_are_qwen3_qwen3_moe_olmoe_and_gemma_with_their_layers():
+    """Run only when named (`check --config qwen3`): q/k norms per head or over the projection,
+    per-layer windows (Qwen3) and a dense layer between MoE layers (Qwen3-MoE) in the LM."""
+    lm = lm_cases.LM_CONFIGS
+    assert NAMED_FAMILIES == ("qwen3", "qwen3_moe", "olmoe", "gemma2", "gemma3")
+    assert not set(NAMED_FAMILIES) & set(DEFAULT_CONFIGS)
+    qk_norms = [CONFIGS[n].get("qk_norm") for n in NAMED_FAMILIES]
+    assert qk_norms == ["head", "head", "projection", None, "head"]
+    assert lm["qwen3"]["layer_types"] == ("full_attention", "sliding_attention")
+    assert lm["qwen3"]["sliding_window"] == SLIDING_WINDOW
+    assert (lm["qwen3_moe"]["dense_layers"], lm["qwen3_moe"]["use_moe"]) == ((1,), True)
+    assert lm["olmoe"]["norm_topk_prob"] is False
+
+
+@pytest.mark.parametrize("name", FAMILIES + NAMED_FAMILIES)
 def test_every_family_runs_the_lm_cases_and_bfloat16(case_rows, name):
     rows = [row for key, rows in case_rows.items() if key[1] == name for row in rows]
     names = {(row.case, row.dtype) for row in rows}
@@ -236,7 +251,7 @@ def test_every_family_runs_the_lm_cases_and_bfloat16(case_rows, name):
     assert all(row.passed for row in rows), render_table(rows)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_moe_families_drop_assignments_in_training_mode(case_rows, name):
     (row,) = case_rows[("train, dropout 0", name, "float32")]
     assert 0 < row.details["dropped_torch"] == row.details["dropped_jax"]
@@ -619,8 +634,7 @@ def test_run_cases_spreads_configurations_over_workers_and_keeps_the_order(monke
     monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get this sys.path too
     monkeypatch.setattr(report, "CASE_MODULES", ("pid_parity_cases",))
     rows = report.run_cases(workers=2)
-    default = [config for config in CONFIGS if config not in OPT_IN]  # opt-in: run when named
-    in_order = [(config, dtype) for config in default for dtype in ("float32", "bfloat16")]
+    in_order = [(c, dtype) for c in DEFAULT_CONFIGS for dtype in ("float32", "bfloat16")]
     assert [(row.config, row.dtype) for row in rows] == in_order
     pids = {row.note for row in rows}
     assert len(pids) == 2 and str(os.getpid()) not in pids
@@ -630,7 +644,10 @@ def test_run_cases_spreads_configurations_over_workers_and_keeps_the_order(monke
 
 
 def test_run_cases_refuses_an_unknown_config_or_dtype():
-    known = "dense, moe, gpt2, llama, mistral, qwen2, mixtral, qwen2_moe, gemma2, gemma3"
+    known = (
+        "dense, moe, gpt2, llama, mistral, qwen2, mixtral, qwen2_moe, qwen3, qwen3_moe, olmoe, "
+        "gemma2, gemma3"
+    )
     with pytest.raises(ValueError, match=f"config must be one of {known} or all, got 'big'"):
         report.run_cases(config="big")
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16 or all"):
