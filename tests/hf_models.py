@@ -1,4 +1,4 @@
-"""Tiny Hugging Face models of the six families, built by transformers itself, for the HF tests.
+"""Tiny Hugging Face models of the seven families and the rope types, built by transformers itself, for the HF tests.
 
 Weights are redrawn at unit scale (embeddings N(0, 1), matrices N(0, 1/fan_in), norm weights
 near 1, biases N(0, 0.2)) so that logits spread over several units and greedy choices and
@@ -27,6 +27,7 @@ _ROPE = dict(
     **NO_TOKENS,
 )
 WINDOW = 5  # mistral's window: shorter than the greedy test's prompts + new tokens
+ORIGINAL = 12  # the scaled ropes' original length: the greedy test's generations cross it
 
 CONFIGS: dict[str, Any] = {
     "gpt2": lambda: transformers.GPT2Config(
@@ -60,8 +61,41 @@ CONFIGS: dict[str, Any] = {
             "original_max_position_embeddings": 16,
         },
     ),
+    # Phi-3: fused qkv_proj and gate_up_proj; rope on half of each head
+    "phi3": lambda: transformers.Phi3Config(**_ROPE, partial_rotary_factor=0.5),
+    # Phi-3 longrope: generation past original_max_position_embeddings switches to long_factor
+    "phi3_longrope": lambda: transformers.Phi3Config(
+        **_ROPE,
+        original_max_position_embeddings=ORIGINAL,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 1000.0,
+            "short_factor": [1.0, 1.2, 1.5, 2.0],
+            "long_factor": [1.0, 3.0, 6.0, 12.0],
+        },
+    ),
+    # llama with each of the scalings that depend on nothing or on the sequence length
+    "llama_linear": lambda: transformers.LlamaConfig(
+        **_ROPE, rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 3.0}
+    ),
+    "llama_dynamic": lambda: transformers.LlamaConfig(
+        **{**_ROPE, "max_position_embeddings": ORIGINAL},
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 500.0, "factor": 2.0},
+    ),
+    "llama_yarn": lambda: transformers.LlamaConfig(
+        **_ROPE,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 1000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": ORIGINAL,
+            "beta_fast": 8.0,
+        },
+    ),
 }
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "phi3")
+# the rope types and partial rotary, on llama and phi3
+ROPE_MODELS = ("phi3_longrope", "llama_linear", "llama_dynamic", "llama_yarn")
 
 
 def rescale(model: torch.nn.Module, seed: int) -> None:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_models import FAMILIES, VOCAB, WINDOW
+from hf_models import FAMILIES, ROPE_MODELS, VOCAB, WINDOW
 
 import jax_block
 import parity
@@ -27,7 +27,7 @@ from parity.hf.config import family_of
 from parity.hf.mapping import markdown_tables
 
 PROMPTS = ([5, 17, 33], [9, 2, 41, 77, 3, 60, 12])  # left-padded into one batch
-NEW_TOKENS = 12  # 7 + 12 = 19 positions: well past mistral's window of WINDOW
+NEW_TOKENS = 12  # 7 + 12 = 19 positions: past mistral's window, and the ropes' ORIGINAL (12)
 IDS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
@@ -69,13 +69,15 @@ def left_padded(prompts=PROMPTS) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --------------------------------------------------------------------------- reading
 @pytest.mark.parametrize("framework", ["torch", "jax"])
-@pytest.mark.parametrize("name", [*FAMILIES, "llama_options"])
+@pytest.mark.parametrize("name", [*FAMILIES, "llama_options", *ROPE_MODELS])
 def test_logits_match_transformers(saved, name, framework):
+    """16 positions: past the scaled ropes' original length (dynamic and longrope switch).
+    Within 1e-5 plus float32's relative rounding of logits near 10."""
     directory, reference = saved(name)
     model = parity.from_hf(directory, framework)
     expected = hf_logits(reference)
     assert np.abs(expected).max() > 1.0  # unit-scale weights: a real spread of logits
-    np.testing.assert_allclose(our_logits(model), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(our_logits(model), expected, atol=1e-5, rtol=1e-6)
 
 
 def test_from_hf_reads_the_config(saved):
@@ -95,7 +97,7 @@ def test_from_hf_reads_the_config(saved):
     assert moe.expert_capacity_factor is None  # dropless, as transformers
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", [*FAMILIES, *ROPE_MODELS])
 def test_greedy_left_padded_batch_matches_transformers_alone(saved, name):
     directory, reference = saved(name)
     expected = [hf_models.hf_greedy(reference, p, NEW_TOKENS) for p in PROMPTS]
@@ -179,7 +181,7 @@ def test_transformers_4_config_spelling(saved, tmp_path):
 
 # --------------------------------------------------------------------------- writing
 @pytest.mark.parametrize("source", ["torch", "jax"])
-@pytest.mark.parametrize("name", [*FAMILIES, "llama_options"])
+@pytest.mark.parametrize("name", [*FAMILIES, "llama_options", *ROPE_MODELS])
 def test_round_trip_to_hf(saved, tmp_path, name, source):
     directory, reference = saved(name)
     out = parity.to_hf(parity.from_hf(directory, source), tmp_path / "out")
@@ -189,7 +191,7 @@ def test_round_trip_to_hf(saved, tmp_path, name, source):
         "model.safetensors",
     ]
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == name.removesuffix("_options")
+    assert config["model_type"] == reference.config.model_type  # phi3 stays phi3
     reloaded = hf_models.load(out)
     expected = reference.state_dict()
     for key, value in reloaded.state_dict().items():
@@ -278,6 +280,8 @@ def test_family_of_prefers_the_plainest_layout():
     assert family_of(LMConfig(**{**base, "qkv_bias": True})) == "qwen2"
     assert family_of(LMConfig(**{**base, "qkv_bias": True}, sliding_window=4)) == "qwen2"
     assert family_of(LMConfig(**base, use_moe=True, num_experts=2)) == "mixtral"
+    assert family_of(LMConfig(**base, partial_rotary_factor=0.5)) == "phi3"
+    assert family_of(LMConfig(**base), preferred="phi3") == "phi3"  # read from a phi3 folder
     assert (
         family_of(
             LMConfig(
@@ -355,8 +359,18 @@ CONFIG_REFUSALS = {
     ),
     "rope type": (
         "llama",
-        lambda c: c["rope_parameters"].update(rope_type="yarn", factor=2.0),
-        "rope type 'yarn' is not supported",
+        lambda c: c["rope_parameters"].update(rope_type="proportional"),
+        "rope type 'proportional' is not supported",
+    ),
+    "phi3 rope type": (
+        "phi3",
+        lambda c: c["rope_parameters"].update(rope_type="linear", factor=2.0),
+        r"\(phi3\): rope type 'linear' is not supported \(supported: default, longrope\)",
+    ),
+    "longrope factors": (
+        "phi3_longrope",
+        lambda c: c["rope_parameters"].update(short_factor=[1.0, 2.0]),
+        "short_factor and long_factor",
     ),
     "partial rotary": ("llama", lambda c: c.update(partial_rotary_factor=0.5), "partial rotary"),
     "softcapping": (
