@@ -1,4 +1,5 @@
-"""Tiny Hugging Face models of the seven families and the rope types, built by transformers itself, for the HF tests.
+"""Tiny Hugging Face models of the seven families and the rope types, built by transformers
+itself, for the HF tests.
 
 Weights are redrawn at unit scale (embeddings N(0, 1), matrices N(0, 1/fan_in), norm weights
 near 1, biases N(0, 0.2)) so that logits spread over several units and greedy choices and

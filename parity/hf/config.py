@@ -67,8 +67,10 @@ FAMILY_DEFAULTS = {
         rms_norm_eps=1e-5,
     ),
 }
-# the rope types each family's transformers class computes (besides "default"); the others: all
+# the rope types each family reads (besides "default"): longrope is Phi-3's alone, whose generate
+# recomputes the sequence when it passes the original length (as ours does); the others: all
 FAMILY_ROPE_TYPES = {"phi3": ("longrope",)}
+OTHER_ROPE_TYPES = tuple(t for t in ROPE_TYPES if t != "longrope")
 PHI3_ORIGINAL_LENGTH = 4096  # Phi3Config's original_max_position_embeddings
 # fields that change the computation in ways no family here supports, when set (not null)
 UNSUPPORTED_KEYS = {
@@ -233,7 +235,7 @@ def _rope(
     theta = _positive({"rope_theta": theta}, "rope_theta", None)
     if rope_type == "default":
         return theta, None, partial
-    supported = FAMILY_ROPE_TYPES.get(family, tuple(ROPE_TYPES))
+    supported = FAMILY_ROPE_TYPES.get(family, OTHER_ROPE_TYPES)
     if rope_type not in supported:
         raise ValueError(
             f"config.json ({family}): rope type {rope_type!r} is not supported (supported: "
@@ -348,13 +350,21 @@ def _is(field: str, value: Any) -> Requirement:
     return field, lambda c: getattr(c, field) == value, f"{value!r}"
 
 
-_ROPE_DENSE: list[Requirement] = [
+_NOT_PHI3: list[Requirement] = [
+    _is("partial_rotary_factor", 1.0),
+    (
+        "rope_scaling",
+        lambda c: c.rope_scaling is None or c.rope_scaling.rope_type in OTHER_ROPE_TYPES,
+        f"None or one of {OTHER_ROPE_TYPES}",
+    ),
+]
+_PHI3: list[Requirement] = [
     _is("norm", "rmsnorm"),
     _is("positions", "rope"),
     _is("gated_ffn", True),
     _is("use_moe", False),
-    _is("partial_rotary_factor", 1.0),
 ]
+_ROPE_DENSE: list[Requirement] = _PHI3 + _NOT_PHI3
 _ROPE_MOE: list[Requirement] = [
     _is("norm", "rmsnorm"),
     _is("positions", "rope"),
@@ -362,7 +372,7 @@ _ROPE_MOE: list[Requirement] = [
     _is("use_moe", True),
     _is("out_bias", False),
     _is("ffn_bias", False),
-    _is("partial_rotary_factor", 1.0),
+    *_NOT_PHI3,
 ]
 REQUIREMENTS: dict[str, list[Requirement]] = {
     "gpt2": [
@@ -391,7 +401,7 @@ REQUIREMENTS: dict[str, list[Requirement]] = {
         ("shared_expert_d_ff", lambda c: c.shared_expert_d_ff is not None, "a shared expert"),
         _is("shared_expert_gate", True),
     ],
-    "phi3": _ROPE_DENSE[:-1]
+    "phi3": _PHI3
     + [_is(f, False) for f in ("qkv_bias", "out_bias", "ffn_bias")]
     + [
         ("head_dim", lambda c: c.head_dim in (None, c.d_model // c.n_heads), "d_model // n_heads"),

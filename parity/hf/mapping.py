@@ -141,7 +141,6 @@ def _phi3_block(config: LMConfig) -> list[HFRow]:
     ]
 
 
-
 def _rope_block(family: str, config: LMConfig) -> list[HFRow]:
     b, h = "blocks.{i}", "model.layers.{i}"
     rows = _norm(f"{b}.norm1", f"{h}.input_layernorm", False)
