@@ -57,9 +57,23 @@ CONFIGS: dict[str, dict[str, Any]] = {
         shared_expert_d_ff=96,
         shared_expert_gate=True,
     ),
+    # Phi-3 with longrope: 6 of each head's 8 dims rotated; the prompts, cached steps and
+    # generation pass the original length 24 (long factors, the sequence recomputed)
+    "phi3": dict(
+        _LLAMA,
+        rope_theta=1e4,
+        partial_rotary_factor=0.75,
+        rope_scaling=RopeScaling(
+            rope_type="longrope",
+            factor=4.0,
+            original_max_position_embeddings=24,
+            short_factor=(1.0, 1.3, 2.0),
+            long_factor=(1.0, 4.0, 9.0),
+        ),
+    ),
 }
 ORIGINAL = ("dense", "moe")  # the original architecture: every block case
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "phi3")
 MOE_FAMILIES = tuple(name for name in FAMILIES if CONFIGS[name].get("use_moe"))
 BATCH, SEQ_LEN, PREFILL_LEN = 2, 16, 8
 TRAIN_CAPACITY_FACTOR = 0.5  # capacity 4 per expert < 64 assignments / 8 experts: drops certain
