@@ -33,6 +33,7 @@ _ROPE = dict(
 WINDOW = 5  # mistral's and Gemma's window: shorter than the greedy test's prompts + new tokens
 ALTERNATING = ["sliding_attention", "full_attention"]  # Gemma's layer kinds, two layers
 EAGER = ("gemma2", "gemma3_text")
+ORIGINAL = 12  # the scaled ropes' original length: the greedy test's generations cross it
 
 CONFIGS: dict[str, Any] = {
     "gpt2": lambda: transformers.GPT2Config(
@@ -92,8 +93,17 @@ CONFIGS: dict[str, Any] = {
         sliding_window=WINDOW,
         layer_types=ALTERNATING,
     ),
+    # Gemma 3's ropes: the sliding layers' base 1e4, the full layers' 1e6 linear-scaled by 8
     "gemma3_text": lambda: transformers.Gemma3TextConfig(
-        **_ROPE, head_dim=8, query_pre_attn_scalar=8, sliding_window=WINDOW, layer_types=ALTERNATING
+        **_ROPE,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=WINDOW,
+        layer_types=ALTERNATING,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        },
     ),
     # every llama option on: llama3 rope scaling, attention and MLP biases, tied embeddings
     "llama_options": lambda: transformers.LlamaConfig(
@@ -110,12 +120,45 @@ CONFIGS: dict[str, Any] = {
             "original_max_position_embeddings": 16,
         },
     ),
+    # Phi-3: fused qkv_proj and gate_up_proj; rope on half of each head
+    "phi3": lambda: transformers.Phi3Config(**_ROPE, partial_rotary_factor=0.5),
+    # Phi-3 longrope: generation past original_max_position_embeddings switches to long_factor
+    "phi3_longrope": lambda: transformers.Phi3Config(
+        **_ROPE,
+        original_max_position_embeddings=ORIGINAL,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 1000.0,
+            "short_factor": [1.0, 1.2, 1.5, 2.0],
+            "long_factor": [1.0, 3.0, 6.0, 12.0],
+        },
+    ),
+    # llama with each of the scalings that depend on nothing or on the sequence length
+    "llama_linear": lambda: transformers.LlamaConfig(
+        **_ROPE, rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 3.0}
+    ),
+    "llama_dynamic": lambda: transformers.LlamaConfig(
+        **{**_ROPE, "max_position_embeddings": ORIGINAL},
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 500.0, "factor": 2.0},
+    ),
+    "llama_yarn": lambda: transformers.LlamaConfig(
+        **_ROPE,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 1000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": ORIGINAL,
+            "beta_fast": 8.0,
+        },
+    ),
 }
 FAMILIES = (
     "gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe",
-    "gemma2", "gemma3_text",
+    "phi3", "gemma2", "gemma3_text",
 )  # fmt: skip
 LAYER_VARIANTS = ("qwen2_sliding", "qwen2_moe_sparse")  # per-layer windows and dense layers
+# the rope types and partial rotary, on llama and phi3
+ROPE_MODELS = ("phi3_longrope", "llama_linear", "llama_dynamic", "llama_yarn")
 
 
 def rescale(model: torch.nn.Module, seed: int) -> None:

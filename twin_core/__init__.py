@@ -16,7 +16,7 @@ from .config import (
     rotary_dims,
 )
 from .files import atomic_write, digest
-from .rope import DynamicNTK, RopeTables, inv_frequencies, rope_tables
+from .rope import DynamicNTK, RopeTables, inv_frequencies, recompute_position, rope_tables
 
 __all__ = [
     "LLAMA_OPTIONS",
@@ -37,6 +37,7 @@ __all__ = [
     "expert_capacity",
     "inv_frequencies",
     "prompt_bucket",
+    "recompute_position",
     "rope_tables",
     "rotary_dims",
 ]

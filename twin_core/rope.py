@@ -156,3 +156,13 @@ def inv_frequencies(
     """inv_freq (rotated dims / 2,) float32 of sequences no longer than the original length
     (every sequence for the types that do not depend on it)."""
     return rope_tables(head_dim, theta, scaling, partial_rotary_factor).inv_freq
+
+
+def recompute_position(scaling: RopeScaling | None) -> int | None:
+    """The position at which `generate` recomputes a row's whole sequence (longrope: the
+    original length, where the long factors take over, as transformers' Phi-3 generate
+    does); None for the other types, whose cached keys keep the rotation they were written
+    with."""
+    if scaling is None or scaling.rope_type != "longrope":
+        return None
+    return scaling.original_max_position_embeddings

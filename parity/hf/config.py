@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from twin_core import LLAMA_OPTIONS, LMConfig, RopeScaling
+from twin_core import LLAMA_OPTIONS, ROPE_TYPES, LMConfig, RopeScaling
 
 FAMILIES = (
     "gpt2",
@@ -26,6 +26,7 @@ FAMILIES = (
     "qwen3",
     "qwen3_moe",
     "olmoe",
+    "phi3",
     "gemma2",
     "gemma3_text",
 )
@@ -40,6 +41,7 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "phi3": "Phi3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
 }
@@ -72,6 +74,31 @@ QWEN_WINDOWS = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")  # use_sliding_windo
 # transformers' defaults of the MoE families: (expert width, experts, experts per token)
 MOE_DEFAULTS = {"qwen2_moe": (1408, 60, 4), "qwen3_moe": (768, 128, 8), "olmoe": (2048, 64, 8)}
 DENSE_D_FF = {"qwen2_moe": 5632, "qwen3_moe": 6144}  # intermediate_size: the dense layers' width
+# transformers' config defaults where a field is absent (save_pretrained leaves defaults out)
+LLAMA_DEFAULTS = dict(
+    hidden_size=4096,
+    max_position_embeddings=2048,
+    vocab_size=32000,
+    intermediate_size=11008,
+    rms_norm_eps=1e-6,
+)
+FAMILY_DEFAULTS = {
+    "mixtral": dict(rms_norm_eps=1e-5),
+    "olmoe": dict(rms_norm_eps=1e-5),
+    "phi3": dict(
+        hidden_size=3072,
+        max_position_embeddings=4096,
+        vocab_size=32064,
+        intermediate_size=8192,
+        rms_norm_eps=1e-5,
+    ),
+}
+# the rope types each family reads (besides "default"): longrope is Phi-3's alone, whose generate
+# recomputes the sequence when it passes the original length (as ours does); Gemma's: linear (Gemma
+# 3's global layers; the others untested there); the others: all
+FAMILY_ROPE_TYPES = {"phi3": ("longrope",), "gemma2": ("linear",), "gemma3_text": ("linear",)}
+OTHER_ROPE_TYPES = tuple(t for t in ROPE_TYPES if t != "longrope")
+PHI3_ORIGINAL_LENGTH = 4096  # Phi3Config's original_max_position_embeddings
 GEMMA3_LOCAL_THETA = 10_000.0  # Gemma 3's sliding layers' base when config.json gives none
 # fields that change the computation in ways no family here supports, when set (not null);
 # the Gemma families compute the softcappings
@@ -148,30 +175,38 @@ def _gpt2_fields(data: Mapping[str, Any]) -> dict[str, Any]:
 def _rope_family_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
     if family in GEMMA:
         return _gemma_fields(data, family)
-    d_model = _size(data, "hidden_size", 4096)
+    defaults = {**LLAMA_DEFAULTS, **FAMILY_DEFAULTS.get(family, {})}
+    d_model = _size(data, "hidden_size", defaults["hidden_size"])
     n_heads = _size(data, "num_attention_heads", 32)
     n_kv_heads = data.get("num_key_value_heads")
     head_dim = data.get("head_dim", DEFAULT_HEAD_DIM.get(family))
-    max_seq_len = _size(data, "max_position_embeddings", 2048, MAX_POSITIONS)
+    max_seq_len = _size(
+        data, "max_position_embeddings", defaults["max_position_embeddings"], MAX_POSITIONS
+    )
     fields: dict[str, Any] = dict(
         LLAMA_OPTIONS,
-        vocab_size=_size(data, "vocab_size", 32000),
+        vocab_size=_size(data, "vocab_size", defaults["vocab_size"]),
         max_seq_len=max_seq_len,
         d_model=d_model,
         n_layers=_size(data, "num_hidden_layers", None),  # no default: it sizes the weights
         n_heads=n_heads,
         n_kv_heads=None if n_kv_heads is None else _size(data, "num_key_value_heads", None),
         head_dim=None if head_dim is None else _size({"head_dim": head_dim}, "head_dim", None),
-        d_ff=_size(data, "intermediate_size", 11008),
-        norm_eps=_positive(data, "rms_norm_eps", 1e-5 if family in ("mixtral", "olmoe") else 1e-6),
+        d_ff=_size(data, "intermediate_size", defaults["intermediate_size"]),
+        norm_eps=_positive(data, "rms_norm_eps", defaults["rms_norm_eps"]),
         activation=_activation(data, "hidden_act", "silu"),
         tie_embeddings=_bool(data, "tie_word_embeddings", False),
     )
-    fields["rope_theta"], fields["rope_scaling"] = _rope(data, family, max_seq_len)
+    fields["rope_theta"], fields["rope_scaling"], fields["partial_rotary_factor"] = _rope(
+        data, family, max_seq_len
+    )
+    if fields["rope_scaling"] is not None and fields["rope_scaling"].rope_type == "dynamic":
+        # dynamic NTK stretches the trained length max_position_embeddings by its factor
+        fields["max_seq_len"] = max(max_seq_len, int(fields["rope_scaling"].factor * max_seq_len))
     if family == "llama":
         fields["qkv_bias"] = fields["out_bias"] = _bool(data, "attention_bias", False)
         fields["ffn_bias"] = _bool(data, "mlp_bias", False)
-    elif family in ("mistral", "mixtral"):
+    elif family in ("mistral", "mixtral", "phi3"):
         window = data.get("sliding_window", 4096 if family == "mistral" else None)
         fields["sliding_window"] = None if window is None else _size(data, "sliding_window", None)
     elif family in ("qwen2", "qwen2_moe"):
@@ -274,13 +309,13 @@ def _gemma_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
     )
     if not gemma3:
         fields["attn_logit_softcap"] = _optional_positive(data, "attn_logit_softcapping", 50.0)
-        fields["rope_theta"], fields["rope_scaling"] = _rope(data, family, max_seq_len)
+        fields["rope_theta"], fields["rope_scaling"], _ = _rope(data, family, max_seq_len)
     else:
         full, sliding = _gemma3_rope_parameters(data)
-        fields["rope_theta"], fields["rope_scaling"] = _rope(
+        fields["rope_theta"], fields["rope_scaling"], _ = _rope(
             {**data, "rope_scaling": None, "rope_parameters": full}, family, max_seq_len
         )
-        local_theta, local_scaling = _rope(
+        local_theta, local_scaling, _ = _rope(
             {**data, "rope_scaling": None, "rope_parameters": sliding}, family, max_seq_len
         )
         if local_scaling is not None:
@@ -346,8 +381,9 @@ def _dense_layers(data: Mapping[str, Any], family: str, n_layers: int) -> tuple[
 
 def _rope(
     data: Mapping[str, Any], family: str, max_seq_len: int
-) -> tuple[float, RopeScaling | None]:
-    """(theta, scaling) from transformers 4's rope_theta/rope_scaling or 5's rope_parameters."""
+) -> tuple[float, RopeScaling | None, float]:
+    """(theta, scaling, partial rotary factor) from transformers 4's rope_theta/rope_scaling or
+    5's rope_parameters, as transformers' config classes standardise them."""
     params = data.get("rope_scaling") or data.get("rope_parameters") or {}
     if not isinstance(params, Mapping):
         raise ValueError(f"config.json: rope parameters must be an object, got {params!r}")
@@ -356,36 +392,56 @@ def _rope(
             f"config.json: per-layer rope parameters {sorted(params)} are not supported"
         )
     rope_type = params.get("rope_type", params.get("type", "default"))
+    if family == "phi3" and rope_type in ("su", "yarn"):
+        rope_type = "longrope"  # Phi3Config's reading of its older names
     partial = params.get("partial_rotary_factor", data.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
+    if partial != 1.0 and family != "phi3":
         raise ValueError(
-            f"config.json: partial rotary (partial_rotary_factor={partial!r}) is not supported"
+            f"config.json ({family}): partial rotary (partial_rotary_factor={partial!r}) is not "
+            "supported (transformers rotates every dim in this family)"
         )
     theta = params.get("rope_theta", data.get("rope_theta", DEFAULT_THETA.get(family, 10000.0)))
     theta = _positive({"rope_theta": theta}, "rope_theta", None)
     if rope_type == "default":
-        return theta, None
-    if rope_type != "llama3":
+        return theta, None, partial
+    supported = FAMILY_ROPE_TYPES.get(family, OTHER_ROPE_TYPES)
+    if rope_type not in supported:
         raise ValueError(
-            f"config.json: rope type {rope_type!r} is not supported (supported: default, llama3)"
+            f"config.json ({family}): rope type {rope_type!r} is not supported (supported: "
+            f"default, {', '.join(supported)})"
         )
-    missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
+    needed, optional = ROPE_TYPES[rope_type]
+    fields = {k: params[k] for k in needed + optional if params.get(k) is not None}
+    original_key = "original_max_position_embeddings"
+    if rope_type == "dynamic":  # transformers scales from max_position_embeddings
+        fields[original_key] = max_seq_len
+    elif family == "phi3":  # Phi3Config's top-level field wins (4096 when absent)
+        fields[original_key] = data.get(original_key, PHI3_ORIGINAL_LENGTH)
+    elif original_key in needed:
+        fields[original_key] = data.get(original_key, params.get(original_key, max_seq_len))
+    if rope_type in ("yarn", "longrope") and fields.get("factor") is None:
+        fields["factor"] = _ratio(max_seq_len, fields[original_key])
+    if rope_type == "yarn" and "truncate" in params:
+        fields["truncate"] = bool(params["truncate"])  # null: falsy, as transformers tests it
+    missing = [k for k in needed if k not in fields]
     if missing:
-        raise ValueError(f"config.json: llama3 rope parameters lack {missing}")
-    original = data.get(
-        "original_max_position_embeddings",
-        params.get("original_max_position_embeddings", max_seq_len),
-    )
+        raise ValueError(f"config.json: {rope_type} rope parameters lack {missing}")
     try:
-        scaling = RopeScaling(
-            factor=params["factor"],
-            low_freq_factor=params["low_freq_factor"],
-            high_freq_factor=params["high_freq_factor"],
-            original_max_position_embeddings=original,
-        )
+        scaling = RopeScaling(rope_type=rope_type, **fields)
     except (TypeError, ValueError) as err:
         raise ValueError(f"config.json: {err}") from err
-    return theta, scaling
+    return theta, scaling, partial
+
+
+def _ratio(max_seq_len: int, original: Any) -> float:
+    """max_position_embeddings / original_max_position_embeddings: transformers' factor when
+    none is given."""
+    if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+        raise ValueError(
+            f"config.json: original_max_position_embeddings must be a positive int, "
+            f"got {original!r}"
+        )
+    return max_seq_len / original
 
 
 def _qwen_windows(
@@ -483,18 +539,28 @@ def _is(field: str, value: Any) -> Requirement:
     return field, lambda c: getattr(c, field) == value, f"{value!r}"
 
 
-_ROPE_DENSE: list[Requirement] = [
+_NOT_PHI3: list[Requirement] = [
+    _is("partial_rotary_factor", 1.0),
+    (
+        "rope_scaling",
+        lambda c: c.rope_scaling is None or c.rope_scaling.rope_type in OTHER_ROPE_TYPES,
+        f"None or one of {OTHER_ROPE_TYPES}",
+    ),
+]
+_PHI3: list[Requirement] = [
     _is("norm", "rmsnorm"),
     _is("positions", "rope"),
     _is("gated_ffn", True),
     _is("use_moe", False),
 ]
+_ROPE_DENSE: list[Requirement] = _PHI3 + _NOT_PHI3
 _ROPE_MOE: list[Requirement] = [
     _is("norm", "rmsnorm"),
     _is("positions", "rope"),
     _is("gated_ffn", True),
     _is("use_moe", True),
     _is("ffn_bias", False),
+    *_NOT_PHI3,
 ]
 _NO_QK_NORM = _is("qk_norm", None)
 _UNIFORM = _is("layer_types", None)  # one attention kind on every layer
@@ -550,6 +616,16 @@ REQUIREMENTS: dict[str, list[Requirement]] = {
         _EVERY_LAYER_MOE,
         ("head_dim", lambda c: c.head_dim in (None, c.d_model // c.n_heads), "d_model // n_heads"),
     ],
+    "phi3": _PHI3
+    + [_is(f, False) for f in ("qkv_bias", "out_bias", "ffn_bias")]
+    + [
+        ("head_dim", lambda c: c.head_dim in (None, c.d_model // c.n_heads), "d_model // n_heads"),
+        (
+            "rope_scaling",
+            lambda c: c.rope_scaling is None or c.rope_scaling.rope_type == "longrope",
+            "None or longrope",
+        ),
+    ],
 }
 _GEMMA: list[Requirement] = [
     _is("norm", "gemma_rmsnorm"),
@@ -559,7 +635,13 @@ _GEMMA: list[Requirement] = [
     _is("use_moe", False),
     _is("sandwich_norms", True),
     _is("embed_scale", True),
-    ("qkv_bias", lambda c: c.qkv_bias == c.out_bias, "equal to out_bias (attention_bias)"),
+    _ATTENTION_BIAS,
+    _is("partial_rotary_factor", 1.0),
+    (
+        "rope_scaling",
+        lambda c: c.rope_scaling is None or c.rope_scaling.rope_type == "linear",
+        "None or linear",
+    ),
     (
         "query_pre_attn_scalar",
         lambda c: c.query_pre_attn_scalar is None or float(c.query_pre_attn_scalar).is_integer(),
@@ -589,11 +671,13 @@ for _family in FAMILIES:
         ]
 
 
-def family_of(config: LMConfig) -> str:
-    """The first family (in FAMILIES order) whose layout `config` fits; ValueError otherwise,
-    saying for each family which fields rule it out."""
+def family_of(config: LMConfig, preferred: str | None = None) -> str:
+    """`preferred` (the family a model was read from) when `config` fits it, else the first
+    family (in FAMILIES order) whose layout `config` fits; ValueError otherwise, saying for
+    each family which fields rule it out."""
     reasons = {}
-    for family in FAMILIES:
+    order = ([preferred] if preferred in FAMILIES else []) + list(FAMILIES)
+    for family in order:
         failed = [
             f"{field}={getattr(config, field)!r} (needs {wanted})"
             for field, ok, wanted in REQUIREMENTS[family]
@@ -608,10 +692,13 @@ def family_of(config: LMConfig) -> str:
 
 # --------------------------------------------------------------------------- writing
 def hf_config_from_lm(
-    config: LMConfig, dtype: str, token_ids: Mapping[str, Any] | None = None
+    config: LMConfig,
+    dtype: str,
+    token_ids: Mapping[str, Any] | None = None,
+    preferred: str | None = None,
 ) -> dict[str, Any]:
     """The config.json of `config` in the layout of its family (see family_of)."""
-    family = family_of(config)
+    family = family_of(config, preferred)
     if dtype not in CHECKPOINT_DTYPES:
         raise ValueError(f"dtype must be one of {CHECKPOINT_DTYPES}, got {dtype!r}")
     ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, **(token_ids or {})}
@@ -642,21 +729,15 @@ def hf_config_from_lm(
 
 
 def _rope_family_config(config: LMConfig, family: str) -> dict[str, Any]:
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": config.rope_theta}
-    scaling = None
-    if config.rope_scaling is not None:
-        s = config.rope_scaling
-        scaling = {
-            "rope_type": "llama3",
-            "factor": s.factor,
-            "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position_embeddings,
-        }
-        rope = {**scaling, "rope_theta": config.rope_theta}
+    scaling = None if config.rope_scaling is None else config.rope_scaling.to_dict()
+    max_positions = config.max_seq_len
+    if scaling is not None and scaling["rope_type"] == "dynamic":
+        # transformers reads dynamic NTK's original length from max_position_embeddings
+        max_positions = scaling.pop("original_max_position_embeddings")
+    rope = {"rope_type": "default", **(scaling or {}), "rope_theta": config.rope_theta}
     out: dict[str, Any] = dict(
         vocab_size=config.vocab_size,
-        max_position_embeddings=config.max_seq_len,
+        max_position_embeddings=max_positions,
         hidden_size=config.d_model,
         intermediate_size=config.d_ff,
         num_hidden_layers=config.n_layers,
@@ -677,6 +758,13 @@ def _rope_family_config(config: LMConfig, family: str) -> dict[str, Any]:
         out.update(sliding_window=window)
     elif family in ("qwen3", "qwen3_moe", "olmoe"):
         out.update(attention_bias=config.qkv_bias)
+    elif family == "phi3":
+        partial = config.partial_rotary_factor
+        rope["partial_rotary_factor"] = partial
+        out.update(sliding_window=window, partial_rotary_factor=partial)
+        out.update(resid_pdrop=0.0, embd_pdrop=0.0)
+        if scaling is not None:  # Phi3Config reads the original length at the top level
+            out["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
     if family in QWEN_WINDOWS:  # the window of each layer, spelled out (Qwen3-MoE: uniform)
         out.update(use_sliding_window=window is not None, sliding_window=window)
         if family != "qwen3_moe":

@@ -3,8 +3,9 @@
 The HF names are those `save_pretrained` writes (transformers' legacy on-disk layout, which
 transformers 5 still writes and reads): GPT-2's Conv1D weights are (in, out) and its q/k/v are
 fused in `c_attn`; Mixtral's experts are `block_sparse_moe.experts.{e}.w1/w2/w3`; Qwen2-MoE
-has `mlp.experts.{e}.*`, `mlp.shared_expert.*` and `mlp.shared_expert_gate`. `{i}` stands for
-the layer, `{e}` for the expert.
+has `mlp.experts.{e}.*`, `mlp.shared_expert.*` and `mlp.shared_expert_gate`; Phi-3 fuses q/k/v
+in `qkv_proj` and gate/up in `gate_up_proj` (rows stacked). `{i}` stands for the layer, `{e}`
+for the expert.
 """
 
 from __future__ import annotations
@@ -18,14 +19,16 @@ from twin_core import LMConfig
 
 from .config import FAMILIES
 
-COPY, TRANSPOSE, FUSED_QKV = "copy", "transpose", "fused_qkv"
+COPY, TRANSPOSE, FUSED_QKV, FUSED_ROWS = "copy", "transpose", "fused_qkv", "fused_rows"
 PREFIXES = {"gpt2": "transformer."}  # the others: "model."
 
 
 class HFRow(NamedTuple):
     """One weight: our torch key and shape, the HF name and shape, and how one becomes the other.
 
-    `part` is 0, 1 or 2 for q, k, v inside GPT-2's fused `c_attn` (FUSED_QKV), else None.
+    `part` is 0, 1 or 2 for q, k, v inside GPT-2's fused `c_attn` (FUSED_QKV), or the index of
+    our tensor among the row blocks of a FUSED_ROWS tensor, whose `sizes` are the rows of each
+    block in order; else None.
     """
 
     ours: str
@@ -34,6 +37,7 @@ class HFRow(NamedTuple):
     hf_shape: str
     transform: str
     part: int | None = None
+    sizes: tuple[int, ...] = ()
 
 
 def _linear(ours: str, hf: str, out: str, inp: str, bias: bool, conv1d: bool = False):
@@ -101,6 +105,40 @@ def _gated(ours: str, hf: str, names: tuple[str, str, str], d_ff: str, bias: boo
 
 LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
 MIXTRAL_EXPERT = ("w1", "w3", "w2")
+# the symbolic row spans of Phi-3's fused blocks, in part order
+FUSED_SPANS = {
+    "qkv_proj": ("[0, H*D)", "[H*D, (H+KV)*D)", "[(H+KV)*D, (H+2KV)*D)"),
+    "gate_up_proj": ("[0, d_ff)", "[d_ff, 2 d_ff)"),
+}
+PHI3_QKV = (("q_proj", "H*D"), ("k_proj", "KV*D"), ("v_proj", "KV*D"))
+
+
+def _fused(ours: list[tuple[str, str]], hf: str, hf_shape: str, sizes: tuple[int, ...]):
+    """Our (key, shape) weights stacked by rows into the one HF weight `hf`."""
+    return [
+        HFRow(f"{key}.weight", shape, f"{hf}.weight", hf_shape, FUSED_ROWS, part, sizes)
+        for part, (key, shape) in enumerate(ours)
+    ]
+
+
+def _phi3_block(config: LMConfig) -> list[HFRow]:
+    b, h = "blocks.{i}", "model.layers.{i}"
+    H, KV, D = config.n_heads, config.resolved_n_kv_heads, config.resolved_head_dim
+    attention = [(f"{b}.attention.{n}", f"({s}, d_model)") for n, s in PHI3_QKV]
+    ffn = [(f"{b}.feed_forward.{n}", "(d_ff, d_model)") for n in ("fc1", "fc3")]
+    return [
+        *_norm(f"{b}.norm1", f"{h}.input_layernorm", False),
+        *_fused(
+            attention,
+            f"{h}.self_attn.qkv_proj",
+            "((H+2KV)*D, d_model)",
+            (H * D, KV * D, KV * D),
+        ),
+        *_linear(f"{b}.attention.out_proj", f"{h}.self_attn.o_proj", "d_model", "H*D", False),
+        *_norm(f"{b}.norm2", f"{h}.post_attention_layernorm", False),
+        *_fused(ffn, f"{h}.mlp.gate_up_proj", "(2 d_ff, d_model)", (config.d_ff,) * 2),
+        *_linear(f"{b}.feed_forward.fc2", f"{h}.mlp.down_proj", "d_model", "d_ff", False),
+    ]
 
 
 MOE_MLP = {"mixtral": "block_sparse_moe"}  # the others: "mlp"
@@ -191,7 +229,9 @@ def _lm_rows(family: str, config: LMConfig) -> tuple[list[HFRow], list[HFRow]]:
 
 
 def _layer_rows(family: str, block: Any) -> list[HFRow]:
-    return _gpt2_block() if family == "gpt2" else _rope_block(family, block)
+    if family == "gpt2":
+        return _gpt2_block()
+    return _phi3_block(block) if family == "phi3" else _rope_block(family, block)
 
 
 def hf_rows(family: str, config: LMConfig) -> list[HFRow]:
@@ -225,6 +265,8 @@ def expected_hf_shapes(
             shape = shape[::-1]
         elif row.transform == FUSED_QKV:
             shape = (shape[1], 3 * shape[0]) if len(shape) == 2 else (3 * shape[0],)
+        elif row.transform == FUSED_ROWS:
+            shape = (sum(row.sizes), *shape[1:])
         shapes[hf] = shape
     return shapes
 
@@ -237,16 +279,19 @@ def ours_from_hf(row: HFRow, tensor: torch.Tensor) -> torch.Tensor:
         width = tensor.shape[-1] // 3
         piece = tensor[..., row.part * width : (row.part + 1) * width]
         return piece.t() if tensor.dim() == 2 else piece
+    if row.transform == FUSED_ROWS:
+        start = sum(row.sizes[: row.part])
+        return tensor[start : start + row.sizes[row.part]]
     return tensor
 
 
 def hf_from_ours(rows: list[HFRow], tensors: list[torch.Tensor]) -> torch.Tensor:
     """The HF tensor of one name from the rows (one, or q/k/v for c_attn) and our tensors."""
-    if rows[0].transform == FUSED_QKV:
+    if rows[0].transform in (FUSED_QKV, FUSED_ROWS):
         ordered = [t for _, t in sorted(zip((r.part for r in rows), tensors, strict=True))]
-        if ordered[0].dim() == 2:
+        if rows[0].transform == FUSED_QKV and ordered[0].dim() == 2:
             return torch.cat([t.t() for t in ordered], dim=1).contiguous()  # (in, 3 out)
-        return torch.cat(ordered).contiguous()
+        return torch.cat(ordered).contiguous()  # rows stacked
     if rows[0].transform == TRANSPOSE:
         return tensors[0].t().contiguous()
     return tensors[0].contiguous()
@@ -259,6 +304,9 @@ _TRANSFORM_TEXT = {
 
 
 def _transform_text(row: HFRow) -> str:
+    if row.transform == FUSED_ROWS:
+        name = row.hf.split(".")[-2]
+        return f"rows {FUSED_SPANS[name][row.part]} of {name}"
     if row.transform == FUSED_QKV:
         span = ("[0, d)", "[d, 2d)", "[2d, 3d)")[row.part]
         if row.ours.endswith("weight"):
@@ -269,8 +317,9 @@ def _transform_text(row: HFRow) -> str:
 
 def markdown_tables() -> str:
     """The tables for README.md: GPT-2's and Llama's in full (every option on: biases where the
-    family can have them, an untied head); Mistral and Qwen2 as Llama's; Mixtral's and
-    Qwen2-MoE's feed-forward rows (the rest as Llama's); Gemma 3's rows that Llama's lack."""
+    family can have them, an untied head; Mistral and Qwen2 as Llama's), then one table of the
+    rows where the other families differ from Llama's: Mixtral's and Qwen2-MoE's feed-forward,
+    Phi-3's fused q/k/v and gate/up, Gemma 3's norms."""
     base = dict(vocab_size=8, max_seq_len=8, d_model=8, n_layers=1, n_heads=2, d_ff=8)
     rope = dict(
         norm="rmsnorm",
@@ -282,64 +331,54 @@ def markdown_tables() -> str:
         tie_embeddings=False,
     )
     moe = dict(use_moe=True, num_experts=2)
-    llama = set(hf_rows("llama", LMConfig(**base, **rope)))
-
-    def every(row: HFRow) -> bool:
-        return True
-
-    def feed_forward(row: HFRow) -> bool:
-        return ".feed_forward." in row.ours
-
-    tables = [
-        ("gpt2", LMConfig(**base, tie_embeddings=False), every, "always"),
+    full = [
+        ("gpt2", LMConfig(**base, tie_embeddings=False), "always"),
         (
             "llama",
             LMConfig(**base, **{**rope, "qkv_bias": True, "out_bias": True, "ffn_bias": True}),
-            every,
             "with attention_bias (q/k/v and o_proj) and mlp_bias; mistral: the same rows, no "
             "biases; qwen2: the same rows, q/k/v biases only",
         ),
-        ("mixtral", LMConfig(**base, **rope, **moe), feed_forward, "none"),
+    ]
+    shared = dict(shared_expert_d_ff=8, shared_expert_gate=True)
+    gemma = dict(norm="gemma_rmsnorm", qk_norm="head", sandwich_norms=True, embed_scale=True)
+    llama = set(hf_rows("llama", LMConfig(**base, **rope)))
+    differences = [
+        ("mixtral", LMConfig(**base, **rope, **moe), lambda row: ".feed_forward." in row.ours),
         (
             "qwen2_moe",
-            LMConfig(
-                **base,
-                **{**rope, "qkv_bias": True},
-                **moe,
-                shared_expert_d_ff=8,
-                shared_expert_gate=True,
-            ),
-            feed_forward,
-            "q/k/v with qkv_bias; attention and the rest as llama",
+            LMConfig(**base, **{**rope, "qkv_bias": True}, **moe, **shared),
+            lambda row: ".feed_forward." in row.ours,
         ),
-        (
-            "gemma3_text",
-            LMConfig(
-                **base,
-                **{**rope, "norm": "gemma_rmsnorm"},
-                qk_norm="head",
-                sandwich_norms=True,
-                embed_scale=True,
-            ),
-            lambda row: row not in llama,
-            "with attention_bias, as llama; the other rows as llama's; gemma2: these without "
-            "q_norm, k_norm",
-        ),
+        ("phi3", LMConfig(**base, **rope), lambda row: row.transform == FUSED_ROWS),
+        ("gemma3_text", LMConfig(**base, **{**rope, **gemma}), lambda row: row not in llama),
     ]
+    header = "| our torch key | our shape | HF name | HF shape | transform |"
     parts = []
-    for family, config, shown, biases in tables:
+    for family, config, biases in full:
         parts += [
-            f"**{family}** (biases: {biases}; `lm_head` only when untied; `{{i}}` layer, "
-            "`{e}` expert)",
+            f"**{family}** (biases: {biases}; `lm_head` only when untied; `{{i}}` layer)",
             "",
-            "| our torch key | our shape | HF name | HF shape | transform |",
+            header,
             "|---|---|---|---|---|",
+            *(_markdown_row(row) for row in hf_rows(family, config)),
+            "",
         ]
-        for row in hf_rows(family, config):
-            if shown(row):
-                parts.append(
-                    f"| `{row.ours}` | {row.ours_shape} | `{row.hf}` | {row.hf_shape} "
-                    f"| {_transform_text(row)} |"
-                )
-        parts.append("")
+    parts += [
+        "**mixtral, qwen2_moe, phi3, gemma3_text**: the rows that differ from llama's (biases: "
+        "qwen2_moe's q/k/v with qkv_bias, gemma's with attention_bias, none else; gemma2: "
+        "gemma3_text's without q_norm, k_norm; `{e}` expert)",
+        "",
+        "| family " + header,
+        "|---|---|---|---|---|---|",
+    ]
+    for family, config, keep in differences:
+        parts += [f"| {family} " + _markdown_row(r) for r in hf_rows(family, config) if keep(r)]
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _markdown_row(row: HFRow) -> str:
+    return (
+        f"| `{row.ours}` | {row.ours_shape} | `{row.hf}` | {row.hf_shape} "
+        f"| {_transform_text(row)} |"
+    )

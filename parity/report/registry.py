@@ -82,9 +82,23 @@ CONFIGS: dict[str, dict[str, Any]] = {
         top_k_experts=2,
         norm_topk_prob=False,
     ),
+    # Phi-3 with longrope: 6 of each head's 8 dims rotated; the prompts, cached steps and
+    # generation pass the original length 24 (long factors, the sequence recomputed)
+    "phi3": dict(
+        _LLAMA,
+        rope_theta=1e4,
+        partial_rotary_factor=0.75,
+        rope_scaling=RopeScaling(
+            rope_type="longrope",
+            factor=4.0,
+            original_max_position_embeddings=24,
+            short_factor=(1.0, 1.3, 2.0),
+            long_factor=(1.0, 4.0, 9.0),
+        ),
+    ),
     "gemma2": dict(_GEMMA, attn_logit_softcap=2.0),
     # Gemma 3: q/k norm per head; global layers at base 1e6, linear-scaled (its local layers:
-    # LM_OPTIONS)
+    # LM_LAYERS)
     "gemma3": dict(
         _GEMMA,
         qk_norm="head",
@@ -109,7 +123,7 @@ LM_LAYERS: dict[str, dict[str, Any]] = {
 ORIGINAL = ("dense", "moe")  # the original architecture: every block case
 # The families of the default report, then those that run only when named (`check --config
 # qwen3`): the default run stays near a minute on 2 cores.
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "phi3")
 NAMED_FAMILIES = ("qwen3", "qwen3_moe", "olmoe", "gemma2", "gemma3")
 DEFAULT_CONFIGS = ORIGINAL + FAMILIES  # `python -m parity`, `check --config all`
 MOE_FAMILIES = tuple(name for name in FAMILIES + NAMED_FAMILIES if CONFIGS[name].get("use_moe"))

@@ -158,7 +158,7 @@ def test_train_case_drops_as_many_assignments_as_a_hand_count(case_rows):
 
 # --------------------------------------------------------------------------- families
 def test_the_family_configurations_are_the_issues():
-    """Issue 12's six families, in the block and the LM alike."""
+    """Issue 12's six families and issue 22's Phi-3, in the block and the LM alike."""
     for name in FAMILIES:
         for config in (CONFIGS[name], lm_cases.LM_CONFIGS[name]):
             fields = {**ARCHITECTURE_DEFAULTS, **config}
@@ -178,6 +178,15 @@ def test_the_family_configurations_are_the_issues():
             assert (fields["shared_expert_d_ff"] is not None) == shared
     assert CONFIGS["mixtral"]["top_k_experts"] == 2
     assert CONFIGS["llama"]["rope_scaling"] is not None  # llama3 frequencies in the report
+    # phi3: partial rotary, and longrope's switch passed by the cached steps and generation
+    phi3 = CONFIGS["phi3"]
+    assert phi3["partial_rotary_factor"] < 1 and phi3["rope_scaling"].rope_type == "longrope"
+    original = phi3["rope_scaling"].original_max_position_embeddings
+    assert (
+        max(lm_cases.PROMPT_LENGTHS)
+        < original
+        < max(lm_cases.PROMPT_LENGTHS) + lm_cases.DECODE_STEPS
+    )
     # the window is shorter than the prefill, the block's sequence and every LM prompt
     assert SLIDING_WINDOW < min(PREFILL_LEN, SEQ_LEN, *lm_cases.PROMPT_LENGTHS)
 
