@@ -655,7 +655,7 @@ def test_run_cases_spreads_configurations_over_workers_and_keeps_the_order(monke
 def test_run_cases_refuses_an_unknown_config_or_dtype():
     known = (
         "dense, moe, gpt2, llama, mistral, qwen2, mixtral, qwen2_moe, qwen3, qwen3_moe, olmoe, "
-        "gemma2, gemma3"
+        "phi3, gemma2, gemma3"
     )
     with pytest.raises(ValueError, match=f"config must be one of {known} or all, got 'big'"):
         report.run_cases(config="big")
