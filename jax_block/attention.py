@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twin_core import RopeScaling, check_heads, inv_frequencies
+from twin_core import RopeScaling, check_heads, rope_tables
 
 from .cache import KVCache
+from .norm import make_norm
 from .rope import apply_rope
 from .sharding import AxisNamedModule, constrain, dense_axes
 
@@ -77,9 +78,11 @@ def blocked_attention(
     *,
     causal: bool,
     window: int | None,
+    softcap: float | None = None,
 ) -> jax.Array:
     """Attention of scaled queries q (B, T, KV, G, D) at `query_pos` (T,) to every source.
 
+    With `softcap` the scores become softcap * tanh(scores / softcap) before the mask.
     The same function as one softmax over all allowed keys of all sources; a query with no
     allowed key gives zeros. Queries go in blocks of BLOCK_Q (`lax.map`); each block runs over
     only the key blocks it may see (a `fori_loop` per source), keeping a running max, sum and
@@ -129,6 +132,8 @@ def blocked_attention(
                 allowed = allowed & m  # (B, KV, G, BQ, BK)
             k_block = k_block.astype(jnp.float32)
             scores = jnp.einsum("btkgd,bksd->bkgts", q_block, k_block)  # (B, KV, G, BQ, BK)
+            if softcap is not None:
+                scores = jnp.tanh(scores / softcap) * softcap
             scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
             new_max = jnp.maximum(running_max, scores.max(axis=-1))  # (B, KV, G, BQ)
             probs = jnp.exp(scores - new_max[..., None]) * allowed
@@ -168,7 +173,10 @@ class MultiHeadAttention(AxisNamedModule):
 
     Query head h reads key/value head h // (n_heads // n_kv_heads) (GQA; MQA at 1). With
     `positions="rope"` q and k are rotated at their tokens' positions before the cache write.
-    With `sliding_window` W a query at p sees keys k with p - W < k <= p.
+    With `sliding_window` W a query at p sees keys k with p - W < k <= p. `qk_norm` ("head" or
+    "projection") norms q and k before rope with a norm of kind `norm` (`q_norm`, `k_norm`).
+    Scores are scaled by `query_pre_attn_scalar` ** -0.5 when given (else head_dim ** -0.5)
+    and, with `attn_logit_softcap`, capped to cap * tanh(scores / cap).
 
     With a cache the T new keys are written first and the call attends to the cache's
     max_seq_len slots as they hold after the write (static shapes; `mask` covers those slots).
@@ -189,7 +197,13 @@ class MultiHeadAttention(AxisNamedModule):
     positions: str = "learned"
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    partial_rotary_factor: float = 1.0
     sliding_window: int | None = None
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
+    qk_norm: str | None = None
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-6
 
     @nn.compact
     def __call__(
@@ -211,6 +225,7 @@ class MultiHeadAttention(AxisNamedModule):
         KV = H if self.n_kv_heads is None else self.n_kv_heads
         D = self.d_model // H if self.head_dim is None else self.head_dim
         G = H // KV
+        scale = (D if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar) ** -0.5
         start = 0
         S = T
         if kv_cache is not None:
@@ -224,12 +239,18 @@ class MultiHeadAttention(AxisNamedModule):
         q = nn.Dense(H * D, name="q_proj", **qkv, **dense_axes("embed", "heads"))(x)
         k = nn.Dense(KV * D, name="k_proj", **qkv, **dense_axes("embed", "kv_heads"))(x)
         v = nn.Dense(KV * D, name="v_proj", **qkv, **dense_axes("embed", "kv_heads"))(x)
+        if self.qk_norm == "projection":
+            q = make_norm(self.norm, self.norm_eps, name="q_norm", axis="heads", **dense)(q)
+            k = make_norm(self.norm, self.norm_eps, name="k_norm", axis="kv_heads", **dense)(k)
         q, k, v = q.reshape(B, T, H, D), k.reshape(B, T, KV, D), v.reshape(B, T, KV, D)
+        if self.qk_norm == "head":
+            q = make_norm(self.norm, self.norm_eps, name="q_norm", axis="head_dim", **dense)(q)
+            k = make_norm(self.norm, self.norm_eps, name="k_norm", axis="head_dim", **dense)(k)
         if self.positions == "rope":
             if positions is None:
                 positions = start + jnp.arange(T)[None, :]  # (1, T)
-            inv_freq = inv_frequencies(D, self.rope_theta, self.rope_scaling)  # (D/2,)
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+            rope = rope_tables(D, self.rope_theta, self.rope_scaling, self.partial_rotary_factor)
+            q, k = apply_rope(q, positions, rope), apply_rope(k, positions, rope)
         q = constrain(q, ("batch", "length", "heads", "head_dim"))
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, KV, T, D)
         k, v = (constrain(a, ("batch", "kv_heads", "length", "head_dim")) for a in (k, v))
@@ -256,11 +277,12 @@ class MultiHeadAttention(AxisNamedModule):
         num_keys = sum(source.keys.shape[2] for source in sources)
         if deterministic and T * num_keys >= BLOCKED_MIN_SCORES:
             out = blocked_attention(
-                grouped_q * D**-0.5,
+                grouped_q * scale,
                 query_pos,
                 [source._replace(values=source.values.astype(self.dtype)) for source in sources],
                 causal=self.causal,
                 window=self.sliding_window,
+                softcap=self.attn_logit_softcap,
             )  # (B, T, KV, G, D)
         else:
             scores, allowed = [], []
@@ -273,7 +295,10 @@ class MultiHeadAttention(AxisNamedModule):
                 score = jnp.einsum("btkgd,bksd->bkgts", grouped_q, keys)  # (B, KV, G, T, L)
                 scores.append(score.reshape(B, H, T, slots.size))
                 allowed.append(jnp.broadcast_to(ok, (B, H, T, slots.size)))
-            scores = jnp.concatenate(scores, axis=-1) * D**-0.5  # (B, H, T, S')
+            scores = jnp.concatenate(scores, axis=-1) * scale  # (B, H, T, S')
+            if self.attn_logit_softcap is not None:
+                cap = self.attn_logit_softcap
+                scores = jnp.tanh(scores / cap) * cap
             allowed = jnp.concatenate(allowed, axis=-1)
             scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
             probs = jax.nn.softmax(scores, axis=-1) * allowed  # a row with no allowed key: zeros

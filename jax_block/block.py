@@ -21,6 +21,9 @@ from .sharding import ACTIVATION_AXES, constrain, kv_cache_sharding
 class TransformerBlock(ConfiguredModule):
     """h = x + Dropout(Attention(Norm1(x))); y = h + Dropout(FFN(Norm2(h))).
 
+    With `sandwich_norms` (Gemma) the attention output and the FFN output are normed too before
+    their residual adds: h = x + Dropout(PostAttentionNorm(Attention(Norm1(x)))), and so on.
+
     `config` (a `twin_core.BlockConfig`) defines the block; `dtype` is the compute dtype and
     `param_dtype` the parameters'. `TransformerBlock.create(d_model=64, n_heads=4, d_ff=256)`
     builds one from config fields by keyword.
@@ -90,7 +93,13 @@ class TransformerBlock(ConfiguredModule):
             positions=config.positions,
             rope_theta=config.rope_theta,
             rope_scaling=config.rope_scaling,
+            partial_rotary_factor=config.partial_rotary_factor,
             sliding_window=config.sliding_window,
+            query_pre_attn_scalar=config.query_pre_attn_scalar,
+            attn_logit_softcap=config.attn_logit_softcap,
+            qk_norm=config.qk_norm,
+            norm=config.norm,
+            norm_eps=config.norm_eps,
             name="attention",
             **dtypes,
         )
@@ -98,6 +107,10 @@ class TransformerBlock(ConfiguredModule):
         attn, new_cache = attention(
             norm1(x), mask, kv_cache, cache_position, deterministic, positions
         )
+        if config.sandwich_norms:
+            attn = make_norm(config.norm, config.norm_eps, name="post_attention_norm", **dtypes)(
+                attn
+            )
         dropout = nn.Dropout(config.dropout, name="dropout")
         h = x + dropout(attn, deterministic=deterministic)
         aux = None
@@ -123,5 +136,9 @@ class TransformerBlock(ConfiguredModule):
             ff = FeedForward(
                 config.d_model, config.d_ff, config.dropout, name="feed_forward", **ffn, **dtypes
             )(normed, deterministic)
+        if config.sandwich_norms:
+            ff = make_norm(config.norm, config.norm_eps, name="post_feed_forward_norm", **dtypes)(
+                ff
+            )
         y = constrain(h + dropout(ff, deterministic=deterministic), ACTIVATION_AXES)
         return y, new_cache, aux

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from twin_core import check_prompt, check_sampling, prompt_bucket
+from twin_core import check_prompt, check_sampling, prompt_bucket, recompute_position
 
 from .cache import IN_PLACE_CACHE_OPTIONS, KVCache
 from .lm import TransformerLM
@@ -170,7 +170,8 @@ def generate_tokens(
     """Prefill left-padded, already checked prompts (B, P), then decode in a `lax.while_loop`.
 
     A prompt longer than LONG_PROMPT is prefilled in chunks of PREFILL_CHUNK tokens, so that
-    its activations stay small next to the cache.
+    its activations stay small next to the cache. With longrope, the step where a row reaches
+    the original length prefills every slot again (`twin_core.recompute_position`).
 
     Returns (tokens (B, max_new_tokens) int32, number of model calls () int32). The cache is
     created here and carried through the loop, so XLA updates it in place; no step returns to
@@ -216,9 +217,30 @@ def _generate_tokens(
         num_steps, _, _, finished, _, _ = carry
         return (num_steps < max_new_tokens) & ~jnp.all(finished)
 
+    switch = recompute_position(lm.config.rope_scaling)
+    real = attention_mask.sum(axis=-1)  # (B,) each row's prompt tokens
+
+    def step(num_steps, tokens, last_token, cache):
+        return lm.apply(variables, last_token[:, None], key_mask, kv_cache=cache)
+
+    def recompute(num_steps, tokens, last_token, cache):
+        """Every slot again, up to the last token's: a row passes longrope's original length."""
+        slot = P + num_steps - 1  # the last token's slot; the later slots are masked
+        ids = jnp.concatenate([input_ids, tokens], axis=1)  # (B, P + n)
+        mask = key_mask * (jnp.arange(key_mask.shape[1]) <= slot).astype(key_mask.dtype)
+        fresh = tuple(layer.replace(position=np.zeros((), np.int32)) for layer in cache)
+        logits, cache = lm.apply(variables, ids, mask, kv_cache=fresh)
+        logits = jax.lax.dynamic_slice_in_dim(logits, slot, 1, axis=1)  # (B, 1, V)
+        return logits, tuple(layer.replace(position=slot + 1) for layer in cache)
+
     def decode_one(carry):
         num_steps, tokens, last_token, finished, cache, rng = carry
-        logits, cache = lm.apply(variables, last_token[:, None], key_mask, kv_cache=cache)
+        operands = (num_steps, tokens, last_token, cache)
+        if switch is None:
+            logits, cache = step(*operands)
+        else:
+            passes = jnp.any(real + num_steps - 1 == switch)
+            logits, cache = jax.lax.cond(passes, recompute, step, *operands)
         rng, step_rng = jax.random.split(rng)
         next_token = sample_next_token(logits[:, -1], temperature, top_k, top_p, step_rng)
         next_token = jnp.where(finished, pad_token_id, next_token)  # (B,)

@@ -42,7 +42,9 @@ class TransformerLM(ConfiguredModule):
     built from `config.block_configs()[i]`. With `tie_embeddings` the head is the token
     embedding matrix (`token_embedding.attend`) and there is no `lm_head`.
     `TransformerLM.create(vocab_size=256, max_seq_len=64, ...)` builds one from config fields
-    by keyword.
+    by keyword. With `embed_scale` the token embeddings are multiplied by sqrt(d_model) rounded
+    to `dtype` (Gemma); with `final_logit_softcap` the logits are capped to
+    cap * tanh(logits / cap).
     """
 
     config_type = LMConfig
@@ -139,6 +141,8 @@ class TransformerLM(ConfiguredModule):
             **dtypes,
         )
         x = token_embedding(input_ids)  # (B, T, d_model)
+        if config.embed_scale:  # as transformers' Gemma: float32, then the compute dtype
+            x = x * jnp.asarray(np.float32(config.d_model**0.5), self.dtype)
         if config.positions == "learned":
             x = x + nn.Embed(
                 config.max_seq_len,
@@ -172,6 +176,9 @@ class TransformerLM(ConfiguredModule):
                 name="lm_head",
                 **dense_axes("embed", "vocab"),
             )(x)  # (B, T, vocab_size)
+        if config.final_logit_softcap is not None:
+            cap = config.final_logit_softcap
+            logits = jnp.tanh(logits / cap) * cap
         logits = constrain(logits, ("batch", "length", "vocab"))
         outputs = [logits]
         if return_aux_loss:

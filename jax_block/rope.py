@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from twin_core import RopeTables
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
@@ -13,12 +14,37 @@ def rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """x (B, T, H, D) rotated by angle position * inv_freq[i]; positions (B|1, T).
+def frequencies(positions: jax.Array, rope: RopeTables) -> jax.Array:
+    """The frequencies that rotate tokens at positions (B|1, T): (n,), or (B|1, 1, n) where they
+    depend on each row's sequence length max(position) + 1 (dynamic NTK, longrope), as
+    transformers' `dynamic_rope_update` picks them for a call."""
+    if rope.original_length is None:
+        return rope.inv_freq
+    seq_len = positions.max(axis=-1, keepdims=True)[..., None] + 1  # (B|1, 1, 1)
+    if rope.ntk is None:
+        beyond = rope.long_inv_freq
+    else:
+        ntk = rope.ntk
+        scale = ntk.factor * seq_len.astype(jnp.float32) / rope.original_length - (ntk.factor - 1)
+        base = ntk.theta * scale**ntk.power  # (B|1, 1, 1) float32
+        beyond = 1.0 / base**ntk.exponent  # (B|1, 1, n)
+    return jnp.where(seq_len > rope.original_length, beyond, rope.inv_freq)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, rope: RopeTables) -> jax.Array:
+    """x (B, T, H, D) with its first rope.rotary_dims dims rotated by angle position * inv_freq[i];
+    positions (B|1, T).
 
     Angles, cos and sin are float32; the result has x's dtype.
     """
-    angles = positions[:, :, None, None].astype(jnp.float32) * inv_freq  # (B|1, T, 1, D/2)
-    angles = jnp.concatenate([angles, angles], axis=-1)  # (B|1, T, 1, D)
+    angles = positions[..., None].astype(jnp.float32) * frequencies(positions, rope)  # (B|1, T, n)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None]  # (B|1, T, 1, R)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if rope.attention_factor != 1.0:
+        cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
+    R = rope.rotary_dims
     x32 = x.astype(jnp.float32)
-    return (x32 * jnp.cos(angles) + rotate_half(x32) * jnp.sin(angles)).astype(x.dtype)
+    rotated = x32[..., :R] * cos + rotate_half(x32[..., :R]) * sin
+    if R < x.shape[-1]:
+        rotated = jnp.concatenate([rotated, x32[..., R:]], axis=-1)
+    return rotated.astype(x.dtype)

@@ -141,8 +141,8 @@ def check_divisible(what: str, size: int, name: str, mesh: Mesh, rules=None) -> 
 
 
 def check_model(config, mesh: Mesh, rules=None) -> None:
-    """ValueError unless a BlockConfig/LMConfig's heads, kv heads, FFN sizes, experts and
-    vocabulary split evenly over the axes the rules give them."""
+    """ValueError unless a BlockConfig/LMConfig's heads, kv heads, FFN sizes (dense layers'
+    too), experts and vocabulary split evenly over the axes the rules give them."""
     check_divisible("n_heads", config.n_heads, "heads", mesh, rules)
     check_divisible("n_kv_heads", config.resolved_n_kv_heads, "kv_heads", mesh, rules)
     check_divisible("d_ff", config.d_ff, "mlp", mesh, rules)
@@ -151,6 +151,9 @@ def check_model(config, mesh: Mesh, rules=None) -> None:
         check_divisible("num_experts", config.num_experts, "expert", mesh, rules)
         if config.shared_expert_d_ff is not None:
             check_divisible("shared_expert_d_ff", config.shared_expert_d_ff, "mlp", mesh, rules)
+    if getattr(config, "dense_layers", ()):  # an LMConfig's dense layers of an MoE model
+        dense_d_ff = config.d_ff if config.dense_d_ff is None else config.dense_d_ff
+        check_divisible("dense_d_ff", dense_d_ff, "mlp", mesh, rules)
     if hasattr(config, "vocab_size"):
         check_divisible("vocab_size", config.vocab_size, "vocab", mesh, rules)
         if config.positions == "learned":

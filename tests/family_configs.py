@@ -41,10 +41,43 @@ BLOCKS: dict[str, dict[str, Any]] = {
         shared_expert_d_ff=40,
         shared_expert_gate=True,
     ),
+    # Qwen3: q/k RMSNorm per head; OLMoE: over the whole projections (d_model wide: 4 heads)
+    "qwen3": dict(LLAMA, qk_norm="head"),
+    "olmoe": dict(
+        LLAMA,
+        n_heads=4,
+        head_dim=None,
+        qk_norm="projection",
+        use_moe=True,
+        num_experts=4,
+        top_k_experts=2,
+        norm_topk_prob=False,
+    ),
+    "layernorm_qk_norm": dict(BASE, qk_norm="head"),  # the block's norm kind: with biases
+    # Gemma 2: Gemma's RMSNorm, sandwich norms, gated gelu_tanh, its own query scale, softcapped
+    # scores (a cap of 2 acts on unit-scale scores); Gemma 3: q/k norm per head, no softcap.
+    # Norm weights are drawn near 1 (as for the other norms): Gemma's norms then scale by 2
+    "gemma2": dict(
+        LLAMA,
+        norm="gemma_rmsnorm",
+        activation="gelu_tanh",
+        sandwich_norms=True,
+        query_pre_attn_scalar=6,
+        attn_logit_softcap=2.0,
+    ),
+    "gemma3": dict(
+        LLAMA,
+        norm="gemma_rmsnorm",
+        activation="gelu_tanh",
+        sandwich_norms=True,
+        query_pre_attn_scalar=32,  # its q and k are normed: scores up to about 4 * head_dim
+        qk_norm="head",
+    ),
     "shared_ungated": dict(
         BASE, use_moe=True, num_experts=3, top_k_experts=1, shared_expert_d_ff=24
     ),
     "bidirectional_rope": dict(LLAMA, causal=False),
+    "phi3_partial_rotary": dict(LLAMA, partial_rotary_factor=0.5),  # 4 of 8 dims rotated
 }
 # The causal ones: full forward == cached prefill + decode.
 CAUSAL_BLOCKS = [name for name, config in BLOCKS.items() if config.get("causal", True)]
@@ -57,6 +90,37 @@ LMS: dict[str, dict[str, Any]] = {
     "qwen2": dict(_LM, **BLOCKS["qwen2"]),
     "mixtral": dict(_LM, **BLOCKS["mixtral"], tie_embeddings=False),
     "qwen2_moe": dict(_LM, **BLOCKS["qwen2_moe"]),
+    "qwen3": dict(_LM, **BLOCKS["qwen3"]),
+    "olmoe": dict(_LM, **BLOCKS["olmoe"], tie_embeddings=False),
+    # Gemma: embeddings times sqrt(d_model), sliding and full layers; Gemma 2 softcaps its
+    # logits, Gemma 3's sliding layers rotate with their own base (its full ones linear-scaled)
+    "gemma2": dict(
+        _LM,
+        **BLOCKS["gemma2"],
+        embed_scale=True,
+        final_logit_softcap=3.0,
+        sliding_window=WINDOW,
+        layer_types=("sliding_attention", "full_attention"),
+    ),
+    "gemma3": dict(
+        _LM,
+        **BLOCKS["gemma3"],
+        embed_scale=True,
+        sliding_window=WINDOW,
+        layer_types=("sliding_attention", "full_attention"),
+        rope_theta=1e6,
+        rope_scaling=RopeScaling(rope_type="linear", factor=8.0),
+        local_rope_theta=100.0,
+    ),
+    # per-layer: layer 0 sliding with MoE, layer 1 full attention with a dense feed-forward
+    "mixed_layers": dict(
+        _LM,
+        **BLOCKS["qwen2_moe"],
+        sliding_window=WINDOW,
+        layer_types=("sliding_attention", "full_attention"),
+        dense_layers=(1,),
+        dense_d_ff=56,
+    ),
 }
 
 # Bad configurations: (fields over BASE, words the ValueError must hold)
@@ -69,8 +133,38 @@ BAD: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "unknown norm": (dict(norm="batchnorm"), ("norm", "batchnorm")),
     "unknown positions": (dict(positions="alibi"), ("positions", "alibi")),
     "shared expert without MoE": (dict(shared_expert_d_ff=16), ("shared_expert_d_ff", "use_moe")),
+    "unknown qk_norm": (dict(qk_norm="query"), ("qk_norm", "head", "projection", "query")),
     "shared gate without shared expert": (
         dict(use_moe=True, num_experts=2, shared_expert_gate=True),
         ("shared_expert_gate", "shared_expert_d_ff"),
+    ),
+}
+
+# Bad per-layer fields of a 2-layer LM: (fields over BASE and the LM's, words the error must hold)
+BAD_LAYERS: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
+    "layer_types of another length": (
+        dict(layer_types=("full_attention",)),
+        ("layer_types", "2 layers", "got 1"),
+    ),
+    "unknown layer type": (
+        dict(layer_types=("full_attention", "local")),
+        ("layer_types", "sliding_attention", "local"),
+    ),
+    "sliding layer without a window": (
+        dict(layer_types=("sliding_attention", "full_attention")),
+        ("layers [0]", "sliding_window is None"),
+    ),
+    "dense layer out of range": (
+        dict(use_moe=True, num_experts=2, dense_layers=(2,)),
+        ("dense_layers", "[0, n_layers=2)", "[2]"),
+    ),
+    "dense layer twice": (
+        dict(use_moe=True, num_experts=2, dense_layers=(1, 1)),
+        ("dense_layers", "repeat"),
+    ),
+    "dense layers without MoE": (dict(dense_layers=(0,)), ("dense_layers", "use_moe=True")),
+    "dense_d_ff without dense layers": (
+        dict(use_moe=True, num_experts=2, dense_d_ff=16),
+        ("dense_d_ff", "dense_layers"),
     ),
 }

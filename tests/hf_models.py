@@ -1,12 +1,16 @@
-"""Tiny Hugging Face models of the six families, built by transformers itself, for the HF tests.
+"""Tiny Hugging Face models of every family, built by transformers itself, for the HF tests.
 
 Weights are redrawn at unit scale (embeddings N(0, 1), matrices N(0, 1/fan_in), norm weights
 near 1, biases N(0, 0.2)) so that logits spread over several units and greedy choices and
 expert routing are far from ties; transformers' own init (std 0.02) leaves them near ties.
+Gemma multiplies its embeddings by sqrt(hidden_size) and its norms by (1 + weight): there the
+embeddings are N(0, 1/hidden_size) and the norm weights near 0, the same scales in effect.
+Gemma's models attend eagerly (`EAGER`): its softcapping has no other attention in transformers.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,10 @@ _ROPE = dict(
     max_position_embeddings=64,
     **NO_TOKENS,
 )
-WINDOW = 5  # mistral's window: shorter than the greedy test's prompts + new tokens
+WINDOW = 5  # mistral's and Gemma's window: shorter than the greedy test's prompts + new tokens
+ALTERNATING = ["sliding_attention", "full_attention"]  # Gemma's layer kinds, two layers
+EAGER = ("gemma2", "gemma3_text")
+ORIGINAL = 12  # the scaled ropes' original length: the greedy test's generations cross it
 
 CONFIGS: dict[str, Any] = {
     "gpt2": lambda: transformers.GPT2Config(
@@ -45,6 +52,59 @@ CONFIGS: dict[str, Any] = {
         moe_intermediate_size=24,
         shared_expert_intermediate_size=40,
     ),
+    "qwen3": lambda: transformers.Qwen3Config(**_ROPE, head_dim=16),  # H * D != hidden_size
+    # layers 0 and 2 MoE, layer 1 dense (mlp_only_layers), a window on every layer
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        **{**_ROPE, "num_hidden_layers": 3},
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        norm_topk_prob=True,
+        mlp_only_layers=[1],
+        use_sliding_window=True,
+        sliding_window=WINDOW,
+    ),
+    "olmoe": lambda: transformers.OlmoeConfig(
+        **_ROPE, num_experts=4, num_experts_per_tok=2, attention_bias=True
+    ),
+    # layer 0 full attention, layer 1 within the window (max_window_layers)
+    "qwen2_sliding": lambda: transformers.Qwen2Config(
+        **_ROPE, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1
+    ),
+    # layer 0 dense (decoder_sparse_step 2) and sliding (Qwen2-MoE's rule), layer 1 MoE, full
+    "qwen2_moe_sparse": lambda: transformers.Qwen2MoeConfig(
+        **_ROPE,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=24,
+        shared_expert_intermediate_size=40,
+        decoder_sparse_step=2,
+        use_sliding_window=True,
+        sliding_window=WINDOW,
+        max_window_layers=2,
+    ),
+    # softcaps small enough to act on unit-scale scores and logits; a query scale of its own
+    "gemma2": lambda: transformers.Gemma2Config(
+        **_ROPE,
+        head_dim=8,
+        query_pre_attn_scalar=6,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=5.0,
+        sliding_window=WINDOW,
+        layer_types=ALTERNATING,
+    ),
+    # Gemma 3's ropes: the sliding layers' base 1e4, the full layers' 1e6 linear-scaled by 8
+    "gemma3_text": lambda: transformers.Gemma3TextConfig(
+        **_ROPE,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        sliding_window=WINDOW,
+        layer_types=ALTERNATING,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        },
+    ),
     # every llama option on: llama3 rope scaling, attention and MLP biases, tied embeddings
     "llama_options": lambda: transformers.LlamaConfig(
         **{**_ROPE, "num_key_value_heads": 1},
@@ -60,22 +120,60 @@ CONFIGS: dict[str, Any] = {
             "original_max_position_embeddings": 16,
         },
     ),
+    # Phi-3: fused qkv_proj and gate_up_proj; rope on half of each head
+    "phi3": lambda: transformers.Phi3Config(**_ROPE, partial_rotary_factor=0.5),
+    # Phi-3 longrope: generation past original_max_position_embeddings switches to long_factor
+    "phi3_longrope": lambda: transformers.Phi3Config(
+        **_ROPE,
+        original_max_position_embeddings=ORIGINAL,
+        rope_parameters={
+            "rope_type": "longrope",
+            "rope_theta": 1000.0,
+            "short_factor": [1.0, 1.2, 1.5, 2.0],
+            "long_factor": [1.0, 3.0, 6.0, 12.0],
+        },
+    ),
+    # llama with each of the scalings that depend on nothing or on the sequence length
+    "llama_linear": lambda: transformers.LlamaConfig(
+        **_ROPE, rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 3.0}
+    ),
+    "llama_dynamic": lambda: transformers.LlamaConfig(
+        **{**_ROPE, "max_position_embeddings": ORIGINAL},
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 500.0, "factor": 2.0},
+    ),
+    "llama_yarn": lambda: transformers.LlamaConfig(
+        **_ROPE,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 1000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": ORIGINAL,
+            "beta_fast": 8.0,
+        },
+    ),
 }
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
+FAMILIES = (
+    "gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe",
+    "phi3", "gemma2", "gemma3_text",
+)  # fmt: skip
+LAYER_VARIANTS = ("qwen2_sliding", "qwen2_moe_sparse")  # per-layer windows and dense layers
+# the rope types and partial rotary, on llama and phi3
+ROPE_MODELS = ("phi3_longrope", "llama_linear", "llama_dynamic", "llama_yarn")
 
 
 def rescale(model: torch.nn.Module, seed: int) -> None:
     """Redraw every parameter at unit scale (see the module docstring), in place."""
     generator = torch.Generator().manual_seed(seed)
+    gemma = model.config.model_type in EAGER
     conv1d = transformers.pytorch_utils.Conv1D
     fan_in_first = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, conv1d)}
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=generator)
             if "embed" in name or name.endswith(("wte.weight", "wpe.weight")):
-                p.copy_(noise)
+                p.copy_(noise / math.sqrt(p.shape[-1]) if gemma else noise)
             elif p.dim() == 1 and ("norm" in name or ".ln_" in name):
-                p.copy_(1 + 0.1 * noise)
+                p.copy_(0.1 * noise if gemma else 1 + 0.1 * noise)
             elif p.dim() == 1:
                 p.copy_(0.2 * noise)
             else:
@@ -90,9 +188,14 @@ def build(name: str, seed: int = 0, **fields: Any) -> transformers.PreTrainedMod
     config = CONFIGS[name]()
     for key, value in fields.items():
         setattr(config, key, value)
-    model = transformers.AutoModelForCausalLM.from_config(config)
+    model = transformers.AutoModelForCausalLM.from_config(config, **attention(name))
     rescale(model, seed)
     return model.eval()
+
+
+def attention(name: str) -> dict[str, str]:
+    """from_config's / from_pretrained's attention choice for the model `name`."""
+    return {"attn_implementation": "eager"} if name in EAGER else {}
 
 
 def save(model: transformers.PreTrainedModel, directory: Path, **kwargs: Any) -> Path:
@@ -102,10 +205,11 @@ def save(model: transformers.PreTrainedModel, directory: Path, **kwargs: Any) ->
 
 
 def load(directory: Path, **kwargs: Any) -> transformers.PreTrainedModel:
-    """AutoModelForCausalLM.from_pretrained, asserting no missing, unexpected or mismatched
-    keys; eval mode."""
+    """AutoModelForCausalLM.from_pretrained (Gemma attending eagerly), asserting no missing,
+    unexpected or mismatched keys; eval mode."""
+    family = json.loads((Path(directory) / "config.json").read_text())["model_type"]
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        directory, output_loading_info=True, **kwargs
+        directory, output_loading_info=True, **attention(family), **kwargs
     )
     problems = {k: v for k, v in info.items() if v}
     assert not problems, problems

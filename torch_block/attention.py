@@ -8,10 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from twin_core import RopeScaling, inv_frequencies
+from twin_core import RopeScaling, RopeTables, rope_tables
 
 from .cache import KVCache
 from .linear import Linear, linear_params
+from .norm import NormParams, make_norm, norm
 from .rope import apply_rope
 
 QUERY_BLOCK = 128  # queries attended together: one block's keys end at its last query's slot
@@ -44,7 +45,12 @@ class AttentionParams(NamedTuple):
     n_heads: int
     n_kv_heads: int
     head_dim: int
-    inv_freq: torch.Tensor | None  # (D/2,) float32 with rope
+    rope: RopeTables | None  # its arrays float32 tensors, with rope
+    scale: float  # the scores' factor: head_dim ** -0.5, or query_pre_attn_scalar ** -0.5
+    softcap: float | None  # scores capped to softcap * tanh(scores / softcap)
+    qk_norm: str | None  # "head", "projection" or None
+    q_norm: NormParams | None  # (D,) per head, (H * D,) over the projection
+    k_norm: NormParams | None  # (D,) per head, (KV * D,) over the projection
 
 
 def split_heads(y: torch.Tensor, B: int, T: int, n: int, D: int) -> torch.Tensor:
@@ -55,17 +61,21 @@ def split_heads(y: torch.Tensor, B: int, T: int, n: int, D: int) -> torch.Tensor
 def project(
     x: torch.Tensor, params: AttentionParams, positions: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """q (B, H, T, D), k and v (B, KV, T, D) of x (B, T, d_model); with rope, q and k rotated
-    at `positions` (B|1, T)."""
+    """q (B, H, T, D), k and v (B, KV, T, D) of x (B, T, d_model); q and k normed (qk_norm)
+    and, with rope, rotated at `positions` (B|1, T)."""
     B, T, d_model = x.shape
     H, KV, D = params.n_heads, params.n_kv_heads, params.head_dim
     tokens = x.reshape(B * T, d_model)  # nn.Linear's own product of a 3-d input
-    q = split_heads(F.linear(tokens, *params.q), B, T, H, D)
-    k = split_heads(F.linear(tokens, *params.k), B, T, KV, D)
+    q, k = F.linear(tokens, *params.q), F.linear(tokens, *params.k)  # (B * T, H|KV * D)
+    if params.qk_norm == "projection":
+        q, k = norm(q, params.q_norm), norm(k, params.k_norm)
+    q, k = split_heads(q, B, T, H, D), split_heads(k, B, T, KV, D)
+    if params.qk_norm == "head":
+        q, k = norm(q, params.q_norm), norm(k, params.k_norm)
     v = split_heads(F.linear(tokens, *params.v), B, T, KV, D)
-    if params.inv_freq is not None:
-        q = apply_rope(q, positions, params.inv_freq)
-        k = apply_rope(k, positions, params.inv_freq)
+    if params.rope is not None:
+        q = apply_rope(q, positions, params.rope)
+        k = apply_rope(k, positions, params.rope)
     return q, k, v
 
 
@@ -83,27 +93,34 @@ def attend(
     allowed: torch.Tensor | None,
     dropout: nn.Dropout | None = None,
     fused: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v over the allowed keys: q (B, H, T, D), k and v (B, KV, S, D).
+    """softmax(q k^T * scale) v over the allowed keys: q (B, H, T, D), k and v (B, KV, S, D).
 
     `allowed` (bool, broadcastable to (B, H, T, S)) marks the keys each query may see; None
-    allows all. A query that may see no key gets zeros. The original project's arithmetic: in
-    float32 without dropout and with no key masked, F.scaled_dot_product_attention; otherwise
-    the scores are written out, softmax in float32, and `dropout` (a module, training) applies
-    to the probabilities. `fused=True` (float32, no dropout) takes the fused kernel with a mask
-    too: its CPU kernel walks the keys in blocks with an online softmax, never holding the
-    (T, S) scores.
+    allows all. A query that may see no key gets zeros. `scale` defaults to D ** -0.5; with
+    `softcap` the scores become softcap * tanh(scores / softcap) before the mask. The original
+    project's arithmetic: in float32 without dropout, softcap or masked key,
+    F.scaled_dot_product_attention; otherwise the scores are written out, softmax in float32,
+    and `dropout` (a module, training) applies to the probabilities. `fused=True` (float32, no
+    dropout, no softcap) takes the fused kernel with a mask too: its CPU kernel walks the keys
+    in blocks with an online softmax, never holding the (T, S) scores.
     """
     B, H, T, D = q.shape
     KV, S = k.shape[1], k.shape[2]
-    if dropout is None and q.dtype == torch.float32 and (allowed is None or fused):
+    scale = D**-0.5 if scale is None else scale
+    plain = dropout is None and softcap is None and q.dtype == torch.float32
+    if plain and (allowed is None or fused):
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, scale=D**-0.5, enable_gqa=KV != H
+            q, k, v, attn_mask=allowed, scale=scale, enable_gqa=KV != H
         )
     G = H // KV
     grouped_q = q.float().reshape(B, KV, G * T, D)  # query head h = kv * G + g
-    scores = torch.matmul(grouped_q, k.float().transpose(-2, -1)) * D**-0.5
+    scores = torch.matmul(grouped_q, k.float().transpose(-2, -1)) * scale
     scores = scores.view(B, H, T, S)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if allowed is not None:
         scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
     probs = F.softmax(scores, dim=-1)  # (B, H, T, S)
@@ -120,7 +137,10 @@ class MultiHeadAttention(nn.Module):
 
     Query head h reads key/value head h // (n_heads // n_kv_heads) (GQA; MQA at 1). With
     `positions="rope"` q and k are rotated at their tokens' positions before the cache write.
-    With `sliding_window` W a query at p sees keys k with p - W < k <= p.
+    With `sliding_window` W a query at p sees keys k with p - W < k <= p. `qk_norm` ("head" or
+    "projection") norms q and k before rope with a norm of kind `norm` (`q_norm`, `k_norm`).
+    Scores are scaled by `query_pre_attn_scalar` ** -0.5 when given (else head_dim ** -0.5)
+    and, with `attn_logit_softcap`, capped to cap * tanh(scores / cap).
 
     Training calls, and eval calls with at most WHOLE_SCORES scores, attend every query at once
     with the original project's arithmetic (its outputs bit for bit). Longer eval inputs are
@@ -142,7 +162,13 @@ class MultiHeadAttention(nn.Module):
         positions: str = "learned",
         rope_theta: float = 10000.0,
         rope_scaling: RopeScaling | None = None,
+        partial_rotary_factor: float = 1.0,
         sliding_window: int | None = None,
+        query_pre_attn_scalar: float | None = None,
+        attn_logit_softcap: float | None = None,
+        qk_norm: str | None = None,
+        norm: str = "rmsnorm",
+        norm_eps: float = 1e-6,
     ):
         super().__init__()
         if n_heads < 1 or (head_dim is None and d_model % n_heads != 0):
@@ -155,25 +181,56 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = d_model // n_heads if head_dim is None else head_dim
         self.causal = causal
         self.sliding_window = sliding_window
+        self.scale = (
+            self.head_dim if query_pre_attn_scalar is None else query_pre_attn_scalar
+        ) ** -0.5
+        self.softcap = attn_logit_softcap
         H, KV, D = self.n_heads, self.n_kv_heads, self.head_dim
         self.q_proj = nn.Linear(d_model, H * D, bias=qkv_bias)
         self.k_proj = nn.Linear(d_model, KV * D, bias=qkv_bias)
         self.v_proj = nn.Linear(d_model, KV * D, bias=qkv_bias)
         self.out_proj = nn.Linear(H * D, d_model, bias=out_bias)
+        self.qk_norm = qk_norm
+        if qk_norm is not None:
+            q_dim, k_dim = (D, D) if qk_norm == "head" else (H * D, KV * D)
+            self.q_norm = make_norm(norm, q_dim, norm_eps)
+            self.k_norm = make_norm(norm, k_dim, norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.rope = positions == "rope"
+        self.rope_buffers: list[str] = []  # float32 whatever the module's dtype
         if self.rope:
-            inv_freq = torch.from_numpy(inv_frequencies(D, rope_theta, rope_scaling))
-            self.register_buffer("inv_freq", inv_freq, persistent=False)  # (D/2,)
+            tables = rope_tables(D, rope_theta, rope_scaling, partial_rotary_factor)
+            self.rope_tables = tables
+            arrays = dict(
+                inv_freq=tables.inv_freq,  # (R/2,)
+                long_inv_freq=tables.long_inv_freq,  # (R/2,) longrope
+                rope_exponent=None if tables.ntk is None else tables.ntk.exponent,  # (R/2,)
+            )
+            for name, array in arrays.items():
+                if array is not None:
+                    self.register_buffer(name, torch.from_numpy(array), persistent=False)
+                    self.rope_buffers.append(name)
 
     def _apply(self, fn, recurse=True):
         """As every module (`.to`, `.cuda`, `.bfloat16`, ...), but the rope frequencies stay
         float32 on a dtype cast: rounded frequencies would rotate by other angles."""
-        inv_freq = self.inv_freq if self.rope else None
+        before = {name: getattr(self, name) for name in self.rope_buffers}
         super()._apply(fn, recurse)
-        if inv_freq is not None:
-            self.inv_freq = inv_freq.to(self.inv_freq.device)
+        for name, tensor in before.items():
+            setattr(self, name, tensor.to(getattr(self, name).device))
         return self
+
+    def rope_params(self) -> RopeTables | None:
+        """The rope constants with this module's float32 tensors in place of the arrays."""
+        if not self.rope:
+            return None
+        tables = self.rope_tables
+        ntk = tables.ntk
+        return tables._replace(
+            inv_freq=self.inv_freq,
+            long_inv_freq=getattr(self, "long_inv_freq", None),
+            ntk=None if ntk is None else ntk._replace(exponent=self.rope_exponent),
+        )
 
     def params(self) -> AttentionParams:
         """The tensors and sizes `project` and `merge_heads` read."""
@@ -185,7 +242,12 @@ class MultiHeadAttention(nn.Module):
             n_heads=self.n_heads,
             n_kv_heads=self.n_kv_heads,
             head_dim=self.head_dim,
-            inv_freq=self.inv_freq if self.rope else None,
+            rope=self.rope_params(),
+            scale=self.scale,
+            softcap=self.softcap,
+            qk_norm=self.qk_norm,
+            q_norm=None if self.qk_norm is None else self.q_norm.params(),
+            k_norm=None if self.qk_norm is None else self.k_norm.params(),
         )
 
     def forward(
@@ -243,8 +305,8 @@ class MultiHeadAttention(nn.Module):
             mask = mask[(None,) * (4 - mask.dim())]  # (B|1, H|1, T|1, S|1)
         if dropout is not None or B * H * T * S <= WHOLE_SCORES:
             allowed = self.allowed(start, start + T, 0, S, mask, 0, T, q.device)
-            return attend(q, k, v, allowed, dropout)
-        fused = q.dtype == torch.float32
+            return attend(q, k, v, allowed, dropout, scale=self.scale, softcap=self.softcap)
+        fused = q.dtype == torch.float32 and self.softcap is None
         per_query = B * S if fused else B * H * S  # mask entries or scores
         rows = max(1, min(QUERY_BLOCK, SCORE_ELEMENTS // per_query))
         blocks = []
@@ -252,8 +314,9 @@ class MultiHeadAttention(nn.Module):
             b = min(T, a + rows)
             lo, hi = self.key_range(start + a, start + b, S)
             allowed = self.allowed(start + a, start + b, lo, hi, mask, a, T, q.device)
+            scores = dict(scale=self.scale, softcap=self.softcap)
             blocks.append(
-                attend(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], allowed, fused=fused)
+                attend(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], allowed, fused=fused, **scores)
             )
         return torch.cat(blocks, dim=2)
 

@@ -20,6 +20,9 @@ from .norm import make_norm
 class TransformerBlock(nn.Module):
     """h = x + Dropout(Attention(Norm1(x))); y = h + Dropout(FFN(Norm2(h))).
 
+    With `sandwich_norms` (Gemma) the attention output and the FFN output are normed too before
+    their residual adds: h = x + Dropout(PostAttentionNorm(Attention(Norm1(x)))), and so on.
+
     The arguments are the original project's; `**architecture` takes any other field of
     `twin_core.BlockConfig` (the family options: norm, activation, n_kv_heads, rope, ...).
     """
@@ -57,10 +60,19 @@ class TransformerBlock(nn.Module):
             positions=config.positions,
             rope_theta=config.rope_theta,
             rope_scaling=config.rope_scaling,
+            partial_rotary_factor=config.partial_rotary_factor,
             sliding_window=config.sliding_window,
+            query_pre_attn_scalar=config.query_pre_attn_scalar,
+            attn_logit_softcap=config.attn_logit_softcap,
+            qk_norm=config.qk_norm,
+            norm=config.norm,
+            norm_eps=config.norm_eps,
         )
         self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps)
         self.norm2 = make_norm(config.norm, config.d_model, config.norm_eps)
+        if config.sandwich_norms:
+            self.post_attention_norm = make_norm(config.norm, config.d_model, config.norm_eps)
+            self.post_feed_forward_norm = make_norm(config.norm, config.d_model, config.norm_eps)
         ffn = dict(activation=config.activation, gated=config.gated_ffn, bias=config.ffn_bias)
         if config.use_moe:
             self.feed_forward = MixtureOfExperts(
@@ -125,11 +137,15 @@ class TransformerBlock(nn.Module):
             )
         cache = kv_cache if use_cache else None
         attn = self.attention(self.norm1(x), mask, cache, cache_position, positions)
+        if self.config.sandwich_norms:
+            attn = self.post_attention_norm(attn)
         h = x + self.dropout(attn)
         aux = None
         if self.use_moe:
             ff, aux = self.feed_forward(self.norm2(h), return_aux_loss)
         else:
             ff = self.feed_forward(self.norm2(h))
+        if self.config.sandwich_norms:
+            ff = self.post_feed_forward_norm(ff)
         y = h + self.dropout(ff)
         return y, cache, aux

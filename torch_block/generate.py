@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from twin_core import check_prompt, check_sampling
+from twin_core import check_prompt, check_sampling, recompute_position
 
 from .cache import KVCache
 from .lm import TransformerLM
@@ -39,7 +39,9 @@ def generate(
     the number of token positions generated.
 
     A prompt longer than LONG_PROMPT is prefilled PREFILL_CHUNK tokens at a time, so that its
-    activations stay small next to the cache; each new token is then one `token_step`.
+    activations stay small next to the cache; each new token is then one `token_step`. With
+    longrope, the step where a row reaches the original length prefills every slot again
+    (`twin_core.recompute_position`).
 
     With `compile=True` that step runs under torch.compile with static shapes. It compiles on
     the first call for a model layout, dtype, batch size and cache length (L + max_new_tokens
@@ -127,6 +129,7 @@ def _decode(
     key_valid = torch.cat([mask, mask.new_ones(B, S - L)], dim=1)  # (B, S)
     inputs = step_inputs(lm, cache, key_valid)
     step = compiled_token_step() if compile else token_step
+    switch = recompute_position(lm.config.rope_scaling)
     pos = torch.tensor(L, device=device)  # the slot of the token fed to the next step
     finished = None if eos_token_id is None else torch.zeros(B, dtype=torch.bool, device=device)
     chosen = []
@@ -138,7 +141,14 @@ def _decode(
         chosen.append(next_token)
         if i + 1 == max_new_tokens or (finished is not None and bool(finished.all())):
             break
-        logits = step(inputs, next_token, pos, None if compile else L + i)  # (B, V)
+        if switch is not None and bool((L + i - inputs.pads == switch).any()):
+            # a row passes longrope's original length: every slot again, with the long factors
+            for layer_cache in cache:
+                layer_cache.reset()
+            ids = torch.cat([input_ids, torch.stack(chosen, dim=1)], dim=1)  # (B, L + i + 1)
+            logits = prefill(lm, ids, key_valid[:, : L + i + 1], cache)
+        else:
+            logits = step(inputs, next_token, pos, None if compile else L + i)  # (B, V)
         pos += 1
     tokens = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     tokens[:, : len(chosen)] = torch.stack(chosen, dim=1)

@@ -38,19 +38,24 @@ class EmbeddingParams(NamedTuple):
 
     token: torch.Tensor  # (vocab_size, d_model)
     position: torch.Tensor | None  # (max_seq_len, d_model) with learned positions
+    scale: float | None  # with embed_scale: sqrt(d_model) rounded to the token table's dtype
 
 
 def embed(ids: torch.Tensor, positions: torch.Tensor, params: EmbeddingParams) -> torch.Tensor:
     """The inputs (B, T, d_model) of the first block: token ids (B, T) at positions (B|1, T)."""
     x = F.embedding(ids, params.token)  # (B, T, d_model)
+    if params.scale is not None:
+        x = x * params.scale
     if params.position is not None:
         x = x + F.embedding(positions, params.position)
     return x
 
 
-def unembed(x: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-    """The logits (..., vocab_size) of final hidden states x (..., d_model); head (V, d_model)."""
-    return F.linear(x, head)
+def unembed(x: torch.Tensor, head: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    """The logits (..., vocab_size) of final hidden states x (..., d_model); head (V, d_model);
+    with `softcap`, capped to softcap * tanh(logits / softcap)."""
+    logits = F.linear(x, head)
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
 class TransformerLM(nn.Module):
@@ -58,7 +63,9 @@ class TransformerLM(nn.Module):
 
     With the defaults this is GPT-2's layout; `**architecture` takes any other field of
     `twin_core.LMConfig` (the family options: rope, rmsnorm, GQA, ...). With `tie_embeddings`
-    the head is the token embedding matrix, and the state_dict has no `lm_head.weight`.
+    the head is the token embedding matrix, and the state_dict has no `lm_head.weight`. With
+    `embed_scale` the token embeddings are multiplied by sqrt(d_model) (Gemma); with
+    `final_logit_softcap` the logits are capped.
     """
 
     def __init__(
@@ -212,12 +219,18 @@ class TransformerLM(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The LM head: x (..., d_model) -> logits (..., vocab_size)."""
-        return unembed(x, self.head_weight())
+        return unembed(x, self.head_weight(), self.config.final_logit_softcap)
 
     def embedding_params(self) -> EmbeddingParams:
         """The tables `embed` reads."""
+        token = self.token_embedding.weight
         position = None if self.position_embedding is None else self.position_embedding.weight
-        return EmbeddingParams(self.token_embedding.weight, position)
+        scale = None
+        if self.config.embed_scale:  # as transformers' Gemma: float32, then the weights' dtype
+            scale = float(
+                torch.tensor(self.config.d_model**0.5, dtype=torch.float32).to(token.dtype)
+            )
+        return EmbeddingParams(token, position, scale)
 
     def head_weight(self) -> torch.Tensor:
         """The LM head's matrix (vocab_size, d_model): the token embedding when tied."""

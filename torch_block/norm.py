@@ -1,4 +1,5 @@
-"""The two norms a block may use: LayerNorm (weight and bias) and RMSNorm (weight only)."""
+"""The norms a block may use: LayerNorm (weight and bias), RMSNorm and Gemma's RMSNorm (weight
+only)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ class NormParams(NamedTuple):
     """What `norm` reads of a norm module."""
 
     weight: torch.Tensor  # (dim,)
-    bias: torch.Tensor | None  # (dim,) for LayerNorm, None for RMSNorm
-    kind: str  # "layernorm" or "rmsnorm"
+    bias: torch.Tensor | None  # (dim,) for LayerNorm, None for the RMSNorms
+    kind: str  # "layernorm", "rmsnorm" or "gemma_rmsnorm"
     eps: float
 
 
@@ -22,13 +23,16 @@ def norm(x: torch.Tensor, params: NormParams) -> torch.Tensor:
     """x (..., dim) normalised over its last axis -> (..., dim) in x's dtype.
 
     LayerNorm is F.layer_norm; RMSNorm is x * rsqrt(mean(x^2) + eps) * weight with the mean
-    taken in float32 (as Llama computes it).
+    taken in float32 (as Llama computes it); Gemma's RMSNorm multiplies by (1 + weight) in
+    float32 and rounds once at the end.
     """
     weight, bias, kind, eps = params
     if kind == "layernorm":
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.square().mean(dim=-1, keepdim=True) + eps)
+    if kind == "gemma_rmsnorm":
+        return (normed * (1.0 + weight.float())).to(x.dtype)
     return weight * normed.to(x.dtype)
 
 
@@ -61,6 +65,21 @@ class RMSNorm(nn.Module):
         return norm(x, self.params())
 
 
+class GemmaRMSNorm(RMSNorm):
+    """x * rsqrt(mean(x^2) + eps) * (1 + weight) in float32, weight starting at 0 (see `norm`)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__(dim, eps)
+        nn.init.zeros_(self.weight)
+
+    def params(self) -> NormParams:
+        """The tensors and switches `norm` reads."""
+        return NormParams(self.weight, None, "gemma_rmsnorm", self.eps)
+
+
 def make_norm(kind: str, dim: int, eps: float) -> LayerNorm | RMSNorm:
-    """The norm of `kind` ("layernorm" or "rmsnorm") over the last `dim` features."""
-    return LayerNorm(dim, eps=eps) if kind == "layernorm" else RMSNorm(dim, eps)
+    """The norm of `kind` ("layernorm", "rmsnorm" or "gemma_rmsnorm") over the last `dim`
+    features."""
+    if kind == "layernorm":
+        return LayerNorm(dim, eps=eps)
+    return GemmaRMSNorm(dim, eps) if kind == "gemma_rmsnorm" else RMSNorm(dim, eps)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from twin_core import RopeTables
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     """concat(-x[half:], x[:half]) over the last axis."""
@@ -11,12 +13,37 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) rotated by angle position * inv_freq[i]; positions (B|1, T).
+def frequencies(positions: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    """The frequencies that rotate tokens at positions (B|1, T): (n,), or (B|1, 1, n) where they
+    depend on each row's sequence length max(position) + 1 (dynamic NTK, longrope), as
+    transformers' `dynamic_rope_update` picks them for a call."""
+    if rope.original_length is None:
+        return rope.inv_freq
+    seq_len = positions.amax(dim=-1, keepdim=True)[..., None] + 1  # (B|1, 1, 1)
+    if rope.ntk is None:
+        beyond = rope.long_inv_freq
+    else:
+        ntk = rope.ntk
+        scale = ntk.factor * seq_len.float() / rope.original_length - (ntk.factor - 1)
+        base = ntk.theta * scale**ntk.power  # (B|1, 1, 1) float32
+        beyond = 1.0 / base**ntk.exponent  # (B|1, 1, n)
+    return torch.where(seq_len > rope.original_length, beyond, rope.inv_freq)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+    """x (B, H, T, D) with its first rope.rotary_dims dims rotated by angle position * inv_freq[i];
+    positions (B|1, T).
 
     Angles, cos and sin are float32; the result has x's dtype.
     """
-    angles = positions[:, None, :, None].float() * inv_freq  # (B|1, 1, T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (B|1, 1, T, D)
+    angles = positions[..., None].float() * frequencies(positions, rope)  # (B|1, T, n)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]  # (B|1, 1, T, R)
+    cos, sin = angles.cos(), angles.sin()
+    if rope.attention_factor != 1.0:
+        cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
+    R = rope.rotary_dims
     x32 = x.float()
-    return (x32 * angles.cos() + rotate_half(x32) * angles.sin()).to(x.dtype)
+    rotated = x32[..., :R] * cos + rotate_half(x32[..., :R]) * sin
+    if R < x.shape[-1]:
+        rotated = torch.cat([rotated, x32[..., R:]], dim=-1)
+    return rotated.to(x.dtype)

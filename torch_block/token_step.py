@@ -36,7 +36,10 @@ class LayerParams(NamedTuple):
 
     norm1: NormParams
     attention: AttentionParams
+    sliding_window: int | None  # this layer's window (None: full attention)
+    post_attention_norm: NormParams | None  # with sandwich_norms
     norm2: NormParams
+    post_feed_forward_norm: NormParams | None  # with sandwich_norms
     feed_forward: FeedForwardParams | None  # dense
     moe: MixtureOfExperts | None
 
@@ -51,10 +54,10 @@ class StepInputs(NamedTuple):
     embedding: EmbeddingParams
     norm: NormParams
     head: torch.Tensor  # (V, d_model)
+    final_logit_softcap: float | None
     key_valid: torch.Tensor  # (B, 1, 1, S) bool: the slot holds a real token
     pads: torch.Tensor  # (B, 1) int64: pad slots at the start of each row
     slots: torch.Tensor  # (S,) int64: 0 .. S-1
-    sliding_window: int | None
     padless: bool  # every prompt slot holds a real token: no key mask
 
 
@@ -62,10 +65,14 @@ def layer_params(block: TransformerBlock) -> LayerParams:
     """The params of `block`'s modules."""
     ffn = block.feed_forward
     moe = ffn if isinstance(ffn, MixtureOfExperts) else None
+    sandwich = block.config.sandwich_norms
     return LayerParams(
         norm1=block.norm1.params(),
         attention=block.attention.params(),
+        sliding_window=block.attention.sliding_window,
+        post_attention_norm=block.post_attention_norm.params() if sandwich else None,
         norm2=block.norm2.params(),
+        post_feed_forward_norm=block.post_feed_forward_norm.params() if sandwich else None,
         feed_forward=None if moe is not None else ffn.params(),
         moe=moe,
     )
@@ -81,10 +88,10 @@ def step_inputs(lm: TransformerLM, caches: list[KVCache], key_valid: torch.Tenso
         embedding=lm.embedding_params(),
         norm=lm.norm.params(),
         head=lm.head_weight(),
+        final_logit_softcap=lm.config.final_logit_softcap,
         key_valid=key_valid[:, None, None, :],
         pads=(~key_valid).sum(dim=-1, keepdim=True),
         slots=torch.arange(key_valid.shape[1], device=key_valid.device),
-        sliding_window=lm.config.sliding_window,
         padless=bool(key_valid.all()),
     )
 
@@ -116,21 +123,11 @@ def token_step(
     masked past `pos`, and written with index_copy_). The caches are updated in place.
     """
     B = tokens.shape[0]
-    W = inputs.sliding_window
     positions = pos.view(1, 1) if inputs.padless else pos - inputs.pads  # (B|1, 1)
     x = embed(tokens, positions.view(-1), inputs.embedding)  # (B, d_model)
-    if slot is None:
-        keys = slice(None)
-        slots = inputs.slots.view(1, 1, 1, -1)  # (1, 1, 1, S)
-        allowed = slots <= pos
-        if W is not None:
-            allowed = allowed & (slots > pos - W)
-        allowed = allowed if inputs.padless else allowed & inputs.key_valid  # (B|1, 1, 1, S)
-        at = pos
-    else:
-        keys = slice(0 if W is None else max(0, slot - W + 1), slot + 1)
-        allowed = None if inputs.padless else inputs.key_valid[..., keys]  # (B, 1, 1, S')
-        at = slot
+    at = pos if slot is None else slot
+    windows = dict.fromkeys(layer.sliding_window for layer in inputs.layers)
+    views = {W: _key_view(inputs, W, pos, slot) for W in windows}  # window -> (keys, allowed)
     for layer, k_cache, v_cache in zip(
         inputs.layers, inputs.k_caches, inputs.v_caches, strict=True
     ):
@@ -138,11 +135,37 @@ def token_step(
         q, k, v = project(h, layer.attention, positions)  # (B, H|KV, 1, D)
         write_slots(k_cache, k, at)
         write_slots(v_cache, v, at)
-        out = attend(q, k_cache[:, :, keys], v_cache[:, :, keys], allowed)  # (B, H, 1, D)
-        x = x + merge_heads(out, layer.attention)
+        keys, allowed = views[layer.sliding_window]
+        scale, softcap = layer.attention.scale, layer.attention.softcap
+        out = attend(
+            q, k_cache[:, :, keys], v_cache[:, :, keys], allowed, scale=scale, softcap=softcap
+        )  # (B, H, 1, D)
+        attn = merge_heads(out, layer.attention)
+        if layer.post_attention_norm is not None:
+            attn = norm(attn, layer.post_attention_norm)
+        x = x + attn
         h = norm(x, layer.norm2)
         if layer.moe is None:
-            x = x + feed_forward(h, layer.feed_forward)
+            ff = feed_forward(h, layer.feed_forward)
         else:
-            x = x + (_moe if slot is not None else _moe_outside_graph)(layer.moe, h)
-    return unembed(norm(x, inputs.norm), inputs.head)  # (B, V)
+            ff = (_moe if slot is not None else _moe_outside_graph)(layer.moe, h)
+        if layer.post_feed_forward_norm is not None:
+            ff = norm(ff, layer.post_feed_forward_norm)
+        x = x + ff
+    return unembed(norm(x, inputs.norm), inputs.head, inputs.final_logit_softcap)  # (B, V)
+
+
+def _key_view(
+    inputs: StepInputs, W: int | None, pos: torch.Tensor, slot: int | None
+) -> tuple[slice, torch.Tensor | None]:
+    """The cache slots a layer of window W (None: full) reads at `pos`, and which of them it
+    may attend (None: all): the whole cache masked past pos (slot None), or the slots up to
+    the int `slot`."""
+    if slot is None:
+        slots = inputs.slots.view(1, 1, 1, -1)  # (1, 1, 1, S)
+        allowed = slots <= pos
+        if W is not None:
+            allowed = allowed & (slots > pos - W)
+        return slice(None), allowed if inputs.padless else allowed & inputs.key_valid
+    keys = slice(0 if W is None else max(0, slot - W + 1), slot + 1)
+    return keys, None if inputs.padless else inputs.key_valid[..., keys]  # (B, 1, 1, S')

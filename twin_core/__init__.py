@@ -6,21 +6,26 @@ Imports only the standard library and NumPy.
 from .checks import check_prompt, check_sampling, check_token_id, expert_capacity, prompt_bucket
 from .config import (
     LLAMA_OPTIONS,
+    ROPE_TYPES,
     BlockConfig,
     LMConfig,
     RopeScaling,
     TrainConfig,
     check_heads,
     check_moe_config,
+    rotary_dims,
 )
 from .files import atomic_write, digest
-from .rope import inv_frequencies
+from .rope import DynamicNTK, RopeTables, inv_frequencies, recompute_position, rope_tables
 
 __all__ = [
     "LLAMA_OPTIONS",
+    "ROPE_TYPES",
     "BlockConfig",
+    "DynamicNTK",
     "LMConfig",
     "RopeScaling",
+    "RopeTables",
     "TrainConfig",
     "atomic_write",
     "check_heads",
@@ -32,4 +37,7 @@ __all__ = [
     "expert_capacity",
     "inv_frequencies",
     "prompt_bucket",
+    "recompute_position",
+    "rope_tables",
+    "rotary_dims",
 ]

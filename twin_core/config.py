@@ -13,9 +13,11 @@ import types
 from collections.abc import Mapping
 from typing import Any
 
-NORMS = ("layernorm", "rmsnorm")
+NORMS = ("layernorm", "rmsnorm", "gemma_rmsnorm")
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names of attention kinds
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 POSITIONS = ("learned", "rope")
+QK_NORMS = ("head", "projection")  # q/k norm over each head, or over the whole projection
 # The Llama family's switches, which Mistral, Qwen2 and Mixtral start from: RMSNorm, gated SiLU
 # feed-forward, rope, no biases. `BlockConfig(**LLAMA_OPTIONS, d_model=...)`, or
 # `dict(LLAMA_OPTIONS, qkv_bias=True)` for Qwen2's attention.
@@ -32,51 +34,144 @@ LLAMA_OPTIONS: Mapping[str, Any] = types.MappingProxyType(
 )
 
 
+# rope_type -> (the fields it needs, the fields it may have), named as transformers' rope
+# parameters name them (docs/design.md section 8)
+ROPE_TYPES: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = types.MappingProxyType(
+    {
+        "llama3": (
+            ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+            (),
+        ),
+        "linear": (("factor",), ()),
+        "dynamic": (("factor", "original_max_position_embeddings"), ()),
+        "yarn": (
+            ("factor", "original_max_position_embeddings"),
+            ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"),
+        ),
+        "longrope": (
+            ("factor", "original_max_position_embeddings", "short_factor", "long_factor"),
+            ("attention_factor",),
+        ),
+    }
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama 3's rope frequency scaling (`rope_type: "llama3"`), as transformers computes it."""
+    """A rope frequency scaling as transformers computes it (`twin_core.rope`), by `rope_type`:
 
-    factor: float
-    low_freq_factor: float
-    high_freq_factor: float
-    original_max_position_embeddings: int
+    "llama3": factor, low_freq_factor, high_freq_factor, original_max_position_embeddings.
+    "linear": factor (every frequency divided by it).
+    "dynamic": factor, original_max_position_embeddings (transformers' max_position_embeddings:
+        longer sequences rotate with a base grown from their length, dynamic NTK).
+    "yarn": factor, original_max_position_embeddings; optional attention_factor, beta_fast (32),
+        beta_slow (1), mscale, mscale_all_dim, truncate (True).
+    "longrope": factor, original_max_position_embeddings, short_factor and long_factor (one per
+        frequency; the long ones for sequences longer than the original); optional
+        attention_factor.
+    A field that its type does not read is refused; None is "not set".
+    """
+
+    factor: float | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
     rope_type: str = "llama3"
+    attention_factor: float | None = None
+    beta_fast: float | None = None
+    beta_slow: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool | None = None
+    short_factor: tuple[float, ...] | None = None
+    long_factor: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.rope_type != "llama3":
+        if self.rope_type not in ROPE_TYPES:
             raise ValueError(
-                f"rope_scaling.rope_type must be 'llama3' (or no scaling), got {self.rope_type!r}"
+                f"rope_scaling.rope_type must be one of {list(ROPE_TYPES)} (or no scaling), "
+                f"got {self.rope_type!r}"
             )
-        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+        needed, optional = ROPE_TYPES[self.rope_type]
+        fields = [f.name for f in dataclasses.fields(self) if f.name != "rope_type"]
+        missing = [name for name in needed if getattr(self, name) is None]
+        extra = [n for n in fields if n not in needed + optional and getattr(self, n) is not None]
+        if missing or extra:
+            raise ValueError(
+                f"rope_scaling ({self.rope_type!r}): missing {missing}, not read by this type "
+                f"{extra}; it needs {list(needed)}"
+                + (f" and may have {list(optional)}" if optional else "")
+            )
+        positive = ("factor", "low_freq_factor", "high_freq_factor", "attention_factor")
+        for name in (*positive, "beta_fast", "beta_slow"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"rope_scaling.{name} must be a number > 0, got {value!r}")
-        if not self.high_freq_factor > self.low_freq_factor:
+            if value is not None:
+                _check_number(f"rope_scaling.{name}", value, "> 0", lambda v: v > 0)
+        for name in ("mscale", "mscale_all_dim"):
+            if getattr(self, name) is not None:
+                _check_number(f"rope_scaling.{name}", getattr(self, name), "", lambda v: True)
+        if self.truncate is not None and not isinstance(self.truncate, bool):
+            raise TypeError(f"rope_scaling.truncate must be a bool, got {self.truncate!r}")
+        if self.original_max_position_embeddings is not None:
+            _check_positive_int(
+                "rope_scaling.original_max_position_embeddings",
+                self.original_max_position_embeddings,
+            )
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
             raise ValueError(
                 f"rope_scaling.high_freq_factor ({self.high_freq_factor}) must be > "
                 f"low_freq_factor ({self.low_freq_factor})"
             )
-        _check_positive_int(
-            "rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings
-        )
+        for name in ("short_factor", "long_factor"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not value:
+                raise ValueError(f"rope_scaling.{name} must be a list of numbers, got {value!r}")
+            for v in value:
+                _check_number(f"rope_scaling.{name} entries", v, "> 0", lambda v: v > 0)
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        if self.rope_type == "longrope" and len(self.short_factor) != len(self.long_factor):
+            raise ValueError(
+                f"rope_scaling: short_factor ({len(self.short_factor)}) and long_factor "
+                f"({len(self.long_factor)}) must have one entry per frequency each"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that are set, as plain JSON types (rope_type always)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Architecture:
     """The family options of a block; the defaults are the original project's (GPT-2-era) block.
 
-    norm: "layernorm" (weight and bias) or "rmsnorm" (weight only), with `norm_eps`.
+    norm: "layernorm" (weight and bias), "rmsnorm" (weight only) or "gemma_rmsnorm" (Gemma's:
+        x * rsqrt(mean(x^2) + eps) * (1 + weight) in float32, weight starting at 0), `norm_eps`.
     activation, gated_ffn, ffn_bias: the feed-forward, every expert and the shared expert;
         gated is down(act(gate(x)) * up(x)).
     n_kv_heads: key/value heads (GQA; 1 is MQA; None: n_heads).
     head_dim: the size of a head (None: d_model // n_heads).
     qkv_bias, out_bias: biases of the q/k/v projections and of the output projection.
     positions: "learned" (an embedding in the LM) or "rope" (rotate q and k by `rope_theta`,
-        optionally with llama3 `rope_scaling`).
+        optionally with a `rope_scaling`); `partial_rotary_factor` f rotates only the first
+        int(head_dim * f) dims of each head (transformers' rounding), the rest pass through.
     sliding_window: a query at p attends keys k with p - W < k <= p (None: every earlier key).
+    qk_norm: a norm of the block's kind on q and k before rope: "head" over each head's
+        head_dim (Qwen3), "projection" over the whole q and k projections before the split
+        into heads (OLMoE); None: none.
     norm_topk_prob: renormalise the k routing weights (False keeps the softmax probabilities).
     shared_expert_d_ff: a shared expert applied to every token (None: none);
         shared_expert_gate scales it by sigmoid(x @ w).
+    sandwich_norms: a norm of the attention output and one of the feed-forward output, each
+        before its residual add (Gemma 2 and 3: `post_attention_norm`, `post_feed_forward_norm`).
+    query_pre_attn_scalar: scores scaled by query_pre_attn_scalar ** -0.5 (None: head_dim).
+    attn_logit_softcap: scores capped to cap * tanh(scores / cap) before the mask (None: no cap).
     """
 
     n_kv_heads: int | None = None
@@ -91,10 +186,15 @@ class Architecture:
     positions: str = "learned"
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    partial_rotary_factor: float = 1.0
     sliding_window: int | None = None
+    qk_norm: str | None = None
     norm_topk_prob: bool = True
     shared_expert_d_ff: int | None = None
     shared_expert_gate: bool = False
+    sandwich_norms: bool = False
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcap: float | None = None
 
     @property
     def resolved_n_kv_heads(self) -> int:
@@ -119,8 +219,9 @@ class Architecture:
         family = [f.name for f in dataclasses.fields(Architecture)]
         names = [f.name for f in dataclasses.fields(self) if f.name not in family] + family
         out = {name: getattr(self, name) for name in names}
+        out.update({k: list(v) for k, v in out.items() if isinstance(v, tuple)})
         if self.rope_scaling is not None:
-            out["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
+            out["rope_scaling"] = self.rope_scaling.to_dict()
         return out
 
     @classmethod
@@ -166,6 +267,10 @@ class Architecture:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        if self.qk_norm is not None and self.qk_norm not in QK_NORMS:
+            raise ValueError(
+                f"qk_norm must be one of {list(QK_NORMS)} or None, got {self.qk_norm!r}"
+            )
         for name in (
             "qkv_bias",
             "out_bias",
@@ -173,11 +278,15 @@ class Architecture:
             "ffn_bias",
             "norm_topk_prob",
             "shared_expert_gate",
+            "sandwich_norms",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         _check_number("norm_eps", self.norm_eps, "> 0", lambda v: v > 0)
         _check_number("rope_theta", self.rope_theta, "> 0", lambda v: v > 0)
+        for name in ("query_pre_attn_scalar", "attn_logit_softcap"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), "> 0 (or None)", lambda v: v > 0)
         if self.n_kv_heads is not None:
             _check_positive_int("n_kv_heads", self.n_kv_heads)
             if self.n_heads % self.n_kv_heads != 0:
@@ -186,10 +295,20 @@ class Architecture:
                 )
         if self.head_dim is not None:
             _check_positive_int("head_dim", self.head_dim)
-        if self.positions == "rope" and self.resolved_head_dim % 2 != 0:
-            raise ValueError(
-                f"positions='rope' needs an even head_dim, got head_dim={self.resolved_head_dim}"
-            )
+        _check_number(
+            "partial_rotary_factor", self.partial_rotary_factor, "in (0, 1]", lambda v: 0 < v <= 1
+        )
+        if self.positions != "rope" and self.partial_rotary_factor != 1.0:
+            raise ValueError("partial_rotary_factor is set but positions is not 'rope'")
+        if self.positions == "rope":
+            dims = rotary_dims(self.resolved_head_dim, self.partial_rotary_factor)
+            if dims % 2 != 0 or dims < 2:
+                raise ValueError(
+                    f"positions='rope' needs an even number >= 2 of rotated dims per head, got "
+                    f"int(head_dim * partial_rotary_factor) = int({self.resolved_head_dim} * "
+                    f"{self.partial_rotary_factor}) = {dims}"
+                )
+            _check_rope_scaling(self.rope_scaling, dims)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise TypeError(
                 "rope_scaling must be None or a RopeScaling, "
@@ -230,7 +349,20 @@ class BlockConfig(Architecture):
 
 @dataclasses.dataclass(frozen=True)
 class LMConfig(Architecture):
-    """Everything that defines a TransformerLM in both frameworks (always causal)."""
+    """Everything that defines a TransformerLM in both frameworks (always causal).
+
+    Per layer (`block_configs()` resolves them; None and () keep every layer the same):
+    layer_types: one of LAYER_TYPES per layer, transformers' names; a "sliding_attention"
+        layer attends within `sliding_window`, a "full_attention" one to every earlier key
+        (None: every layer sliding when sliding_window is set, else full).
+    dense_layers: in an MoE model, the layers whose feed-forward is dense, of width
+        `dense_d_ff` (None: d_ff) and without a shared expert.
+    embed_scale: the token embeddings times sqrt(d_model), that factor rounded to the compute
+        dtype (Gemma). final_logit_softcap: logits capped to cap * tanh(logits / cap) (None: no
+        cap). local_rope_theta: the rope base of the sliding-window layers, which then rotate
+        without rope_scaling; the full-attention layers keep rope_theta and rope_scaling
+        (Gemma 3; None: every layer rope_theta).
+    """
 
     vocab_size: int
     max_seq_len: int
@@ -245,6 +377,12 @@ class LMConfig(Architecture):
     expert_capacity_factor: float | None = 1.25
     tie_embeddings: bool = True
     router_z_loss_coef: float = 0.0
+    layer_types: tuple[str, ...] | None = None
+    dense_layers: tuple[int, ...] = ()
+    dense_d_ff: int | None = None
+    embed_scale: bool = False
+    final_logit_softcap: float | None = None
+    local_rope_theta: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_seq_len", "n_layers"):
@@ -252,13 +390,58 @@ class LMConfig(Architecture):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"TransformerLM: {name} must be a positive int, got {value!r}")
         _check_block(self)
+        if not isinstance(self.embed_scale, bool):
+            raise TypeError(f"embed_scale must be a bool, got {self.embed_scale!r}")
+        for name in ("final_logit_softcap", "local_rope_theta"):
+            if getattr(self, name) is not None:
+                _check_number(name, getattr(self, name), "> 0 (or None)", lambda v: v > 0)
+        if self.local_rope_theta is not None and self.positions != "rope":
+            raise ValueError("local_rope_theta is set but positions is not 'rope'")
+        self._check_layers()
+
+    def _check_layers(self) -> None:
+        """Validate the per-layer fields; lists become tuples (the config stays hashable)."""
+        if self.layer_types is not None:
+            types_ = _as_tuple("layer_types", self.layer_types)
+            object.__setattr__(self, "layer_types", types_)
+            if len(types_) != self.n_layers:
+                raise ValueError(
+                    f"layer_types must name {self.n_layers} layers (n_layers), got {len(types_)}"
+                )
+            unknown = sorted({t for t in types_ if t not in LAYER_TYPES}, key=str)
+            if unknown:
+                raise ValueError(f"layer_types must hold {list(LAYER_TYPES)}, got {unknown}")
+            if "sliding_attention" in types_ and self.sliding_window is None:
+                sliding = [i for i, t in enumerate(types_) if t == "sliding_attention"]
+                raise ValueError(
+                    f"layer_types: layers {sliding} are 'sliding_attention' but sliding_window "
+                    "is None (set the window's width)"
+                )
+        dense = _as_tuple("dense_layers", self.dense_layers)
+        wrong = [i for i in dense if isinstance(i, bool) or not isinstance(i, int)]
+        wrong += [i for i in dense if i not in wrong and not 0 <= i < self.n_layers]
+        if wrong:
+            raise ValueError(
+                f"dense_layers must hold layer indices in [0, n_layers={self.n_layers}), "
+                f"got {wrong}"
+            )
+        if len(set(dense)) != len(dense):
+            raise ValueError(f"dense_layers must not repeat a layer, got {list(dense)}")
+        object.__setattr__(self, "dense_layers", tuple(sorted(dense)))
+        if dense and not self.use_moe:
+            raise ValueError("dense_layers needs use_moe=True (the dense layers of an MoE model)")
+        if self.dense_d_ff is not None:
+            _check_positive_int("dense_d_ff", self.dense_d_ff)
+            if not dense:
+                raise ValueError("dense_d_ff is set but dense_layers is empty (no dense layer)")
 
     def block_configs(self) -> tuple[BlockConfig, ...]:
         """The config of each block, layer 0 first (n_layers of them).
 
-        Today every layer's config is the same; a later per-layer field (attention kind,
-        window, rope base, dense or MoE) will make them differ, and the LMs build and size
-        each layer from its own entry.
+        A "full_attention" layer of `layer_types` has no window (sliding_window None); a
+        sliding one rotates with `local_rope_theta` and no scaling when that is set; a layer of
+        `dense_layers` has a dense feed-forward of width `dense_d_ff` (None: d_ff) and no
+        shared expert. The LMs build each layer, and size its cache, from its own entry.
         """
         block = BlockConfig(
             d_model=self.d_model,
@@ -273,7 +456,29 @@ class LMConfig(Architecture):
             router_z_loss_coef=self.router_z_loss_coef,
             **self.architecture(),
         )
-        return (block,) * self.n_layers
+        full = dataclasses.replace(block, sliding_window=None)
+        if self.local_rope_theta is not None:  # Gemma 3: the sliding layers' own rope
+            block = dataclasses.replace(block, rope_theta=self.local_rope_theta, rope_scaling=None)
+        blocks = []
+        for i in range(self.n_layers):
+            layer = full if self.layer_type(i) == "full_attention" else block
+            if i in self.dense_layers:
+                layer = dataclasses.replace(
+                    layer,
+                    use_moe=False,
+                    d_ff=self.d_ff if self.dense_d_ff is None else self.dense_d_ff,
+                    shared_expert_d_ff=None,
+                    shared_expert_gate=False,
+                )
+            blocks.append(layer)
+        return tuple(blocks)
+
+    def layer_type(self, i: int) -> str:
+        """Layer i's attention kind: "sliding_attention" (a window of sliding_window) or
+        "full_attention"; without layer_types every layer is sliding when sliding_window is set."""
+        if self.layer_types is not None:
+            return self.layer_types[i]
+        return "full_attention" if self.sliding_window is None else "sliding_attention"
 
 
 def check_moe_config(num_experts: int, top_k: int, expert_capacity_factor: float | None) -> None:
@@ -311,6 +516,34 @@ def _check_block(config: BlockConfig | LMConfig) -> None:
     config._check_architecture()
 
 
+def _as_tuple(name: str, value: Any) -> tuple:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a tuple (or list), got {type(value).__name__} {value!r}")
+    return tuple(value)
+
+
+def rotary_dims(head_dim: int, partial_rotary_factor: float) -> int:
+    """The dims of a head that rope rotates: int(head_dim * partial_rotary_factor), the first
+    ones (transformers' rounding)."""
+    return int(head_dim * partial_rotary_factor)
+
+
+def _check_rope_scaling(scaling: RopeScaling | None, dims: int) -> None:
+    """Raise ValueError where a scaling cannot rotate `dims` dims as transformers does."""
+    if scaling is None or not isinstance(scaling, RopeScaling):
+        return
+    if scaling.rope_type == "longrope" and len(scaling.short_factor) != dims // 2:
+        raise ValueError(
+            f"rope_scaling: short_factor and long_factor need one entry per frequency "
+            f"(rotated dims / 2 = {dims // 2}), got {len(scaling.short_factor)}"
+        )
+    if scaling.rope_type == "dynamic" and dims <= 2:
+        raise ValueError(
+            f"rope_scaling 'dynamic' needs more than 2 rotated dims per head (its base grows "
+            f"by the power dims / (dims - 2)), got {dims}"
+        )
+
+
 def _check_positive_int(name: str, value: Any, what: str = "int") -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive {what} (>= 1), got {value!r}")
@@ -332,10 +565,15 @@ _TYPES = {
 
 
 def _is_of_type(value: Any, annotation: str) -> bool:
-    """Whether a JSON value fits a field annotation such as "int | None"."""
+    """Whether a JSON value fits a field annotation such as "int | None" or "tuple[int, ...]"
+    (a list or tuple of such values)."""
     for part in (p.strip() for p in annotation.split("|")):
         if part == "None" and value is None:
             return True
+        if part.startswith("tuple[") and isinstance(value, (list, tuple)):
+            item = part.removeprefix("tuple[").removesuffix(", ...]")
+            if all(_is_of_type(v, item) for v in value):
+                return True
         if part == "RopeScaling" and isinstance(value, (Mapping, RopeScaling)):
             return True
         kinds = _TYPES.get(part, ())

@@ -15,7 +15,7 @@ from ..report import runner
 from ..report.cases.hf import hf_report
 from ..report.cases.lm import LM_CONFIGS, NEW_TOKENS, PROMPT_LENGTHS
 from ..report.compare import NEAR_TIES
-from ..report.registry import BATCH, CONFIGS, SEQ_LEN
+from ..report.registry import BATCH, CONFIGS, NAMED_FAMILIES, SEQ_LEN
 from ..report.render import environment, render_json, render_report
 from .arguments import EXIT_FAILED, EXIT_OK, error
 
@@ -83,7 +83,8 @@ def add_check_options(parser: argparse.ArgumentParser, default: object = None) -
         "--config",
         choices=(*CONFIGS, "all"),
         default=given("all"),
-        help="configuration (block and language model) to check (default: all)",
+        help="configuration (block and language model) to check (default: all, the default "
+        f"report; {', '.join(NAMED_FAMILIES)} run only when named)",
     )
     parser.add_argument(
         "--dtype",

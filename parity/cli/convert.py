@@ -12,7 +12,7 @@ from twin_core.run_files import FRAMEWORKS, framework_name
 from ..convert import PAIRS, convert_file, load, save
 from ..convert.checkpoint import SUFFIXES
 from ..hf import from_hf, to_hf
-from ..hf.config import family_of
+from ..hf.files import CONFIG, read_json
 from ..hf.metadata import TOKENIZER
 from .arguments import EXIT_OK, error, json_object
 from .wording import worded
@@ -120,7 +120,8 @@ def _to_hf_folder(args: argparse.Namespace) -> int:
     if not isinstance(model, torch_block.TransformerLM):
         raise ValueError(f"{args.input} holds a {type(model).__name__}; --to hf needs a LM")
     folder = to_hf(model, args.output, source=args.hf_source)
-    print(f"wrote the Hugging Face folder {folder} ({family_of(model.config)})")
+    family = read_json(folder / CONFIG, "the model config")["model_type"]
+    print(f"wrote the Hugging Face folder {folder} ({family})")
     if not (folder / TOKENIZER).is_file():
         print(
             f"note: {folder} has no {TOKENIZER}: {args.input} carries none; --hf-source DIR "

@@ -62,13 +62,20 @@ LM_HEAD = _linear("lm_head", "lm_head", bias=False)  # only when tie_embeddings=
 TORCH_ONLY_BUFFERS = {"feed_forward.expert_counts"}
 
 
+BLOCK_NORMS = ("norm1", "norm2", "post_attention_norm", "post_feed_forward_norm")
+
+
 def block_table(config: Any) -> list[Row]:
     """Rows of one TransformerBlock of `config` (a BlockConfig or LMConfig)."""
     rows = []
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
         bias = config.out_bias if name == "out_proj" else config.qkv_bias
         rows += _linear(f"attention.{name}", f"attention/{name}", bias)
-    rows += _norm_rows("norm1", "norm1", config.norm) + _norm_rows("norm2", "norm2", config.norm)
+    if config.qk_norm is not None:
+        for name in ("q_norm", "k_norm"):
+            rows += _norm_rows(f"attention.{name}", f"attention/{name}", config.norm)
+    norms = BLOCK_NORMS if config.sandwich_norms else BLOCK_NORMS[:2]
+    rows += [row for name in norms for row in _norm_rows(name, name, config.norm)]
     ffn = dict(gated=config.gated_ffn, bias=config.ffn_bias)
     if not config.use_moe:
         return rows + _ffn("feed_forward", "feed_forward", **ffn)
@@ -99,6 +106,11 @@ _TORCH_SHAPES = {
     "fc3.bias": ("(d_ff,)", "(d_ff,)"),
     "shared_expert_gate.weight": ("(1, d_model)", "(d_model, 1)"),
     "gate.weight": ("(E, d_model)", "(d_model, E)"),
+    **{
+        f"{n}_norm.{w}": (f"(D,) or ({h}*D,)", f"(D,) or ({h}*D,)")
+        for n, h in (("q", "H"), ("k", "KV"))
+        for w in ("weight", "bias")
+    },
     "lm_head.weight": ("(vocab, d_model)", "(d_model, vocab)"),
 }
 
@@ -111,7 +123,7 @@ def _shapes(row: Row) -> tuple[str, str]:
         return "(max_seq_len, d_model)", "(max_seq_len, d_model)"
     if "{i}" in key:
         return "as the block", "as the block"
-    if key.split(".")[0] in ("norm1", "norm2", "norm"):
+    if key.split(".")[0] in ("norm", *BLOCK_NORMS):
         return "(d_model,)", "(d_model,)"
     torch_shape, flax_shape = next(v for k, v in _TORCH_SHAPES.items() if key.endswith(k))
     if "{e}" in key:
@@ -125,7 +137,9 @@ def markdown_table() -> str:
         "| torch key | torch shape | Flax path | Flax shape | transform |",
         "|---|---|---|---|---|",
     ]
-    every_option = BlockConfig(d_model=2, n_heads=1, d_ff=2, gated_ffn=True)
+    every_option = BlockConfig(
+        d_model=2, n_heads=1, d_ff=2, gated_ffn=True, qk_norm="head", sandwich_norms=True
+    )
     moe_options = replace(every_option, use_moe=True, shared_expert_d_ff=2, shared_expert_gate=True)
     block_rows = list(dict.fromkeys(block_table(every_option) + block_table(moe_options)))
     lm_rows = LM_EMBEDDINGS + [Row("blocks.{i}.<block key>", "blocks_{i}/<block path>", False)]
@@ -148,12 +162,13 @@ def markdown_table() -> str:
 
 
 def lm_table(config: Any) -> list[Row]:
-    """Rows of one TransformerLM: embeddings, every block under its prefix, norm, untied head."""
+    """Rows of one TransformerLM: embeddings, every block (of its own config) under its prefix,
+    norm, untied head."""
     rows = list(LM_EMBEDDINGS if config.positions == "learned" else LM_EMBEDDINGS[:1])
-    for i in range(config.n_layers):
+    for i, block in enumerate(config.block_configs()):  # a dense layer of an MoE model: dense rows
         rows += [
             Row(f"blocks.{i}.{row.torch_key}", f"blocks_{i}/{row.flax_path}", row.transpose)
-            for row in block_table(config)
+            for row in block_table(block)
         ]
     rows += _norm_rows("norm", "norm", config.norm)
     if not config.tie_embeddings:
@@ -165,9 +180,13 @@ def lm_table(config: Any) -> list[Row]:
 _CONDITIONS = {
     "lm_head.weight": " (untied head only)",
     "position_embedding.weight": " (positions='learned' only)",
-    **{f"{n}.bias": " (layernorm only)" for n in ("norm1", "norm2", "norm")},
+    **{f"{n}.bias": " (layernorm only)" for n in ("norm", *BLOCK_NORMS)},
+    **{f"{n}.weight": " (sandwich_norms only)" for n in BLOCK_NORMS[2:]},
+    **{f"{n}.bias": " (sandwich_norms, layernorm only)" for n in BLOCK_NORMS[2:]},
     **{f"attention.{n}_proj.bias": " (qkv_bias only)" for n in "qkv"},
     "attention.out_proj.bias": " (out_bias only)",
+    **{f"attention.{n}_norm.weight": " (qk_norm only; (D,) when 'head')" for n in "qk"},
+    **{f"attention.{n}_norm.bias": " (qk_norm and layernorm only)" for n in "qk"},
     **{
         f"feed_forward.{p}fc3.{w}": " (gated_ffn only)"
         for p in ("", "experts.{e}.", "shared_expert.")

@@ -52,9 +52,9 @@ PAIRS: dict[str, Pair] = {
         LMConfig,
         lm_table,
         lambda config: {
-            f"blocks.{i}.feed_forward.expert_counts": (config.num_experts,)
-            for i in range(config.n_layers)
-            if config.use_moe
+            f"blocks.{i}.{key}": shape
+            for i, block in enumerate(config.block_configs())
+            for key, shape in _block_buffers(block).items()
         },
         lambda config: jnp.zeros((1, 1), jnp.int32),
     ),

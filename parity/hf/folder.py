@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: `from_hf` and `to_hf` for the six families.
+"""Hugging Face checkpoints in and out: `from_hf` and `to_hf` for the families of FAMILIES.
 
 Reading checks config.json, every file header, every tensor name and shape before the model is
 allocated, then copies one tensor at a time into it: the torch model directly, the Flax params
@@ -49,7 +49,7 @@ from .files import (
     remove_stale,
     shard_names,
 )
-from .mapping import HFRow, expand, expected_hf_shapes, hf_from_ours, hf_rows, ours_from_hf
+from .mapping import HFRow, expand, expected_hf_shapes, hf_from_ours, ours_from_hf
 from .metadata import HFMetadata, folder_files
 
 # names that old checkpoints carry and transformers ignores: GPT-2's mask buffers, rope tables
@@ -75,7 +75,7 @@ class HFCheckpoint:
         with torch.device("meta"):
             meta = torch_block.TransformerLM.from_config(config)
         self.our_shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
-        self.entries = sorted(expand(hf_rows(self.hf.family, config), config), key=lambda e: e[1])
+        self.entries = sorted(expand(self.hf.family, config), key=lambda e: e[1])
         self.buffers = sorted(set(self.our_shapes) - {ours for ours, _, _ in self.entries})
         self._names = self._check_names()
 
@@ -251,8 +251,9 @@ def to_hf(
     checkpoint directory: config.json, model.safetensors (or shards of at most
     `max_shard_size` with model.safetensors.index.json) and generation_config.json.
 
-    The family is the one whose layout the model's config fits (ValueError otherwise, naming for
-    each family the field that rules it out).
+    The family is the one the model was read from when its config fits it, else the first whose
+    layout the config fits (ValueError otherwise, naming for each family the field that rules it
+    out).
 
     What the model carries from a Hugging Face folder (`from_hf`, or a checkpoint converted from
     one) is written back: token ids, generation_config.json and the tokenizer files. `token_ids`
@@ -264,7 +265,6 @@ def to_hf(
     folder are replaced. Returns the folder.
     """
     config, state = _state_dict_of(model)
-    family = family_of(config)
     limit = parse_size(max_shard_size)
     directory = Path(path)
     metadata = metadata_of(model).with_token_ids(token_ids)
@@ -272,6 +272,7 @@ def to_hf(
         if not Path(source).is_dir():
             raise ValueError(f"{source}: not a directory (the Hugging Face folder to take from)")
         metadata = metadata.or_else(HFMetadata.from_folder(source))
+    family = family_of(config, metadata.model_type)
     if directory.is_dir():
         there = HFMetadata.from_folder(directory, lenient=True)
         metadata = metadata.or_else(HFMetadata(token_ids=there.token_ids))
@@ -279,10 +280,10 @@ def to_hf(
     if len(dtypes) != 1 or dtype_name(next(iter(dtypes))) not in TORCH_DTYPES:
         raise ValueError(f"the weights must all be float32 or all bfloat16, got {dtypes}")
     dtype = next(iter(dtypes))
-    hf_config = hf_config_from_lm(config, dtype_name(dtype), metadata.token_ids)
+    hf_config = hf_config_from_lm(config, dtype_name(dtype), metadata.token_ids, family)
 
     grouped: dict[str, list[tuple[str, HFRow]]] = {}
-    entries = expand(hf_rows(family, config), config)
+    entries = expand(family, config)
     for ours, hf_name, row in entries:
         grouped.setdefault(hf_name, []).append((ours, row))
     missing = sorted({ours for ours, _, _ in entries} - set(state))

@@ -3,14 +3,15 @@
 The HF names are those `save_pretrained` writes (transformers' legacy on-disk layout, which
 transformers 5 still writes and reads): GPT-2's Conv1D weights are (in, out) and its q/k/v are
 fused in `c_attn`; Mixtral's experts are `block_sparse_moe.experts.{e}.w1/w2/w3`; Qwen2-MoE
-has `mlp.experts.{e}.*`, `mlp.shared_expert.*` and `mlp.shared_expert_gate`. `{i}` stands for
-the layer, `{e}` for the expert.
+has `mlp.experts.{e}.*`, `mlp.shared_expert.*` and `mlp.shared_expert_gate`; Phi-3 fuses q/k/v
+in `qkv_proj` and gate/up in `gate_up_proj` (rows stacked). `{i}` stands for the layer, `{e}`
+for the expert.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -18,14 +19,16 @@ from twin_core import LMConfig
 
 from .config import FAMILIES
 
-COPY, TRANSPOSE, FUSED_QKV = "copy", "transpose", "fused_qkv"
+COPY, TRANSPOSE, FUSED_QKV, FUSED_ROWS = "copy", "transpose", "fused_qkv", "fused_rows"
 PREFIXES = {"gpt2": "transformer."}  # the others: "model."
 
 
 class HFRow(NamedTuple):
     """One weight: our torch key and shape, the HF name and shape, and how one becomes the other.
 
-    `part` is 0, 1 or 2 for q, k, v inside GPT-2's fused `c_attn` (FUSED_QKV), else None.
+    `part` is 0, 1 or 2 for q, k, v inside GPT-2's fused `c_attn` (FUSED_QKV), or the index of
+    our tensor among the row blocks of a FUSED_ROWS tensor, whose `sizes` are the rows of each
+    block in order; else None.
     """
 
     ours: str
@@ -34,6 +37,7 @@ class HFRow(NamedTuple):
     hf_shape: str
     transform: str
     part: int | None = None
+    sizes: tuple[int, ...] = ()
 
 
 def _linear(ours: str, hf: str, out: str, inp: str, bias: bool, conv1d: bool = False):
@@ -53,10 +57,10 @@ def _linear(ours: str, hf: str, out: str, inp: str, bias: bool, conv1d: bool = F
     return rows
 
 
-def _norm(ours: str, hf: str, layernorm: bool) -> list[HFRow]:
-    rows = [HFRow(f"{ours}.weight", "(d_model,)", f"{hf}.weight", "(d_model,)", COPY)]
+def _norm(ours: str, hf: str, layernorm: bool, size: str = "(d_model,)") -> list[HFRow]:
+    rows = [HFRow(f"{ours}.weight", size, f"{hf}.weight", size, COPY)]
     if layernorm:
-        rows.append(HFRow(f"{ours}.bias", "(d_model,)", f"{hf}.bias", "(d_model,)", COPY))
+        rows.append(HFRow(f"{ours}.bias", size, f"{hf}.bias", size, COPY))
     return rows
 
 
@@ -101,9 +105,48 @@ def _gated(ours: str, hf: str, names: tuple[str, str, str], d_ff: str, bias: boo
 
 LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
 MIXTRAL_EXPERT = ("w1", "w3", "w2")
+# the symbolic row spans of Phi-3's fused blocks, in part order
+FUSED_SPANS = {
+    "qkv_proj": ("[0, H*D)", "[H*D, (H+KV)*D)", "[(H+KV)*D, (H+2KV)*D)"),
+    "gate_up_proj": ("[0, d_ff)", "[d_ff, 2 d_ff)"),
+}
+PHI3_QKV = (("q_proj", "H*D"), ("k_proj", "KV*D"), ("v_proj", "KV*D"))
 
 
-def _rope_block(family: str, config: LMConfig) -> list[HFRow]:
+def _fused(ours: list[tuple[str, str]], hf: str, hf_shape: str, sizes: tuple[int, ...]):
+    """Our (key, shape) weights stacked by rows into the one HF weight `hf`."""
+    return [
+        HFRow(f"{key}.weight", shape, f"{hf}.weight", hf_shape, FUSED_ROWS, part, sizes)
+        for part, (key, shape) in enumerate(ours)
+    ]
+
+
+def _phi3_block(config: LMConfig) -> list[HFRow]:
+    b, h = "blocks.{i}", "model.layers.{i}"
+    H, KV, D = config.n_heads, config.resolved_n_kv_heads, config.resolved_head_dim
+    attention = [(f"{b}.attention.{n}", f"({s}, d_model)") for n, s in PHI3_QKV]
+    ffn = [(f"{b}.feed_forward.{n}", "(d_ff, d_model)") for n in ("fc1", "fc3")]
+    return [
+        *_norm(f"{b}.norm1", f"{h}.input_layernorm", False),
+        *_fused(
+            attention,
+            f"{h}.self_attn.qkv_proj",
+            "((H+2KV)*D, d_model)",
+            (H * D, KV * D, KV * D),
+        ),
+        *_linear(f"{b}.attention.out_proj", f"{h}.self_attn.o_proj", "d_model", "H*D", False),
+        *_norm(f"{b}.norm2", f"{h}.post_attention_layernorm", False),
+        *_fused(ffn, f"{h}.mlp.gate_up_proj", "(2 d_ff, d_model)", (config.d_ff,) * 2),
+        *_linear(f"{b}.feed_forward.fc2", f"{h}.mlp.down_proj", "d_model", "d_ff", False),
+    ]
+
+
+MOE_MLP = {"mixtral": "block_sparse_moe"}  # the others: "mlp"
+
+
+def _rope_block(family: str, block: Any) -> list[HFRow]:
+    """The rows of one layer of `block`'s config (a BlockConfig, or an LMConfig for its MoE
+    layers), symbolic in {i} and {e}: a dense layer of an MoE family has a plain MLP."""
     b, h = "blocks.{i}", "model.layers.{i}"
     rows = _norm(f"{b}.norm1", f"{h}.input_layernorm", False)
     for name, hf_name, out in (
@@ -112,39 +155,45 @@ def _rope_block(family: str, config: LMConfig) -> list[HFRow]:
         ("v_proj", "v_proj", "KV*D"),
     ):
         rows += _linear(
-            f"{b}.attention.{name}", f"{h}.self_attn.{hf_name}", out, "d_model", config.qkv_bias
+            f"{b}.attention.{name}", f"{h}.self_attn.{hf_name}", out, "d_model", block.qkv_bias
         )
     rows += _linear(
-        f"{b}.attention.out_proj", f"{h}.self_attn.o_proj", "d_model", "H*D", config.out_bias
+        f"{b}.attention.out_proj", f"{h}.self_attn.o_proj", "d_model", "H*D", block.out_bias
     )
-    rows += _norm(f"{b}.norm2", f"{h}.post_attention_layernorm", False)
-    ffn = f"{b}.feed_forward"
-    if family == "mixtral":
-        moe = f"{h}.block_sparse_moe"
-        rows += _linear(f"{ffn}.gate", f"{moe}.gate", "E", "d_model", False)
+    if block.qk_norm is not None:  # Qwen3, Gemma 3: over each head; OLMoE: the projections
+        q, k = ("(D,)", "(D,)") if block.qk_norm == "head" else ("(H*D,)", "(KV*D,)")
+        for name, shape in (("q_norm", q), ("k_norm", k)):
+            rows += _norm(f"{b}.attention.{name}", f"{h}.self_attn.{name}", False, shape)
+    if block.sandwich_norms:  # Gemma: each sublayer's input and output normed
+        rows += _norm(f"{b}.post_attention_norm", f"{h}.post_attention_layernorm", False)
+        rows += _norm(f"{b}.norm2", f"{h}.pre_feedforward_layernorm", False)
+    else:  # Llama's "post_attention_layernorm" is the feed-forward's input norm
+        rows += _norm(f"{b}.norm2", f"{h}.post_attention_layernorm", False)
+    ffn, moe = f"{b}.feed_forward", f"{h}.{MOE_MLP.get(family, 'mlp')}"
+    if not block.use_moe:
+        rows += _gated(ffn, f"{h}.mlp", LLAMA_MLP, "d_ff", block.ffn_bias)
+        if block.sandwich_norms:
+            rows += _norm(f"{b}.post_feed_forward_norm", f"{h}.post_feedforward_layernorm", False)
+        return rows
+    rows += _linear(f"{ffn}.gate", f"{moe}.gate", "E", "d_model", False)
+    expert = MIXTRAL_EXPERT if family == "mixtral" else LLAMA_MLP
+    rows += _gated(f"{ffn}.experts.{{e}}", f"{moe}.experts.{{e}}", expert, "d_ff", False)
+    if block.shared_expert_d_ff is not None:
         rows += _gated(
-            f"{ffn}.experts.{{e}}", f"{moe}.experts.{{e}}", MIXTRAL_EXPERT, "d_ff", False
-        )
-    elif family == "qwen2_moe":
-        rows += _linear(f"{ffn}.gate", f"{h}.mlp.gate", "E", "d_model", False)
-        rows += _gated(f"{ffn}.experts.{{e}}", f"{h}.mlp.experts.{{e}}", LLAMA_MLP, "d_ff", False)
-        rows += _gated(
-            f"{ffn}.shared_expert", f"{h}.mlp.shared_expert", LLAMA_MLP, "shared_d_ff", False
+            f"{ffn}.shared_expert", f"{moe}.shared_expert", LLAMA_MLP, "shared_d_ff", False
         )
         rows += _linear(
-            f"{ffn}.shared_expert_gate", f"{h}.mlp.shared_expert_gate", "1", "d_model", False
+            f"{ffn}.shared_expert_gate", f"{moe}.shared_expert_gate", "1", "d_model", False
         )
-    else:
-        rows += _gated(ffn, f"{h}.mlp", LLAMA_MLP, "d_ff", config.ffn_bias)
     return rows
 
 
-def hf_rows(family: str, config: LMConfig) -> list[HFRow]:
-    """Every weight of an LM of `family` with `config`, symbolic in {i} and {e}."""
+def _lm_rows(family: str, config: LMConfig) -> tuple[list[HFRow], list[HFRow]]:
+    """The rows before the layers (embeddings) and after them (final norm, untied head)."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if family == "gpt2":
-        rows = [
+        head = [
             HFRow(
                 "token_embedding.weight",
                 "(vocab, d_model)",
@@ -159,38 +208,50 @@ def hf_rows(family: str, config: LMConfig) -> list[HFRow]:
                 "(n_positions, d_model)",
                 COPY,
             ),
-            *_gpt2_block(),
-            *_norm("norm", "transformer.ln_f", True),
         ]
+        tail = _norm("norm", "transformer.ln_f", True)
     else:
-        rows = [
+        head = [
             HFRow(
                 "token_embedding.weight",
                 "(vocab, d_model)",
                 "model.embed_tokens.weight",
                 "(vocab, d_model)",
                 COPY,
-            ),
-            *_rope_block(family, config),
-            *_norm("norm", "model.norm", False),
+            )
         ]
+        tail = _norm("norm", "model.norm", False)
     if not config.tie_embeddings:
-        rows.append(
+        tail.append(
             HFRow("lm_head.weight", "(vocab, d_model)", "lm_head.weight", "(vocab, d_model)", COPY)
         )
-    return rows
+    return head, tail
 
 
-def expand(rows: list[HFRow], config: LMConfig) -> list[tuple[str, str, HFRow]]:
-    """(our key, HF name, row) for every layer i and expert e."""
-    out = []
-    for row in rows:
-        layers = range(config.n_layers) if "{i}" in row.ours else [None]
-        experts = range(config.num_experts) if "{e}" in row.ours else [None]
-        for i in layers:
-            for e in experts:
-                out.append((row.ours.format(i=i, e=e), row.hf.format(i=i, e=e), row))
-    return out
+def _layer_rows(family: str, block: Any) -> list[HFRow]:
+    if family == "gpt2":
+        return _gpt2_block()
+    return _phi3_block(block) if family == "phi3" else _rope_block(family, block)
+
+
+def hf_rows(family: str, config: LMConfig) -> list[HFRow]:
+    """The weights of an LM of `family` with `config`, symbolic in {i} and {e}, its layers as
+    `config`'s own fields say (an MoE layer in an MoE model; README's tables)."""
+    head, tail = _lm_rows(family, config)
+    return head + _layer_rows(family, config) + tail
+
+
+def expand(family: str, config: LMConfig) -> list[tuple[str, str, HFRow]]:
+    """(our key, HF name, row) of every weight: each layer i with the rows of its own block
+    config (`config.block_configs()`: a dense layer of an MoE model has dense rows), each
+    expert e."""
+    head, tail = _lm_rows(family, config)
+    out = [(row.ours, row.hf, row) for row in head]
+    for i, block in enumerate(config.block_configs()):
+        for row in _layer_rows(family, block):
+            experts = range(block.num_experts) if "{e}" in row.ours else [None]
+            out += [(row.ours.format(i=i, e=e), row.hf.format(i=i, e=e), row) for e in experts]
+    return out + [(row.ours, row.hf, row) for row in tail]
 
 
 def expected_hf_shapes(
@@ -204,6 +265,8 @@ def expected_hf_shapes(
             shape = shape[::-1]
         elif row.transform == FUSED_QKV:
             shape = (shape[1], 3 * shape[0]) if len(shape) == 2 else (3 * shape[0],)
+        elif row.transform == FUSED_ROWS:
+            shape = (sum(row.sizes), *shape[1:])
         shapes[hf] = shape
     return shapes
 
@@ -216,16 +279,19 @@ def ours_from_hf(row: HFRow, tensor: torch.Tensor) -> torch.Tensor:
         width = tensor.shape[-1] // 3
         piece = tensor[..., row.part * width : (row.part + 1) * width]
         return piece.t() if tensor.dim() == 2 else piece
+    if row.transform == FUSED_ROWS:
+        start = sum(row.sizes[: row.part])
+        return tensor[start : start + row.sizes[row.part]]
     return tensor
 
 
 def hf_from_ours(rows: list[HFRow], tensors: list[torch.Tensor]) -> torch.Tensor:
     """The HF tensor of one name from the rows (one, or q/k/v for c_attn) and our tensors."""
-    if rows[0].transform == FUSED_QKV:
+    if rows[0].transform in (FUSED_QKV, FUSED_ROWS):
         ordered = [t for _, t in sorted(zip((r.part for r in rows), tensors, strict=True))]
-        if ordered[0].dim() == 2:
+        if rows[0].transform == FUSED_QKV and ordered[0].dim() == 2:
             return torch.cat([t.t() for t in ordered], dim=1).contiguous()  # (in, 3 out)
-        return torch.cat(ordered).contiguous()
+        return torch.cat(ordered).contiguous()  # rows stacked
     if rows[0].transform == TRANSPOSE:
         return tensors[0].t().contiguous()
     return tensors[0].contiguous()
@@ -238,6 +304,9 @@ _TRANSFORM_TEXT = {
 
 
 def _transform_text(row: HFRow) -> str:
+    if row.transform == FUSED_ROWS:
+        name = row.hf.split(".")[-2]
+        return f"rows {FUSED_SPANS[name][row.part]} of {name}"
     if row.transform == FUSED_QKV:
         span = ("[0, d)", "[d, 2d)", "[2d, 3d)")[row.part]
         if row.ours.endswith("weight"):
@@ -248,8 +317,9 @@ def _transform_text(row: HFRow) -> str:
 
 def markdown_tables() -> str:
     """The tables for README.md: GPT-2's and Llama's in full (every option on: biases where the
-    family can have them, an untied head); Mistral and Qwen2 as Llama's; Mixtral's and
-    Qwen2-MoE's feed-forward rows (the rest as Llama's)."""
+    family can have them, an untied head; Mistral and Qwen2 as Llama's), then one table of the
+    rows where the other families differ from Llama's: Mixtral's and Qwen2-MoE's feed-forward,
+    Phi-3's fused q/k/v and gate/up, Gemma 3's norms."""
     base = dict(vocab_size=8, max_seq_len=8, d_model=8, n_layers=1, n_heads=2, d_ff=8)
     rope = dict(
         norm="rmsnorm",
@@ -261,43 +331,54 @@ def markdown_tables() -> str:
         tie_embeddings=False,
     )
     moe = dict(use_moe=True, num_experts=2)
-    tables = [
-        ("gpt2", LMConfig(**base, tie_embeddings=False), "", "always"),
+    full = [
+        ("gpt2", LMConfig(**base, tie_embeddings=False), "always"),
         (
             "llama",
             LMConfig(**base, **{**rope, "qkv_bias": True, "out_bias": True, "ffn_bias": True}),
-            "",
             "with attention_bias (q/k/v and o_proj) and mlp_bias; mistral: the same rows, no "
             "biases; qwen2: the same rows, q/k/v biases only",
         ),
-        ("mixtral", LMConfig(**base, **rope, **moe), ".feed_forward.", "none"),
+    ]
+    shared = dict(shared_expert_d_ff=8, shared_expert_gate=True)
+    gemma = dict(norm="gemma_rmsnorm", qk_norm="head", sandwich_norms=True, embed_scale=True)
+    llama = set(hf_rows("llama", LMConfig(**base, **rope)))
+    differences = [
+        ("mixtral", LMConfig(**base, **rope, **moe), lambda row: ".feed_forward." in row.ours),
         (
             "qwen2_moe",
-            LMConfig(
-                **base,
-                **{**rope, "qkv_bias": True},
-                **moe,
-                shared_expert_d_ff=8,
-                shared_expert_gate=True,
-            ),
-            ".feed_forward.",
-            "q/k/v with qkv_bias; attention and the rest as llama",
+            LMConfig(**base, **{**rope, "qkv_bias": True}, **moe, **shared),
+            lambda row: ".feed_forward." in row.ours,
         ),
+        ("phi3", LMConfig(**base, **rope), lambda row: row.transform == FUSED_ROWS),
+        ("gemma3_text", LMConfig(**base, **{**rope, **gemma}), lambda row: row not in llama),
     ]
+    header = "| our torch key | our shape | HF name | HF shape | transform |"
     parts = []
-    for family, config, only, biases in tables:
+    for family, config, biases in full:
         parts += [
-            f"**{family}** (biases: {biases}; `lm_head` only when untied; `{{i}}` layer, "
-            "`{e}` expert)",
+            f"**{family}** (biases: {biases}; `lm_head` only when untied; `{{i}}` layer)",
             "",
-            "| our torch key | our shape | HF name | HF shape | transform |",
+            header,
             "|---|---|---|---|---|",
+            *(_markdown_row(row) for row in hf_rows(family, config)),
+            "",
         ]
-        for row in hf_rows(family, config):
-            if only in row.ours:
-                parts.append(
-                    f"| `{row.ours}` | {row.ours_shape} | `{row.hf}` | {row.hf_shape} "
-                    f"| {_transform_text(row)} |"
-                )
-        parts.append("")
+    parts += [
+        "**mixtral, qwen2_moe, phi3, gemma3_text**: the rows that differ from llama's (biases: "
+        "qwen2_moe's q/k/v with qkv_bias, gemma's with attention_bias, none else; gemma2: "
+        "gemma3_text's without q_norm, k_norm; `{e}` expert)",
+        "",
+        "| family " + header,
+        "|---|---|---|---|---|---|",
+    ]
+    for family, config, keep in differences:
+        parts += [f"| {family} " + _markdown_row(r) for r in hf_rows(family, config) if keep(r)]
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _markdown_row(row: HFRow) -> str:
+    return (
+        f"| `{row.ours}` | {row.ours_shape} | `{row.hf}` | {row.hf_shape} "
+        f"| {_transform_text(row)} |"
+    )

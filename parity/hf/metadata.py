@@ -1,6 +1,6 @@
 """What makes a Hugging Face model usable besides its weights: its bos/eos/pad token ids,
-generation_config.json and tokenizer files, carried from a folder through checkpoint files
-and back into a folder.
+generation_config.json and tokenizer files, and the family it was read as, carried from a folder
+through checkpoint files and back into a folder.
 
 `HFMetadata.from_folder` reads them; `to_dict`/`from_dict` are the JSON a model carries
 (`parity.convert.carried`) and checkpoint files store; `folder_files` says what `to_hf` writes
@@ -43,12 +43,14 @@ UNCOMPARED = ("transformers_version",)  # says who wrote a generation config, no
 @dataclass(frozen=True)
 class HFMetadata:
     """`token_ids` (those of bos/eos/pad that are set: an int or a list), `generation_config`
-    (generation_config.json's object, None when absent) and the tokenizer `files` (name ->
-    bytes)."""
+    (generation_config.json's object, None when absent), the tokenizer `files` (name -> bytes)
+    and `model_type` (config.json's, None when absent: `to_hf` writes that family back when
+    the config fits it, Phi-3 rather than the Llama layout it shares)."""
 
     token_ids: dict[str, Any] = field(default_factory=dict)
     generation_config: dict[str, Any] | None = None
     files: dict[str, bytes] = field(default_factory=dict)
+    model_type: str | None = None
 
     @classmethod
     def from_folder(cls, directory: str | Path, *, lenient: bool = False) -> HFMetadata:
@@ -56,12 +58,13 @@ class HFMetadata:
         counts as absent, for a folder about to be written over)."""
         directory = Path(directory)
         token_ids: dict[str, Any] = {}
-        generation = None
+        generation = model_type = None
         try:
             if (directory / CONFIG).is_file():
                 config = read_json(directory / CONFIG, "the model config")
                 if isinstance(config, dict):
                     token_ids = {k: config[k] for k in TOKEN_KEYS if config.get(k) is not None}
+                    model_type = config.get("model_type")
             if (directory / GENERATION_CONFIG).is_file():
                 generation = read_json(directory / GENERATION_CONFIG, "the generation config")
         except ValueError:
@@ -76,7 +79,12 @@ class HFMetadata:
             )
         files = {n: (directory / n).read_bytes() for n in present}
         return cls.from_dict(
-            {"token_ids": token_ids, "generation_config": generation, "files": _encode(files)},
+            {
+                "token_ids": token_ids,
+                "generation_config": generation,
+                "files": _encode(files),
+                "model_type": model_type if isinstance(model_type, str) else None,
+            },
             str(directory),
         )
 
@@ -86,6 +94,7 @@ class HFMetadata:
             "token_ids": dict(self.token_ids),
             "generation_config": self.generation_config,
             "files": _encode(self.files),
+            **({} if self.model_type is None else {"model_type": self.model_type}),
         }
 
     @classmethod
@@ -109,7 +118,10 @@ class HFMetadata:
                 f"{where}: the tokenizer files pass {MAX_TOKENIZER_BYTES >> 20} MiB together"
             )
         ids = {k: v for k, v in ids.items() if v is not None}
-        return cls(ids, generation, files)
+        model_type = data.get("model_type")
+        if model_type is not None and not isinstance(model_type, str):
+            raise CheckpointError(f"{where}: model_type must be a string, got {model_type!r}")
+        return cls(ids, generation, files, model_type)
 
     @property
     def tokenizer_json(self) -> str | None:
@@ -140,12 +152,13 @@ class HFMetadata:
 
     def or_else(self, other: HFMetadata) -> HFMetadata:
         """This, with what it lacks taken from `other`: each token id, the generation config,
-        and the tokenizer (all of its files, never a mix of two tokenizers)."""
+        the tokenizer (all of its files, never a mix of two tokenizers) and the model type."""
         generation = self.generation_config
         return HFMetadata(
             other.token_ids | self.token_ids,
             other.generation_config if generation is None else generation,
             self.files or other.files,
+            self.model_type or other.model_type,
         )
 
     def generation_file(self) -> dict[str, Any]:

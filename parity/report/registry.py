@@ -37,6 +37,17 @@ _LLAMA = dict(
     ),
 )
 _ROPE_1E6 = dict(rope_theta=1e6, rope_scaling=None)  # Mistral's, Qwen2's and Mixtral's rope
+# Gemma: its RMSNorm (1 + w), sandwich norms, gated gelu_tanh, its own query scale; softcaps small
+# enough to act on this model's scores and logits (Gemma 2's 50 and 30 would not)
+_GEMMA = dict(
+    _LLAMA,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    norm="gemma_rmsnorm",
+    activation="gelu_tanh",
+    sandwich_norms=True,
+    query_pre_attn_scalar=16,
+)
 SLIDING_WINDOW = 4  # shorter than the prefill, the block's sequence and every LM prompt
 CONFIGS: dict[str, dict[str, Any]] = {
     "dense": _BLOCK,
@@ -57,10 +68,65 @@ CONFIGS: dict[str, dict[str, Any]] = {
         shared_expert_d_ff=96,
         shared_expert_gate=True,
     ),
+    "qwen3": dict(_LLAMA, **_ROPE_1E6, qk_norm="head"),
+    "qwen3_moe": dict(
+        _LLAMA, **_ROPE_1E6, qk_norm="head", use_moe=True, num_experts=8, top_k_experts=2
+    ),
+    "olmoe": dict(
+        _LLAMA,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        qk_norm="projection",
+        use_moe=True,
+        num_experts=8,
+        top_k_experts=2,
+        norm_topk_prob=False,
+    ),
+    # Phi-3 with longrope: 6 of each head's 8 dims rotated; the prompts, cached steps and
+    # generation pass the original length 24 (long factors, the sequence recomputed)
+    "phi3": dict(
+        _LLAMA,
+        rope_theta=1e4,
+        partial_rotary_factor=0.75,
+        rope_scaling=RopeScaling(
+            rope_type="longrope",
+            factor=4.0,
+            original_max_position_embeddings=24,
+            short_factor=(1.0, 1.3, 2.0),
+            long_factor=(1.0, 4.0, 9.0),
+        ),
+    ),
+    "gemma2": dict(_GEMMA, attn_logit_softcap=2.0),
+    # Gemma 3: q/k norm per head; global layers at base 1e6, linear-scaled (its local layers:
+    # LM_LAYERS)
+    "gemma3": dict(
+        _GEMMA,
+        qk_norm="head",
+        rope_theta=1e6,
+        rope_scaling=RopeScaling(rope_type="linear", factor=8.0),
+    ),
+}
+# The fields of a configuration's language model that only LMConfig has: Qwen3 with one layer of
+# full attention and one within the window, Qwen3-MoE with a dense layer; Gemma's sliding and full
+# layers, embedding scale, logit softcap (2) and local rope base (3).
+_ALTERNATING = dict(
+    sliding_window=SLIDING_WINDOW, layer_types=("sliding_attention", "full_attention")
+)
+LM_LAYERS: dict[str, dict[str, Any]] = {
+    "qwen3": dict(
+        sliding_window=SLIDING_WINDOW, layer_types=("full_attention", "sliding_attention")
+    ),
+    "qwen3_moe": dict(dense_layers=(1,), dense_d_ff=96),
+    "gemma2": dict(_ALTERNATING, embed_scale=True, final_logit_softcap=1.0),
+    "gemma3": dict(_ALTERNATING, embed_scale=True, local_rope_theta=10000.0),
 }
 ORIGINAL = ("dense", "moe")  # the original architecture: every block case
-FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe")
-MOE_FAMILIES = tuple(name for name in FAMILIES if CONFIGS[name].get("use_moe"))
+# The families of the default report, then those that run only when named (`check --config
+# qwen3`): the default run stays near a minute on 2 cores.
+FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "phi3")
+NAMED_FAMILIES = ("qwen3", "qwen3_moe", "olmoe", "gemma2", "gemma3")
+DEFAULT_CONFIGS = ORIGINAL + FAMILIES  # `python -m parity`, `check --config all`
+MOE_FAMILIES = tuple(name for name in FAMILIES + NAMED_FAMILIES if CONFIGS[name].get("use_moe"))
 BATCH, SEQ_LEN, PREFILL_LEN = 2, 16, 8
 TRAIN_CAPACITY_FACTOR = 0.5  # capacity 4 per expert < 64 assignments / 8 experts: drops certain
 Z_LOSS_COEF = 0.1

@@ -25,7 +25,7 @@ import torch
 from ..dtypes import DTYPES
 from .compare import Row
 from .precision import full_precision
-from .registry import CASES, CONFIGS, ORIGINAL, Case, Setup
+from .registry import CASES, CONFIGS, DEFAULT_CONFIGS, ORIGINAL, Case, Setup
 
 # The modules whose registered cases make the report, in the order of its table.
 CASE_MODULES: tuple[str, ...] = (
@@ -54,8 +54,9 @@ WORKERS = min(2, os.cpu_count() or 1)
 def run_cases(
     config: str = "all", dtype: str = "all", seed: int = 0, workers: int = 1
 ) -> list[Row]:
-    """Rows of every registered case that covers `config` and `dtype` ("all": every one), in
-    the order of CONFIGS, then DTYPES, then the cases.
+    """Rows of every registered case that covers `config` and `dtype`, in the order of CONFIGS,
+    then DTYPES, then the cases. `config` "all" is the default report's DEFAULT_CONFIGS (the
+    NAMED_FAMILIES run when named); `dtype` "all" every dtype.
 
     With `workers` > 1 (`python -m parity` passes WORKERS) several configurations run in that
     many spawned processes, one configuration at a time each (the original two and the MoE
@@ -63,7 +64,7 @@ def run_cases(
     seeds its own weights and inputs, so the rows are those of a run in this process. Spawned
     workers re-import the calling script: call it under `if __name__ == "__main__":`.
     """
-    configs = _select(config, tuple(CONFIGS), "config")
+    configs = DEFAULT_CONFIGS if config == "all" else _select(config, tuple(CONFIGS), "config")
     dtypes = _select(dtype, DTYPES, "dtype")
     workers = min(workers, len(configs))
     if workers <= 1:

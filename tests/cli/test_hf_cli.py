@@ -228,3 +228,30 @@ def test_config_errors_say_what_is_missing_and_list_a_few_tensors(folder, tmp_pa
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
         assert all(word in result.stderr for word in words), result.stderr
         assert len(result.stderr) < 500
+
+
+def test_per_layer_model_through_every_command(tmp_path):
+    """Qwen3-MoE with a dense layer between MoE layers, a window and per-head q/k norms:
+    check --hf passes, generate --hf --ids gives transformers' own greedy tokens past the
+    window, convert to our file and back to HF reloads in transformers bit-identical."""
+    reference = hf_models.build("qwen3_moe")
+    folder = hf_models.save(reference, tmp_path / "qwen3_moe")
+    result = run("check", "--hf", folder, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["all_passed"]
+
+    prompt, new = [5, 17, 33, 2], 8  # 12 positions against a window of WINDOW
+    result = run("generate", "--hf", folder, "--ids", "5,17,33,2", "--max-new-tokens", new)
+    assert result.returncode == 0, result.stderr
+    expected = hf_models.hf_greedy(reference, prompt, new)
+    assert result.stdout.splitlines()[0] == ",".join(map(str, expected))
+    assert hf_models.WINDOW < len(prompt) + new
+
+    ours, back = tmp_path / "qwen3_moe.safetensors", tmp_path / "back"
+    assert run("convert", folder, ours).returncode == 0
+    result = run("convert", ours, back, "--to", "hf")
+    assert result.returncode == 0, result.stderr
+    assert "(qwen3_moe)" in result.stdout
+    reloaded, expected_weights = hf_models.load(back), reference.state_dict()
+    for key, value in reloaded.state_dict().items():
+        assert torch.equal(value, expected_weights[key]), key

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_models import FAMILIES, VOCAB, WINDOW
+from hf_models import FAMILIES, LAYER_VARIANTS, ROPE_MODELS, VOCAB, WINDOW
 
 import jax_block
 import parity
@@ -27,7 +27,9 @@ from parity.hf.config import family_of
 from parity.hf.mapping import markdown_tables
 
 PROMPTS = ([5, 17, 33], [9, 2, 41, 77, 3, 60, 12])  # left-padded into one batch
-NEW_TOKENS = 12  # 7 + 12 = 19 positions: well past mistral's window of WINDOW
+NEW_TOKENS = 12  # 7 + 12 = 19 positions: past every window of WINDOW and the ropes' ORIGINAL
+# every family; per-layer windows and dense layers; the rope types and partial rotary
+MODELS = (*FAMILIES, *LAYER_VARIANTS, *ROPE_MODELS)
 IDS = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
 
 
@@ -69,13 +71,15 @@ def left_padded(prompts=PROMPTS) -> tuple[torch.Tensor, torch.Tensor]:
 
 # --------------------------------------------------------------------------- reading
 @pytest.mark.parametrize("framework", ["torch", "jax"])
-@pytest.mark.parametrize("name", [*FAMILIES, "llama_options"])
+@pytest.mark.parametrize("name", [*MODELS, "llama_options"])
 def test_logits_match_transformers(saved, name, framework):
+    """16 positions: past the scaled ropes' original length (dynamic and longrope switch).
+    Within 1e-5 plus float32's relative rounding of logits near 10."""
     directory, reference = saved(name)
     model = parity.from_hf(directory, framework)
     expected = hf_logits(reference)
     assert np.abs(expected).max() > 1.0  # unit-scale weights: a real spread of logits
-    np.testing.assert_allclose(our_logits(model), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(our_logits(model), expected, atol=1e-5, rtol=1e-6)
 
 
 def test_from_hf_reads_the_config(saved):
@@ -95,10 +99,90 @@ def test_from_hf_reads_the_config(saved):
     assert moe.expert_capacity_factor is None  # dropless, as transformers
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+def test_from_hf_reads_gemma(saved):
+    gemma2 = parity.from_hf(saved("gemma2")[0]).config
+    assert (gemma2.norm, gemma2.activation, gemma2.sandwich_norms, gemma2.embed_scale) == (
+        "gemma_rmsnorm",
+        "gelu_tanh",
+        True,
+        True,
+    )
+    assert (gemma2.query_pre_attn_scalar, gemma2.attn_logit_softcap) == (6, 2.0)
+    assert (gemma2.final_logit_softcap, gemma2.qk_norm, gemma2.local_rope_theta) == (
+        5.0,
+        None,
+        None,
+    )
+    assert gemma2.layer_types == tuple(hf_models.ALTERNATING) and gemma2.sliding_window == WINDOW
+    gemma3 = parity.from_hf(saved("gemma3_text")[0]).config
+    assert (gemma3.qk_norm, gemma3.attn_logit_softcap, gemma3.final_logit_softcap) == (
+        "head",
+        None,
+        None,
+    )
+    assert (gemma3.rope_theta, gemma3.local_rope_theta) == (1e6, 1e4)  # full, sliding layers
+    assert (gemma3.rope_scaling.rope_type, gemma3.rope_scaling.factor) == ("linear", 8.0)
+    assert gemma3.tie_embeddings and gemma3.layer_types == tuple(hf_models.ALTERNATING)
+
+
+GEMMA3_SPELLINGS = {
+    # no layer_types: Gemma 3 slides but every sliding_window_pattern-th layer
+    "sliding_window_pattern": (
+        lambda c: c.update(layer_types=None, sliding_window_pattern=2),
+        (1e6, 1e4),
+    ),
+    # transformers 4's spelling of the rope bases: the full layers', the sliding layers'
+    "transformers_4_rope": (
+        lambda c: c.update(rope_parameters=None, rope_theta=5e5, rope_local_base_freq=50.0),
+        (5e5, 50.0),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", GEMMA3_SPELLINGS)
+def test_gemma3_config_spellings(saved, tmp_path, case):
+    """Read as transformers reads them: the same layers, bases and logits."""
+    edit, thetas = GEMMA3_SPELLINGS[case]
+    directory = _copy(saved, "gemma3_text", tmp_path, edit)
+    reference = hf_models.load(directory)
+    assert reference.config.layer_types == hf_models.ALTERNATING
+    ours = parity.from_hf(directory)
+    assert ours.config.layer_types == tuple(hf_models.ALTERNATING)
+    assert (ours.config.rope_theta, ours.config.local_rope_theta) == thetas
+    np.testing.assert_allclose(our_logits(ours), hf_logits(reference), atol=1e-5, rtol=0)
+
+
+def test_from_hf_reads_the_layers_as_transformers_derives_them(saved):
+    """Qwen2's max_window_layers, Qwen2-MoE's decoder_sparse_step and window rule, Qwen3-MoE's
+    mlp_only_layers and window on every layer; transformers' own layer_types agree."""
+    for name in ("qwen2_sliding", "qwen2_moe_sparse", "qwen3_moe"):
+        directory, reference = saved(name)
+        config = parity.from_hf(directory).config
+        hf = reference.config
+        every_layer = ["sliding_attention"] * hf.num_hidden_layers  # Qwen3-MoE: no layer_types
+        kinds = [config.layer_type(i) for i in range(config.n_layers)]
+        assert kinds == getattr(hf, "layer_types", every_layer)
+        if config.use_moe:  # transformers' dense layers have no router
+            layers = reference.model.layers
+            dense = [i for i, layer in enumerate(layers) if not hasattr(layer.mlp, "gate")]
+            assert list(config.dense_layers) == dense
+    assert parity.from_hf(saved("qwen2_sliding")[0]).config.layer_types == (
+        "full_attention",
+        "sliding_attention",
+    )
+    sparse = parity.from_hf(saved("qwen2_moe_sparse")[0]).config
+    assert (sparse.dense_layers, sparse.dense_d_ff, sparse.sliding_window) == ((0,), 48, WINDOW)
+    qwen3_moe = parity.from_hf(saved("qwen3_moe")[0]).config
+    assert qwen3_moe.layer_types is None and qwen3_moe.sliding_window == WINDOW
+    assert qwen3_moe.dense_layers == (1,) and qwen3_moe.qk_norm == "head"
+    assert parity.from_hf(saved("olmoe")[0]).config.qk_norm == "projection"
+
+
+@pytest.mark.parametrize("name", MODELS)
 def test_greedy_left_padded_batch_matches_transformers_alone(saved, name):
     directory, reference = saved(name)
-    expected = [hf_models.hf_greedy(reference, p, NEW_TOKENS) for p in PROMPTS]
+    # a fresh model per prompt: transformers' dynamic rope keeps the longest length it has seen
+    expected = [hf_models.hf_greedy(hf_models.load(directory), p, NEW_TOKENS) for p in PROMPTS]
     ids, mask = left_padded()
     torch_lm = parity.from_hf(directory)
     torch_tokens = torch_block.generate(torch_lm, ids, mask, max_new_tokens=NEW_TOKENS)
@@ -179,7 +263,7 @@ def test_transformers_4_config_spelling(saved, tmp_path):
 
 # --------------------------------------------------------------------------- writing
 @pytest.mark.parametrize("source", ["torch", "jax"])
-@pytest.mark.parametrize("name", [*FAMILIES, "llama_options"])
+@pytest.mark.parametrize("name", [*MODELS, "llama_options"])
 def test_round_trip_to_hf(saved, tmp_path, name, source):
     directory, reference = saved(name)
     out = parity.to_hf(parity.from_hf(directory, source), tmp_path / "out")
@@ -189,12 +273,14 @@ def test_round_trip_to_hf(saved, tmp_path, name, source):
         "model.safetensors",
     ]
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] == name.removesuffix("_options")
+    assert config["model_type"] == reference.config.model_type  # phi3 stays phi3
     reloaded = hf_models.load(out)
+    if hasattr(reference.config, "layer_types"):  # written as transformers' list
+        assert config["layer_types"] == reloaded.config.layer_types == reference.config.layer_types
     expected = reference.state_dict()
     for key, value in reloaded.state_dict().items():
         assert torch.equal(value, expected[key]), key
-    np.testing.assert_array_equal(hf_logits(reloaded), hf_logits(reference))
+    np.testing.assert_array_equal(hf_logits(reloaded), hf_logits(hf_models.load(directory)))
 
 
 def test_project_default_lm_exports_as_gpt2_with_exact_gelu(tmp_path):
@@ -278,6 +364,8 @@ def test_family_of_prefers_the_plainest_layout():
     assert family_of(LMConfig(**{**base, "qkv_bias": True})) == "qwen2"
     assert family_of(LMConfig(**{**base, "qkv_bias": True}, sliding_window=4)) == "qwen2"
     assert family_of(LMConfig(**base, use_moe=True, num_experts=2)) == "mixtral"
+    assert family_of(LMConfig(**base, partial_rotary_factor=0.5)) == "phi3"
+    assert family_of(LMConfig(**base), preferred="phi3") == "phi3"  # read from a phi3 folder
     assert (
         family_of(
             LMConfig(
@@ -355,8 +443,18 @@ CONFIG_REFUSALS = {
     ),
     "rope type": (
         "llama",
-        lambda c: c["rope_parameters"].update(rope_type="yarn", factor=2.0),
-        "rope type 'yarn' is not supported",
+        lambda c: c["rope_parameters"].update(rope_type="proportional"),
+        "rope type 'proportional' is not supported",
+    ),
+    "phi3 rope type": (
+        "phi3",
+        lambda c: c["rope_parameters"].update(rope_type="linear", factor=2.0),
+        r"\(phi3\): rope type 'linear' is not supported \(supported: default, longrope\)",
+    ),
+    "longrope factors": (
+        "phi3_longrope",
+        lambda c: c["rope_parameters"].update(short_factor=[1.0, 2.0]),
+        r"short_factor \(2\) and long_factor \(4\) must have one entry per frequency",
     ),
     "partial rotary": ("llama", lambda c: c.update(partial_rotary_factor=0.5), "partial rotary"),
     "softcapping": (
@@ -385,18 +483,31 @@ CONFIG_REFUSALS = {
         "config.json: num_hidden_layers is missing",
     ),
     "no gpt2 layer count": ("gpt2", lambda c: c.pop("n_layer"), "n_layer is missing"),
-    "mixed dense and MoE": (
+    "no decoder_sparse_step": (
         "qwen2_moe",
-        lambda c: c.update(decoder_sparse_step=2),
-        "decoder_sparse_step=2",
+        lambda c: c.update(decoder_sparse_step=0),
+        r"decoder_sparse_step must be an int in \[1,",
     ),
-    "mlp_only_layers": ("qwen2_moe", lambda c: c.update(mlp_only_layers=[0]), "mlp_only_layers"),
-    "mixed windows": (
+    "mlp_only_layers not a list": (
+        "qwen2_moe",
+        lambda c: c.update(mlp_only_layers="0"),
+        "mlp_only_layers must be a list of layer indices",
+    ),
+    "sliding layer without a window": (
         "qwen2",
-        lambda c: c.update(
-            use_sliding_window=True, sliding_window=4, max_window_layers=1, layer_types=None
-        ),
-        r"layers \[1\] use sliding-window attention",
+        lambda c: c.update(layer_types=["full_attention", "sliding_attention"]),
+        r"layers \[1\] are sliding_attention but no window is set \(use_sliding_window=False",
+    ),
+    "unknown layer type": (
+        "qwen3",
+        lambda c: c.update(layer_types=["full_attention", "chunked_attention"]),
+        r"unsupported layer types \['chunked_attention'\]",
+    ),
+    "olmoe clip_qkv": ("olmoe", lambda c: c.update(clip_qkv=8.0), r"clip_qkv=8.0 \(clamping"),
+    "olmoe head_dim": (
+        "olmoe",
+        lambda c: c.update(head_dim=16),
+        "head_dim=16 must be hidden_size // num_attention_heads = 8",
     ),
     "gpt2 layer scaling": (
         "gpt2",
@@ -407,6 +518,21 @@ CONFIG_REFUSALS = {
         "llama",
         lambda c: c.update(hidden_act="quick_gelu"),
         "hidden_act='quick_gelu' is not supported",
+    ),
+    "gemma3 attention softcapping": (
+        "gemma3_text",  # transformers' Gemma 3 reads it but never applies it
+        lambda c: c.update(attn_logit_softcapping=30.0),
+        "attn_logit_softcapping=30.0 is set, but transformers' Gemma 3 does not apply it",
+    ),
+    "gemma bidirectional": (
+        "gemma2",
+        lambda c: c.update(use_bidirectional_attention=True),
+        "use_bidirectional_attention=true",
+    ),
+    "gemma3 scaled sliding rope": (
+        "gemma3_text",
+        lambda c: c["rope_parameters"]["sliding_attention"].update(rope_type="linear", factor=2.0),
+        "rope type 'linear' of the sliding_attention layers is not supported",
     ),
     "quantized": (
         "llama",

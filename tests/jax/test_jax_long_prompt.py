@@ -18,12 +18,18 @@ D_MODEL, T = 32, 500  # T spans several query and key blocks, with a ragged end
 
 
 @pytest.mark.parametrize(
-    "causal, window, n_kv_heads, padded",
-    [(True, None, None, False), (True, 300, 2, True), (False, None, 1, True)],
+    "causal, window, n_kv_heads, padded, softcap",
+    [
+        (True, None, None, False, None),
+        (True, 300, 2, True, None),
+        (False, None, 1, True, None),
+        (True, 300, 2, True, 2.0),  # Gemma 2: softcapped scores, its own query scale
+    ],
 )
-def test_blocked_attention_equals_a_float64_reference(causal, window, n_kv_heads, padded):
+def test_blocked_attention_equals_a_float64_reference(causal, window, n_kv_heads, padded, softcap):
+    scores = {} if softcap is None else dict(query_pre_attn_scalar=6, attn_logit_softcap=softcap)
     module = MultiHeadAttention(
-        D_MODEL, 4, 0.0, causal, n_kv_heads=n_kv_heads, sliding_window=window
+        D_MODEL, 4, 0.0, causal, n_kv_heads=n_kv_heads, sliding_window=window, **scores
     )
     x = jax.random.normal(jax.random.PRNGKey(1), (2, T, D_MODEL))
     params = module.init(jax.random.PRNGKey(0), x[:, :4])["params"]
@@ -41,7 +47,12 @@ def test_blocked_attention_equals_a_float64_reference(causal, window, n_kv_heads
         attention_module.BLOCKED_MIN_SCORES = old
 
     s = ref.spec(
-        d_model=D_MODEL, n_heads=4, causal=causal, n_kv_heads=n_kv_heads, sliding_window=window
+        d_model=D_MODEL,
+        n_heads=4,
+        causal=causal,
+        n_kv_heads=n_kv_heads,
+        sliding_window=window,
+        **scores,
     )
     want = ref.attention(x, ref.flax_weights(params), "", s, key_mask[:, None, None, :])
     np.testing.assert_allclose(blocked, want, atol=1e-5)

@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 import torch
 from family_configs import LMS as FAMILY_LMS
+from family_configs import WINDOW
 from flax.traverse_util import flatten_dict
 
 import torch_block
@@ -164,9 +166,10 @@ def test_every_family_converts_both_ways_bit_exact(name):
     assert_state_dicts_equal(back.state_dict(), lm.state_dict())
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["llama", "qwen2_moe", "mixed_layers"])
 def test_checkpoint_file_round_trips_a_family_lm(tmp_path, name):
-    """The config in the file carries every family field (rope_scaling included)."""
+    """The config in the file carries every family field (rope_scaling and the per-layer
+    fields included)."""
     torch.manual_seed(0)
     lm = TransformerLM(**FAMILY_LMS[name]).eval()
     path = tmp_path / f"{name}.safetensors"
@@ -176,3 +179,25 @@ def test_checkpoint_file_round_trips_a_family_lm(tmp_path, name):
     assert_state_dicts_equal(loaded.state_dict(), lm.state_dict())
     flax_lm, _ = load(path, framework="flax")
     assert flax_lm.config == lm.config
+
+
+def test_mixed_layers_generate_the_reference_tokens_in_both_past_the_window():
+    """Sliding and full layers, MoE and dense layers in one LM: torch's token step and JAX's
+    while loop each greedy-decode the float64 reference's tokens, well past the window, and
+    the full forwards agree."""
+    torch.manual_seed(0)
+    lm = ref.randomize_torch(TransformerLM(**FAMILY_LMS["mixed_layers"]))
+    flax_lm, params = from_torch(lm)
+    ids, mask = left_padded([6, 3])
+    new = 10  # 16 positions against a window of WINDOW
+    want = ref.greedy(ids, ref.torch_weights(lm), ref.spec(**FAMILY_LMS["mixed_layers"]), mask, new)
+    got_torch = torch_block.generate(lm, torch.tensor(ids), torch.tensor(mask), max_new_tokens=new)
+    got_jax = jax_generate(flax_lm, params, ids, mask, max_new_tokens=new)
+    assert WINDOW < 6 + new
+    np.testing.assert_array_equal(got_torch.numpy(), want)
+    np.testing.assert_array_equal(np.asarray(got_jax), want)
+    with torch.no_grad():
+        torch_logits = lm(torch.tensor(ids), torch.tensor(mask)).numpy()
+    jax_logits = np.asarray(flax_lm.apply({"params": params}, ids, mask))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(jax_logits[real], torch_logits[real], atol=ATOL, rtol=0)

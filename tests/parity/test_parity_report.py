@@ -32,7 +32,10 @@ from parity.report.precision import full_precision
 from parity.report.registry import (
     BATCH,
     CONFIGS,
+    DEFAULT_CONFIGS,
     FAMILIES,
+    LM_LAYERS,
+    NAMED_FAMILIES,
     PREFILL_LEN,
     SEQ_LEN,
     SLIDING_WINDOW,
@@ -155,7 +158,7 @@ def test_train_case_drops_as_many_assignments_as_a_hand_count(case_rows):
 
 # --------------------------------------------------------------------------- families
 def test_the_family_configurations_are_the_issues():
-    """Issue 12's six families, in the block and the LM alike."""
+    """Issue 12's six families and issue 22's Phi-3, in the block and the LM alike."""
     for name in FAMILIES:
         for config in (CONFIGS[name], lm_cases.LM_CONFIGS[name]):
             fields = {**ARCHITECTURE_DEFAULTS, **config}
@@ -175,8 +178,38 @@ def test_the_family_configurations_are_the_issues():
             assert (fields["shared_expert_d_ff"] is not None) == shared
     assert CONFIGS["mixtral"]["top_k_experts"] == 2
     assert CONFIGS["llama"]["rope_scaling"] is not None  # llama3 frequencies in the report
+    # phi3: partial rotary, and longrope's switch passed by the cached steps and generation
+    phi3 = CONFIGS["phi3"]
+    assert phi3["partial_rotary_factor"] < 1 and phi3["rope_scaling"].rope_type == "longrope"
+    original = phi3["rope_scaling"].original_max_position_embeddings
+    assert (
+        max(lm_cases.PROMPT_LENGTHS)
+        < original
+        < max(lm_cases.PROMPT_LENGTHS) + lm_cases.DECODE_STEPS
+    )
     # the window is shorter than the prefill, the block's sequence and every LM prompt
     assert SLIDING_WINDOW < min(PREFILL_LEN, SEQ_LEN, *lm_cases.PROMPT_LENGTHS)
+
+
+def test_the_gemma_configurations_use_every_gemma_option():
+    """Gemma 2 and 3 in the block and the LM: each option of theirs on, sliding and full
+    layers, Gemma 3's local rope base beside its linear-scaled global one."""
+    for name in ("gemma2", "gemma3"):
+        block, lm = CONFIGS[name], lm_cases.LM_CONFIGS[name]
+        assert (block["norm"], block["activation"], block["sandwich_norms"]) == (
+            "gemma_rmsnorm",
+            "gelu_tanh",
+            True,
+        )
+        assert block["query_pre_attn_scalar"] != block.get("head_dim", 8)
+        assert lm["embed_scale"] and set(lm["layer_types"]) == {
+            "sliding_attention",
+            "full_attention",
+        }
+        assert lm.items() >= {**block, **LM_LAYERS[name]}.items()
+    assert CONFIGS["gemma2"]["attn_logit_softcap"] and LM_LAYERS["gemma2"]["final_logit_softcap"]
+    assert CONFIGS["gemma3"]["qk_norm"] == "head" and CONFIGS["gemma3"]["rope_scaling"].factor == 8
+    assert LM_LAYERS["gemma3"]["local_rope_theta"] != CONFIGS["gemma3"]["rope_theta"]
 
 
 ARCHITECTURE_DEFAULTS = dict(
@@ -196,7 +229,21 @@ ARCHITECTURE_DEFAULTS = dict(
 )
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+def test_the_named_families_are_qwen3_qwen3_moe_olmoe_and_gemma_with_their_layers():
+    """Run only when named (`check --config qwen3`): q/k norms per head or over the projection,
+    per-layer windows (Qwen3) and a dense layer between MoE layers (Qwen3-MoE) in the LM."""
+    lm = lm_cases.LM_CONFIGS
+    assert NAMED_FAMILIES == ("qwen3", "qwen3_moe", "olmoe", "gemma2", "gemma3")
+    assert not set(NAMED_FAMILIES) & set(DEFAULT_CONFIGS)
+    qk_norms = [CONFIGS[n].get("qk_norm") for n in NAMED_FAMILIES]
+    assert qk_norms == ["head", "head", "projection", None, "head"]
+    assert lm["qwen3"]["layer_types"] == ("full_attention", "sliding_attention")
+    assert lm["qwen3"]["sliding_window"] == SLIDING_WINDOW
+    assert (lm["qwen3_moe"]["dense_layers"], lm["qwen3_moe"]["use_moe"]) == ((1,), True)
+    assert lm["olmoe"]["norm_topk_prob"] is False
+
+
+@pytest.mark.parametrize("name", FAMILIES + NAMED_FAMILIES)
 def test_every_family_runs_the_lm_cases_and_bfloat16(case_rows, name):
     rows = [row for key, rows in case_rows.items() if key[1] == name for row in rows]
     names = {(row.case, row.dtype) for row in rows}
@@ -213,7 +260,7 @@ def test_every_family_runs_the_lm_cases_and_bfloat16(case_rows, name):
     assert all(row.passed for row in rows), render_table(rows)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_moe_families_drop_assignments_in_training_mode(case_rows, name):
     (row,) = case_rows[("train, dropout 0", name, "float32")]
     assert 0 < row.details["dropped_torch"] == row.details["dropped_jax"]
@@ -596,16 +643,20 @@ def test_run_cases_spreads_configurations_over_workers_and_keeps_the_order(monke
     monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get this sys.path too
     monkeypatch.setattr(report, "CASE_MODULES", ("pid_parity_cases",))
     rows = report.run_cases(workers=2)
-    in_order = [(config, dtype) for config in CONFIGS for dtype in ("float32", "bfloat16")]
+    in_order = [(c, dtype) for c in DEFAULT_CONFIGS for dtype in ("float32", "bfloat16")]
     assert [(row.config, row.dtype) for row in rows] == in_order
     pids = {row.note for row in rows}
     assert len(pids) == 2 and str(os.getpid()) not in pids
     here = report.run_cases(config="llama", workers=2)  # one configuration: no worker
     assert [row.note for row in here] == [str(os.getpid())] * 2
+    assert {row.config for row in report.run_cases(config="gemma3")} == {"gemma3"}
 
 
 def test_run_cases_refuses_an_unknown_config_or_dtype():
-    known = "dense, moe, gpt2, llama, mistral, qwen2, mixtral, qwen2_moe"
+    known = (
+        "dense, moe, gpt2, llama, mistral, qwen2, mixtral, qwen2_moe, qwen3, qwen3_moe, olmoe, "
+        "phi3, gemma2, gemma3"
+    )
     with pytest.raises(ValueError, match=f"config must be one of {known} or all, got 'big'"):
         report.run_cases(config="big")
     with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16 or all"):

@@ -3,8 +3,9 @@
 Weights are read by torch's state_dict names (Linear weights (out, in); see weights.py for
 Flax trees). A model is described by `spec(**fields)`: the block's or LM's constructor fields
 over the defaults of the original block; `rope_scaling` may be any object with the llama3
-attributes. Explicit loops where an order, an index mapping or a mask is the point, so that a
-test comparing a twin with these functions can fail.
+attributes (the other rope types are checked against transformers' own functions). Explicit
+loops where an order, an index mapping or a mask is the point, so that a test comparing a twin
+with these functions can fail.
 """
 
 from __future__ import annotations
@@ -33,11 +34,22 @@ DEFAULTS: dict[str, Any] = dict(
     positions="learned",
     rope_theta=10000.0,
     rope_scaling=None,
+    partial_rotary_factor=1.0,
     sliding_window=None,
+    qk_norm=None,
     norm_topk_prob=True,
     shared_expert_d_ff=None,
     shared_expert_gate=False,
     tie_embeddings=True,
+    layer_types=None,
+    dense_layers=(),
+    dense_d_ff=None,
+    sandwich_norms=False,
+    query_pre_attn_scalar=None,
+    attn_logit_softcap=None,
+    embed_scale=False,
+    final_logit_softcap=None,
+    local_rope_theta=None,
 )
 
 Weights = Mapping[str, np.ndarray]
@@ -92,10 +104,13 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def norm(x: np.ndarray, weights: Weights, name: str, s: Mapping) -> np.ndarray:
-    """The spec's norm (LayerNorm or RMSNorm) with the weights under `name`."""
+    """The spec's norm (LayerNorm, RMSNorm, or Gemma's RMSNorm: RMSNorm times (1 + weight)) with
+    the weights under `name`."""
     x = np.asarray(x, np.float64)
     if s["norm"] == "rmsnorm":
         return rms_norm(x, weights[join(name, "weight")], s["norm_eps"])
+    if s["norm"] == "gemma_rmsnorm":
+        return rms_norm(x, 1.0 + weights[join(name, "weight")], s["norm_eps"])
     return layer_norm(x, weights[join(name, "weight")], weights[join(name, "bias")], s["norm_eps"])
 
 
@@ -126,19 +141,28 @@ def llama3_inv_freq(inv_freq: np.ndarray, scaling: Any) -> np.ndarray:
 
 
 def inv_freq(s: Mapping) -> np.ndarray:
-    """The spec's rope frequencies (head_dim / 2,)."""
-    freq = default_inv_freq(s["head_dim"], s["rope_theta"])
-    return freq if s["rope_scaling"] is None else llama3_inv_freq(freq, s["rope_scaling"])
+    """The spec's rope frequencies (R / 2,) over the R = int(head_dim * partial_rotary_factor)
+    rotated dims (llama3 scaling, linear scaling: every frequency divided by its factor, or
+    none)."""
+    freq = default_inv_freq(int(s["head_dim"] * s["partial_rotary_factor"]), s["rope_theta"])
+    scaling = s["rope_scaling"]
+    if scaling is None:
+        return freq
+    if getattr(scaling, "rope_type", "llama3") == "linear":
+        return freq / scaling.factor
+    return llama3_inv_freq(freq, scaling)
 
 
 def rotate(x: np.ndarray, positions: np.ndarray, freq: np.ndarray) -> np.ndarray:
-    """x (B, T, heads, D) rotated per head: x*cos + rotate_half(x)*sin, angle position*freq[i]
-    on both halves; rotate_half(x) = concat(-x[D/2:], x[:D/2]); positions (B|1, T)."""
-    angles = np.asarray(positions, np.float64)[..., None] * freq  # (B|1, T, D/2)
-    angles = np.concatenate([angles, angles], axis=-1)[:, :, None, :]  # (B|1, T, 1, D)
-    half = x.shape[-1] // 2
-    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * np.cos(angles) + rotated * np.sin(angles)
+    """x (B, T, heads, D) rotated per head over its first R = 2 * len(freq) dims, the others
+    unchanged: r*cos + rotate_half(r)*sin of r = x[..., :R], angle position*freq[i] on both
+    halves; rotate_half(r) = concat(-r[R/2:], r[:R/2]); positions (B|1, T)."""
+    half = len(freq)
+    angles = np.asarray(positions, np.float64)[..., None] * freq  # (B|1, T, R/2)
+    angles = np.concatenate([angles, angles], axis=-1)[:, :, None, :]  # (B|1, T, 1, R)
+    r = x[..., : 2 * half]
+    rotated = np.concatenate([-r[..., half:], r[..., :half]], axis=-1)
+    return np.concatenate([r * np.cos(angles) + rotated * np.sin(angles), x[..., 2 * half :]], -1)
 
 
 # --------------------------------------------------------------------------- attention
@@ -159,14 +183,25 @@ def kv_head(h: int, s: Mapping) -> int:
     return h // (s["n_heads"] // s["n_kv_heads"])
 
 
+def qk_normed(y: np.ndarray, weights: Weights, name: str, s: Mapping, heads: int) -> np.ndarray:
+    """A q or k projection y (B, T, heads * D) split into heads (B, T, heads, D), normed as
+    qk_norm says with the weights under `name`: over the whole projection before the split
+    ("projection"), over each head after it ("head"), or not at all (None)."""
+    if s["qk_norm"] == "projection":
+        y = norm(y, weights, name, s)
+    y = y.reshape(*y.shape[:-1], heads, y.shape[-1] // heads)
+    return norm(y, weights, name, s) if s["qk_norm"] == "head" else y
+
+
 def keys_values(
     x: np.ndarray, weights: Weights, name: str, s: Mapping, positions: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """What the cache holds for x (B, L, d_model): keys (rotated with rope) and values, each
-    (B, L, n_kv_heads, head_dim); positions (B|1, L), default arange(L)."""
+    (B, L, n_kv_heads, head_dim), k normed as qk_norm says; positions (B|1, L), default
+    arange(L)."""
     B, L, _ = x.shape
     KV, D = s["n_kv_heads"], s["head_dim"]
-    k = linear(x, weights, join(name, "k_proj")).reshape(B, L, KV, D)
+    k = qk_normed(linear(x, weights, join(name, "k_proj")), weights, join(name, "k_norm"), s, KV)
     v = linear(x, weights, join(name, "v_proj")).reshape(B, L, KV, D)
     if s["positions"] == "rope":
         k = rotate(k, np.arange(L)[None, :] if positions is None else positions, inv_freq(s))
@@ -189,7 +224,8 @@ def attention(
     x = np.asarray(x, np.float64)
     B, L, _ = x.shape
     T, H, D = L - query_start, s["n_heads"], s["head_dim"]
-    q = linear(x[:, query_start:], weights, join(name, "q_proj")).reshape(B, T, H, D)
+    q = linear(x[:, query_start:], weights, join(name, "q_proj"))
+    q = qk_normed(q, weights, join(name, "q_norm"), s, H)  # (B, T, H, D)
     k, v = keys_values(x, weights, name, s, positions)
     if s["positions"] == "rope":
         pos = np.arange(L)[None, :] if positions is None else np.asarray(positions)
@@ -198,6 +234,8 @@ def attention(
     if mask is not None:
         given = np.broadcast_to(np.asarray(mask).astype(bool), (B, H, T, L))
     out = np.zeros((B, T, H, D))
+    scalar = D if s["query_pre_attn_scalar"] is None else s["query_pre_attn_scalar"]
+    cap = s["attn_logit_softcap"]  # scores capped to cap * tanh(scores / cap)
     for b in range(B):
         for h in range(H):
             g = kv_head(h, s)
@@ -206,7 +244,9 @@ def attention(
                 keys = np.flatnonzero(allowed & given[b, h, t])
                 if keys.size == 0:
                     continue
-                scores = k[b, keys, g] @ q[b, t, h] / math.sqrt(D)
+                scores = k[b, keys, g] @ q[b, t, h] / math.sqrt(scalar)
+                if cap is not None:
+                    scores = cap * np.tanh(scores / cap)
                 p = np.exp(scores - scores.max())
                 out[b, t, h] = (p / p.sum()) @ v[b, keys, g]
     return linear(out.reshape(B, T, H * D), weights, join(name, "out_proj"))
@@ -304,15 +344,39 @@ def block(
     capacity_factor: float | None = None,
 ) -> tuple[np.ndarray, MoEOut | None]:
     """The pre-norm block without dropout: the output (B, T, d_model) and, for the MoE, what
-    it computed (capacity_factor as in `moe`)."""
+    it computed (capacity_factor as in `moe`). With sandwich_norms the attention's and the
+    feed-forward's outputs are normed (post_attention_norm, post_feed_forward_norm) before
+    their residual adds."""
     x = np.asarray(x, np.float64)
+
+    def output(y: np.ndarray, norm_name: str) -> np.ndarray:
+        return norm(y, weights, join(name, norm_name), s) if s["sandwich_norms"] else y
+
     normed = norm(x, weights, join(name, "norm1"), s)
-    h = x + attention(normed, weights, join(name, "attention"), s, mask, positions)
+    attn = attention(normed, weights, join(name, "attention"), s, mask, positions)
+    h = x + output(attn, "post_attention_norm")
     normed = norm(h, weights, join(name, "norm2"), s)
     if not s["use_moe"]:
-        return h + feed_forward(normed, weights, join(name, "feed_forward"), s), None
+        ff = feed_forward(normed, weights, join(name, "feed_forward"), s)
+        return h + output(ff, "post_feed_forward_norm"), None
     result = moe(normed, weights, join(name, "feed_forward"), s, capacity_factor)
-    return h + result.out, result
+    return h + output(result.out, "post_feed_forward_norm"), result
+
+
+def layer_spec(s: Mapping, i: int) -> dict[str, Any]:
+    """Layer i's spec in an LM spec: a "full_attention" layer of layer_types has no window (a
+    "sliding_attention" one keeps sliding_window; without layer_types every layer does); a layer
+    of dense_layers is a dense feed-forward (dense_d_ff wide) without a shared expert; a sliding
+    layer rotates with local_rope_theta, unscaled, when that is set."""
+    out = dict(s)
+    if s["layer_types"] is not None and s["layer_types"][i] == "full_attention":
+        out["sliding_window"] = None
+    if out["sliding_window"] is not None and s["local_rope_theta"] is not None:
+        out.update(rope_theta=s["local_rope_theta"], rope_scaling=None)
+    if i in s["dense_layers"]:
+        out.update(use_moe=False, shared_expert_d_ff=None, shared_expert_gate=False)
+        out["d_ff"] = s["dense_d_ff"] or s["d_ff"]
+    return out
 
 
 def real_positions(attention_mask: np.ndarray) -> np.ndarray:
@@ -331,22 +395,27 @@ def lm(
 ) -> tuple[np.ndarray, float]:
     """The LM in eval mode: logits (B, T, vocab_size) and the summed MoE aux loss (0.0 when
     dense). Embedding (+ learned positions), blocks with pad keys masked and positions counting
-    real tokens, final norm, head (tied by default)."""
+    real tokens (each layer as `layer_spec` says), final norm, head (tied by default). With
+    embed_scale the token embeddings are times sqrt(d_model); with final_logit_softcap the
+    logits are capped."""
     ids = np.asarray(ids)
     B, T = ids.shape
     attention_mask = np.ones((B, T), np.int64) if attention_mask is None else attention_mask
     positions = real_positions(np.asarray(attention_mask))  # (B, T)
     x = weights["token_embedding.weight"][ids]  # (B, T, d_model)
+    if s["embed_scale"]:
+        x = x * math.sqrt(s["d_model"])
     if s["positions"] == "learned":
         x = x + weights["position_embedding.weight"][positions]
     key_mask = np.asarray(attention_mask).astype(bool)[:, None, None, :]  # (B, 1, 1, T)
     aux = 0.0
     for i in range(s["n_layers"]):
-        x, result = block(x, weights, s, key_mask, positions, name=f"blocks.{i}")
+        x, result = block(x, weights, layer_spec(s, i), key_mask, positions, name=f"blocks.{i}")
         aux += 0.0 if result is None else result.aux
     x = norm(x, weights, "norm", s)
     head = weights["token_embedding.weight" if s["tie_embeddings"] else "lm_head.weight"]
-    return x @ head.T, aux
+    logits, cap = x @ head.T, s["final_logit_softcap"]
+    return (logits if cap is None else cap * np.tanh(logits / cap)), aux
 
 
 def greedy(ids: np.ndarray, weights: Weights, s: Mapping, mask: np.ndarray, n: int) -> np.ndarray:

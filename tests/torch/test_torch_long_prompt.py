@@ -20,7 +20,7 @@ from torch_block import TransformerBlock, TransformerLM
 generation = importlib.import_module("torch_block.generate")  # the module, not the function
 
 ATOL = 1e-5  # docs/design.md section 7: float32, unit-scale outputs
-BLOCK_NAMES = ["original", "mqa_gated_gelu", "llama", "mistral", "bidirectional_rope"]
+BLOCK_NAMES = ["original", "mqa_gated_gelu", "llama", "mistral", "bidirectional_rope", "gemma2"]
 T = 13  # tokens per block input: several query blocks of SMALL_BLOCK
 SMALL_BLOCK = 4
 
@@ -57,9 +57,9 @@ def recorded_blocks(monkeypatch) -> list[tuple[int, ...]]:
     calls = []
     attend = attention.attend
 
-    def recording(q, k, v, allowed, dropout=None, fused=False):
+    def recording(q, k, v, allowed, dropout=None, fused=False, **scores):
         calls.append((q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
-        return attend(q, k, v, allowed, dropout, fused)
+        return attend(q, k, v, allowed, dropout, fused, **scores)
 
     monkeypatch.setattr(attention, "attend", recording)
     return calls

@@ -17,6 +17,7 @@ from ..registry import (
     CONFIGS,
     FAMILIES,
     MOE_FAMILIES,
+    NAMED_FAMILIES,
     ORIGINAL,
     PREFILL_LEN,
     SEQ_LEN,
@@ -39,7 +40,9 @@ def _forward(setup: Setup, name: str, *, mask: torch.Tensor | None = None, **ove
 
 
 @case("forward causal", dtypes=DTYPES)
-@case("forward causal", configs=FAMILIES, dtypes=("bfloat16",))  # float32: the LM cases
+@case(
+    "forward causal", configs=FAMILIES + NAMED_FAMILIES, dtypes=("bfloat16",)
+)  # float32: the LM cases
 def forward_causal(setup: Setup) -> list[Row]:
     """Full forward, causal, no mask."""
     return [_forward(setup, "forward causal")]

@@ -23,18 +23,23 @@ import torch_block
 from ...convert import from_torch
 from ...dtypes import JAX_DTYPES, TORCH_DTYPES
 from ..compare import Row, to_float64
-from ..registry import CONFIGS, FAMILIES, ORIGINAL, Setup, case
+from ..registry import CONFIGS, FAMILIES, LM_LAYERS, NAMED_FAMILIES, ORIGINAL, Setup, case
 from ..run import run_both
 from ..tokens import compare_tokens
 
 _LM = dict(vocab_size=256, max_seq_len=128, d_model=64, n_layers=2, n_heads=4, d_ff=128)
-UNTIED = ("llama", "mistral", "mixtral")  # families whose LM head is its own weight
+UNTIED = ("llama", "mistral", "mixtral", "olmoe")  # families whose LM head is its own weight
 LM_CONFIGS: dict[str, dict[str, Any]] = {
     "dense": dict(_LM, dropout=0.0),
     "moe": dict(_LM, dropout=0.0, use_moe=True, num_experts=4, top_k_experts=2),
-    **{name: dict(_LM, **CONFIGS[name], tie_embeddings=name not in UNTIED) for name in FAMILIES},
+    **{
+        name: dict(
+            _LM, **CONFIGS[name], **LM_LAYERS.get(name, {}), tie_embeddings=name not in UNTIED
+        )
+        for name in FAMILIES + NAMED_FAMILIES
+    },
 }
-LM_CASE_CONFIGS = ORIGINAL + FAMILIES
+LM_CASE_CONFIGS = ORIGINAL + FAMILIES + NAMED_FAMILIES
 PROMPT_LENGTHS = (16, 5, 11, 8)  # one row per prompt; the longest sets PROMPT_LEN
 PROMPT_LEN = max(PROMPT_LENGTHS)
 DECODE_STEPS = 16  # one-token cached steps after the prompts
