@@ -170,4 +170,5 @@ def tiny_folder(directory: Path, vocab: int = 384, max_positions: int = 128) -> 
 
 
 if __name__ == "__main__":
+    transformers.utils.logging.disable_progress_bar()
     print(tiny_folder(Path(sys.argv[1])))

@@ -19,6 +19,7 @@ import importlib.util
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -200,7 +201,7 @@ def flag_of(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def given_flags(args: argparse.Namespace, names: tuple[str, ...] | Any) -> list[str]:
+def given_flags(args: argparse.Namespace, names: Iterable[str]) -> list[str]:
     """The flags of these fields given on the command line."""
     return [flag_of(n) for n in names if getattr(args, n) is not None]
 
