@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import flax.struct
 import jax
@@ -23,7 +23,7 @@ import safetensors.numpy
 from flax.training import train_state
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from twin_core import LMConfig, TrainConfig, atomic_write
+from twin_core import TrainConfig, atomic_write
 from twin_core.data import batch_windows, check_model_fits
 from twin_core.run_files import (
     NAMINGS,
@@ -108,12 +108,6 @@ def apply_fn_of(lm: TransformerLM) -> Callable:
     state of equal models reuse the jitted step's compilation.
     """
     return lm.apply
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def init_params(lm: TransformerLM, rng: jax.Array) -> dict:
-    """`lm`'s initial parameters, compiled once per configuration (not op by op)."""
-    return lm.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
 def create_train_state(
@@ -210,20 +204,31 @@ def _flat(tree: dict) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in flatten_dict(tree, sep="/").items()}
 
 
-def save_model(path: str | os.PathLike, lm: TransformerLM, params: dict) -> None:
-    """A safetensors checkpoint that `parity.load` reads (Flax names, "naming": "flax").
+def save_model(
+    path: str | os.PathLike,
+    lm: TransformerLM,
+    params: dict,
+    extra: Mapping[str, str] | None = None,
+) -> None:
+    """A safetensors checkpoint that `parity.load` reads (Flax names, "naming": "flax");
+    `extra`: metadata entries stored besides.
 
     `python -m parity convert` rewrites it with torch names.
     """
     tensors = _flat(params)
-    metadata = model_metadata(NAMINGS[FRAMEWORK], lm.config, tensors)
+    metadata = model_metadata(NAMINGS[FRAMEWORK], lm.config, tensors, extra)
     atomic_write(path, safetensors.numpy.save(tensors, metadata))
 
 
 def save_train_state(
-    path: str | os.PathLike, lm: TransformerLM, state: TrainState, data_sha256: str = ""
+    path: str | os.PathLike,
+    lm: TransformerLM,
+    state: TrainState,
+    data_sha256: str = "",
+    extra: Mapping[str, str] | None = None,
 ) -> None:
-    """Everything needed to resume: params, Adam moments, step, model and run configuration.
+    """Everything needed to resume: params, Adam moments, step, model and run configuration
+    (`extra`: metadata entries stored besides).
 
     Tensors are `params/<name>`, `exp_avg/<name>` and `exp_avg_sq/<name>` with Flax names;
     `parity.convert.convert_train_state` rewrites the file for torch_block.
@@ -235,7 +240,13 @@ def save_train_state(
     }
     tensors = {f"{group}/{k}": v for group, tree in groups.items() for k, v in _flat(tree).items()}
     metadata = train_state_metadata(
-        NAMINGS[FRAMEWORK], lm.config, state.config, int(state.step), data_sha256, tensors
+        NAMINGS[FRAMEWORK],
+        lm.config,
+        state.config,
+        int(state.step),
+        data_sha256,
+        tensors,
+        extra,
     )
     atomic_write(path, safetensors.numpy.save(tensors, metadata))
 
@@ -274,11 +285,12 @@ def check_params(lm: TransformerLM, params: dict, name: str) -> None:
 
 
 # --------------------------------------------------------------------------- the command's hooks
-def new_state(lm_config: LMConfig, config: TrainConfig) -> tuple[TransformerLM, TrainState]:
-    """(lm, step-0 state): the weights drawn from the run's seed."""
-    lm = TransformerLM.from_config(lm_config)
-    params = init_params(lm, jax.random.PRNGKey(config.seed))
-    return lm, create_train_state(lm, params, config)
+def start(
+    model: tuple[TransformerLM, dict], config: TrainConfig
+) -> tuple[TransformerLM, TrainState]:
+    """(lm, step-0 state) of training `model`, `(lm, params)`, with `config`."""
+    lm, params = model
+    return lm, jax.tree.map(jnp.copy, create_train_state(lm, params, config))
 
 
 @functools.cache
@@ -295,11 +307,15 @@ def run_step(state: TrainState, data: np.ndarray, step: int) -> tuple[TrainState
 
 
 def save_checkpoint(
-    paths: RunPaths, lm: TransformerLM, state: TrainState, data_sha256: str
+    paths: RunPaths,
+    lm: TransformerLM,
+    state: TrainState,
+    data_sha256: str,
+    extra: Mapping[str, str],
 ) -> None:
-    """The training state, then the model checkpoint."""
-    save_train_state(paths.train_state, lm, state, data_sha256)
-    save_model(paths.checkpoint, lm, state.params)
+    """The training state, then the model checkpoint, each with the metadata entries `extra`."""
+    save_train_state(paths.train_state, lm, state, data_sha256, extra)
+    save_model(paths.checkpoint, lm, state.params, extra)
 
 
 def count_params(state: TrainState) -> int:
@@ -310,22 +326,22 @@ def count_params(state: TrainState) -> int:
 def sample(
     lm: TransformerLM,
     state: TrainState,
-    prompt: bytes,
+    prompt: list[int],
     max_new_tokens: int,
     temperature: float,
     top_k: int | None,
-) -> bytes:
-    """`max_new_tokens` bytes after `prompt`, drawn with the run's seed."""
+) -> list[int]:
+    """`max_new_tokens` token ids after the ids `prompt`, drawn with the run's seed."""
     tokens = generate(
         lm,
         state.params,
-        np.frombuffer(prompt, np.uint8).astype(np.int32)[None, :],  # (1, L)
+        np.asarray([prompt], np.int32),  # (1, L)
         max_new_tokens=max_new_tokens,
         rng=jax.random.PRNGKey(state.config.seed),
         temperature=temperature,
         top_k=top_k,
     )  # (1, max_new_tokens)
-    return bytes(np.asarray(tokens[0]).astype(np.uint8))
+    return np.asarray(tokens[0]).tolist()
 
 
 MOVED = (

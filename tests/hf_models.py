@@ -1,4 +1,6 @@
-"""Tiny Hugging Face models of every family, built by transformers itself, for the HF tests.
+"""Tiny Hugging Face models of every family, built by transformers itself, for the HF tests,
+and `tiny_folder`, a tiny Qwen2 with a real tokenizer (`python tests/hf_models.py DIR` writes
+it: README's commands run on it).
 
 Weights are redrawn at unit scale (embeddings N(0, 1), matrices N(0, 1/fan_in), norm weights
 near 1, biases N(0, 0.2)) so that logits spread over several units and greedy choices and
@@ -12,9 +14,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
+import tokenizers
 import torch
 import transformers
 
@@ -229,3 +233,46 @@ def hf_greedy(model: transformers.PreTrainedModel, prompt: list[int], new: int) 
             pad_token_id=0,
         )
     return out[0, len(prompt) :].tolist()
+
+
+TEXT = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"
+EOS = "<|endoftext|>"
+
+
+def tiny_folder(directory: Path, vocab: int = 384, max_positions: int = 128) -> Path:
+    """A Hugging Face folder as a user downloads it: a tiny Qwen2 (transformers' own init,
+    seeded) with a byte-level BPE tokenizer.json of `vocab` tokens trained on the bundled text,
+    tokenizer_config.json and generation_config.json (eos `<|endoftext|>`). Returns it."""
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=[EOS],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train([str(TEXT)], trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS)
+    eos = tokenizer.token_to_id(EOS)
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        tie_word_embeddings=True,
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return Path(directory)
+
+
+if __name__ == "__main__":
+    transformers.utils.logging.disable_progress_bar()
+    print(tiny_folder(Path(sys.argv[1])))

@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import safetensors.torch
@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from twin_core import LMConfig, TrainConfig, atomic_write
+from twin_core import TrainConfig, atomic_write
 from twin_core.data import batch_windows, check_model_fits
 from twin_core.run_files import (
     NAMINGS,
@@ -167,15 +167,24 @@ def train_step(state: TrainState, batch: torch.Tensor) -> dict[str, torch.Tensor
 
 
 # --------------------------------------------------------------------------- checkpoints
-def save_model(path: str | os.PathLike, model: TransformerLM) -> None:
-    """A safetensors checkpoint that `parity.load` reads (torch state_dict keys)."""
+def save_model(
+    path: str | os.PathLike, model: TransformerLM, extra: Mapping[str, str] | None = None
+) -> None:
+    """A safetensors checkpoint that `parity.load` reads (torch state_dict keys); `extra`:
+    metadata entries stored besides."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = model_metadata(NAMINGS[FRAMEWORK], model.config, tensors)
+    metadata = model_metadata(NAMINGS[FRAMEWORK], model.config, tensors, extra)
     atomic_write(path, safetensors.torch.save(tensors, metadata))
 
 
-def save_train_state(path: str | os.PathLike, state: TrainState, data_sha256: str = "") -> None:
-    """Everything needed to resume: params, Adam moments, step, model and run configuration.
+def save_train_state(
+    path: str | os.PathLike,
+    state: TrainState,
+    data_sha256: str = "",
+    extra: Mapping[str, str] | None = None,
+) -> None:
+    """Everything needed to resume: params, Adam moments, step, model and run configuration
+    (`extra`: metadata entries stored besides).
 
     Tensors are `params/<key>` (the state_dict), `exp_avg/<name>` and `exp_avg_sq/<name>` with
     torch names; `parity.convert.convert_train_state` rewrites the file for jax_block.
@@ -195,7 +204,13 @@ def save_train_state(path: str | os.PathLike, state: TrainState, data_sha256: st
         for k, v in tree.items()
     }
     metadata = train_state_metadata(
-        NAMINGS[FRAMEWORK], state.model.config, state.config, state.step, data_sha256, tensors
+        NAMINGS[FRAMEWORK],
+        state.model.config,
+        state.config,
+        state.step,
+        data_sha256,
+        tensors,
+        extra,
     )
     atomic_write(path, safetensors.torch.save(tensors, metadata))
 
@@ -234,10 +249,8 @@ def check_params(model: TransformerLM, tensors: dict, name: str) -> None:
 
 
 # --------------------------------------------------------------------------- the command's hooks
-def new_state(lm_config: LMConfig, config: TrainConfig) -> tuple[TransformerLM, TrainState]:
-    """(model, step-0 state): the model's weights drawn from the run's seed."""
-    torch.manual_seed(config.seed)
-    model = TransformerLM.from_config(lm_config)
+def start(model: TransformerLM, config: TrainConfig) -> tuple[TransformerLM, TrainState]:
+    """(model, step-0 state) of training `model` (in place) with `config`."""
     return model, create_train_state(model, config)
 
 
@@ -254,11 +267,15 @@ def run_step(state: TrainState, data: np.ndarray, step: int) -> tuple[TrainState
 
 
 def save_checkpoint(
-    paths: RunPaths, model: TransformerLM, state: TrainState, data_sha256: str
+    paths: RunPaths,
+    model: TransformerLM,
+    state: TrainState,
+    data_sha256: str,
+    extra: Mapping[str, str],
 ) -> None:
-    """The training state, then the model checkpoint."""
-    save_train_state(paths.train_state, state, data_sha256)
-    save_model(paths.checkpoint, model)
+    """The training state, then the model checkpoint, each with the metadata entries `extra`."""
+    save_train_state(paths.train_state, state, data_sha256, extra)
+    save_model(paths.checkpoint, model, extra)
 
 
 def count_params(state: TrainState) -> int:
@@ -269,21 +286,21 @@ def count_params(state: TrainState) -> int:
 def sample(
     model: TransformerLM,
     state: TrainState,
-    prompt: bytes,
+    prompt: list[int],
     max_new_tokens: int,
     temperature: float,
     top_k: int | None,
-) -> bytes:
-    """`max_new_tokens` bytes after `prompt`, drawn with the run's seed."""
+) -> list[int]:
+    """`max_new_tokens` token ids after the ids `prompt`, drawn with the run's seed."""
     tokens = generate(
         model,
-        torch.tensor([list(prompt)], dtype=torch.int64),  # (1, L)
+        torch.tensor([prompt], dtype=torch.int64),  # (1, L)
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
         generator=torch.Generator().manual_seed(state.config.seed),
     )  # (1, max_new_tokens)
-    return bytes(tokens[0].tolist())
+    return tokens[0].tolist()
 
 
 def set_threads(threads: int) -> None:

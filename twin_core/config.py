@@ -604,7 +604,7 @@ def default_warmup_steps(steps: int) -> int:
 class TrainConfig:
     """Everything about a run except the model: batches, optimizer, schedule, seed.
 
-    `seq_len` is the model's input length; each batch row holds seq_len + 1 bytes (the targets
+    `seq_len` is the model's input length; each batch row holds seq_len + 1 tokens (the targets
     are the inputs shifted by one). The learning rate rises linearly from 0 over `warmup_steps`
     steps, then follows a cosine down to `lr * min_lr_ratio` at step `steps`. `warmup_steps`
     None is `default_warmup_steps(steps)`, resolved when the config is made.

@@ -1,4 +1,4 @@
-"""Training text: bytes as token ids, the checks a run makes on them, and the batch windows.
+"""Training text: bytes as token ids, the checks a run makes on token ids, and the batch windows.
 
 A batch depends only on (seed, step), so a resumed run, or the twin framework, sees the same
 batches; each framework turns the NumPy windows into its own tensor.
@@ -41,13 +41,13 @@ def check_model_fits(config: TrainConfig, max_seq_len: int) -> None:
 
 
 def check_data(data: np.ndarray, config: TrainConfig, vocab_size: int, name: str) -> None:
-    """Raise ValueError if `data` (named `name`) is shorter than one batch (batch_size * seq_len
-    + 1 bytes) or holds a token id >= vocab_size."""
+    """Raise ValueError if the token ids `data` (of the text `name`) are fewer than one batch
+    (batch_size * seq_len + 1) or hold one >= vocab_size."""
     needed = config.batch_size * config.seq_len + 1
     if data.size < needed:
         raise ValueError(
-            f"{name} has {data.size} bytes, shorter than one batch: batch_size "
-            f"{config.batch_size} x seq_len {config.seq_len} + 1 = {needed} bytes needed"
+            f"{name} has {data.size} tokens, shorter than one batch: batch_size "
+            f"{config.batch_size} x seq_len {config.seq_len} + 1 = {needed} tokens needed"
         )
     if int(data.max()) >= vocab_size:
         raise ValueError(f"{name} holds token id {int(data.max())} >= vocab_size {vocab_size}")

@@ -83,14 +83,21 @@ def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise ValueError(f"{path} is not a readable safetensors file: bad header") from err
 
 
-def model_metadata(naming: str, lm_config: LMConfig, tensors: Mapping[str, Any]) -> dict:
-    """Metadata of a model checkpoint that `parity.load` reads."""
+def model_metadata(
+    naming: str,
+    lm_config: LMConfig,
+    tensors: Mapping[str, Any],
+    extra: Mapping[str, str] | None = None,
+) -> dict:
+    """Metadata of a model checkpoint that `parity.load` reads; `extra`: entries stored besides
+    (what the model carries from a Hugging Face folder)."""
     return {
         "format": MODEL_FORMAT,
         "module": "TransformerLM",
         "naming": naming,
         "config": json.dumps(lm_config.to_dict()),
         "sha256": digest(tensors),
+        **(extra or {}),
     }
 
 
@@ -101,8 +108,10 @@ def train_state_metadata(
     step: int,
     data_sha256: str,
     tensors: Mapping[str, Any],
+    extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Metadata of a training state: everything needed to resume besides the tensors."""
+    """Metadata of a training state: everything needed to resume besides the tensors (`extra`:
+    as for `model_metadata`)."""
     return {
         "format": TRAIN_FORMAT,
         "naming": naming,
@@ -112,6 +121,7 @@ def train_state_metadata(
         "step": str(step),
         "data_sha256": data_sha256,
         "sha256": digest(tensors),
+        **(extra or {}),
     }
 
 

@@ -25,9 +25,8 @@ import jax_block
 import torch_block
 from twin_core import LMConfig
 
-from ..convert import from_torch, load
-from ..hf import HFMetadata, from_hf, metadata_of
-from ..hf.metadata import TOKENIZER
+from ..convert import load, seeded_lm
+from ..hf import from_hf, metadata_of
 from .arguments import (
     EXIT_OK,
     add_framework_option,
@@ -37,7 +36,7 @@ from .arguments import (
     temperature,
     token_ids,
 )
-from .text import ByteTokenizer, JSONTokenizer, Tokenizer, folder_tokenizer, have_tokenizers
+from .text import Tokenizer, carried_tokenizer, folder_tokenizer
 from .wording import worded
 
 RANDOM_CONFIG = dict(
@@ -147,35 +146,19 @@ def open_source(args: argparse.Namespace) -> Source:
     if args.hf is not None:
         model, what = from_hf(args.hf, args.framework), str(args.hf)
     elif args.checkpoint is None:
-        torch.manual_seed(args.seed)
-        lm = torch_block.TransformerLM(**RANDOM_CONFIG).eval()
-        model, what = (lm if args.framework == "torch" else from_torch(lm)), "the random model"
+        model = seeded_lm(LMConfig(**RANDOM_CONFIG), args.seed, args.framework)
+        what = "the random model"
     else:
         model, what = _checkpoint_model(args.checkpoint, args.framework), str(args.checkpoint)
     metadata = metadata_of(model)
     if args.tokenizer is not None:
         return Source(model, folder_tokenizer(args.tokenizer), "", metadata.eos_ids())
-    tokenizer, no_text = _carried_tokenizer(what, metadata, lm_config(model).vocab_size)
-    return Source(model, tokenizer, no_text, metadata.eos_ids())
-
-
-def _carried_tokenizer(what: str, metadata: HFMetadata, vocab: int) -> tuple[Tokenizer | None, str]:
-    """The tokenizer the model carries, else bytes for a vocabulary of 256, else None and why
-    --prompt cannot be read."""
-    text = metadata.tokenizer_json
-    if text is None:
-        if vocab == 256:
-            return ByteTokenizer(), ""
-        return None, (
-            f"{what} has no {TOKENIZER} and vocab_size={vocab} (bytes as tokens need 256): "
-            "give --tokenizer DIR (a folder with one) or the prompt as --ids"
-        )
-    if not have_tokenizers():
-        return None, (
-            f"{what} carries a {TOKENIZER}, read by the tokenizers library, which is not "
-            "installed: pip install tokenizers, or give the prompt as --ids"
-        )
-    return JSONTokenizer(text, f"{what}: {TOKENIZER}"), ""
+    try:
+        tokenizer = carried_tokenizer(what, metadata, lm_config(model).vocab_size)
+    except ValueError as err:  # ids only, then
+        no_text = f"{err}: give --tokenizer DIR (a folder with one) or the prompt as --ids"
+        return Source(model, None, no_text, metadata.eos_ids())
+    return Source(model, tokenizer, "", metadata.eos_ids())
 
 
 def _checkpoint_model(path: Path, framework: str) -> Any:

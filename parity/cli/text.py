@@ -1,5 +1,5 @@
-"""Text to token ids and back for `generate`: a model's Hugging Face tokenizer (tokenizer.json
-through the `tokenizers` library) or UTF-8 bytes as tokens."""
+"""Text to token ids and back for `generate` and `train`: a model's Hugging Face tokenizer
+(tokenizer.json through the `tokenizers` library) or UTF-8 bytes as tokens."""
 
 from __future__ import annotations
 
@@ -7,11 +7,18 @@ import importlib.util
 from pathlib import Path
 from typing import Protocol
 
-from ..hf.metadata import TOKENIZER
+import numpy as np
+
+from twin_core.data import BYTE_VOCAB_SIZE, load_text
+
+from ..hf.metadata import TOKENIZER, HFMetadata
 
 
 class Tokenizer(Protocol):
     """Text to token ids and back."""
+
+    @property
+    def vocab_size(self) -> int: ...
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -20,6 +27,8 @@ class Tokenizer(Protocol):
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens (a vocabulary of 256)."""
+
+    vocab_size = BYTE_VOCAB_SIZE
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -39,11 +48,34 @@ class JSONTokenizer:
         except Exception as err:  # the library raises its own exception type
             raise ValueError(f"{where}: the tokenizers library cannot read it: {err}") from err
 
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
+
+
+def carried_tokenizer(what: str, metadata: HFMetadata, vocab: int) -> Tokenizer:
+    """The tokenizer.json a model (named `what` in errors) carries, else bytes as tokens for a
+    vocabulary of 256; a ValueError saying why neither can read text."""
+    text = metadata.tokenizer_json
+    if text is None:
+        if vocab == BYTE_VOCAB_SIZE:
+            return ByteTokenizer()
+        raise ValueError(
+            f"{what} has no {TOKENIZER} and vocab_size={vocab} (bytes as tokens need "
+            f"{BYTE_VOCAB_SIZE})"
+        )
+    if not have_tokenizers():
+        raise ValueError(
+            f"{what} carries a {TOKENIZER}, read by the tokenizers library, which is not "
+            "installed (pip install tokenizers)"
+        )
+    return JSONTokenizer(text, f"{what}: {TOKENIZER}")
 
 
 def have_tokenizers() -> bool:
@@ -60,3 +92,17 @@ def folder_tokenizer(path: Path) -> JSONTokenizer:
     if not have_tokenizers():
         raise ValueError("--tokenizer needs the tokenizers library (pip install tokenizers)")
     return JSONTokenizer(file.read_text(encoding="utf-8"), str(file))
+
+
+def text_ids(path: Path, tokenizer: Tokenizer) -> np.ndarray:
+    """The token ids of the text file `path` (N,): its bytes (uint8) for `ByteTokenizer`, else
+    the tokenizer's ids of its UTF-8 text (int32). FileNotFoundError when there is no file,
+    ValueError when it is not UTF-8."""
+    data = load_text(path)
+    if isinstance(tokenizer, ByteTokenizer):
+        return data
+    try:
+        text = data.tobytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    return np.asarray(tokenizer.encode(text), np.int32)

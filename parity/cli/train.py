@@ -1,10 +1,14 @@
 """`python -m parity train --framework torch|jax`: flags, run paths, checks, the loop's
 bookkeeping, the loss plot and resuming another framework's run.
 
-The framework's train module (`torch_block.train` or `jax_block.train`) provides the `Trainer`
-hooks; everything else is here, written once. Exit status: 0 done, 1 a file could not be
-written, 2 bad input (nothing trained or written), 130 interrupted (the last complete
-checkpoint stays).
+A run starts from a model and the tokenizer it reads text with: a byte-level TransformerLM of
+the model flags, drawn by torch from --seed (converted for JAX: the same initial weights in both
+frameworks), with bytes as tokens; or the model of a Hugging Face folder (--hf) with its
+tokenizer.json, whose token ids, generation config and tokenizer files the run's files carry.
+Everything after that is one code path. The framework's train module (`torch_block.train` or
+`jax_block.train`) provides the `Trainer` hooks; everything else is here, written once. Exit
+status: 0 done, 1 a file could not be written, 2 bad input (nothing trained or written), 130
+interrupted (the last complete checkpoint stays).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import importlib.util
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -23,20 +28,17 @@ import numpy as np
 import jax_block.train
 import torch_block.train
 from twin_core import LMConfig, TrainConfig
-from twin_core.data import (
-    BYTE_VOCAB_SIZE,
-    DEFAULT_TEXT,
-    check_data,
-    check_model_fits,
-    load_text,
-    text_digest,
-)
+from twin_core.data import BYTE_VOCAB_SIZE, DEFAULT_TEXT, check_data, check_model_fits, text_digest
 from twin_core.history import LABELS, load_history, save_history
 from twin_core.run_files import NAMINGS, RunPaths, safetensors_metadata
 
-from ..convert import convert_train_state
+from ..convert import convert_train_state, seeded_lm
+from ..convert.carried import carried, carry, from_metadata, metadata_entries
+from ..hf import from_hf, metadata_of
+from ..hf.metadata import TOKENIZER
 from .arguments import add_framework_option, error
 from .plot import plot_histories
+from .text import Tokenizer, carried_tokenizer, text_ids
 
 
 class Trainer(Protocol):
@@ -46,8 +48,9 @@ class Trainer(Protocol):
     FRAMEWORK: str  # "torch" or "jax"
     DESCRIPTION: str  # the optimizer, for --help
 
-    def new_state(self, lm_config: LMConfig, config: TrainConfig) -> tuple[Any, Any]:
-        """(model, step-0 state), the weights drawn from config.seed."""
+    def start(self, model: Any, config: TrainConfig) -> tuple[Any, Any]:
+        """(model, step-0 state) of training `model` (a torch module or `(flax_module,
+        params)`)."""
 
     def load_train_state(self, path: Path, steps: int | None = None) -> tuple[Any, Any, dict]:
         """(model, state, metadata) of a training state file of this framework's names."""
@@ -55,8 +58,11 @@ class Trainer(Protocol):
     def run_step(self, state: Any, data: np.ndarray, step: int) -> tuple[Any, dict[str, float]]:
         """(state, metrics) after update `step` on batch `step` of `data`."""
 
-    def save_checkpoint(self, paths: RunPaths, lm: Any, state: Any, data_sha256: str) -> None:
-        """The training state, then the model checkpoint, each written atomically."""
+    def save_checkpoint(
+        self, paths: RunPaths, lm: Any, state: Any, data_sha256: str, extra: dict[str, str]
+    ) -> None:
+        """The training state, then the model checkpoint, each written atomically with the
+        metadata entries `extra`."""
 
     def count_params(self, state: Any) -> int:
         """The number of trained parameters."""
@@ -65,12 +71,12 @@ class Trainer(Protocol):
         self,
         lm: Any,
         state: Any,
-        prompt: bytes,
+        prompt: list[int],
         max_new_tokens: int,
         temperature: float,
         top_k: int | None,
-    ) -> bytes:
-        """`max_new_tokens` bytes after `prompt`, drawn with the run's seed."""
+    ) -> list[int]:
+        """`max_new_tokens` token ids after the ids `prompt`, drawn with the run's seed."""
 
 
 TRAINERS: dict[str, Trainer] = {"torch": torch_block.train, "jax": jax_block.train}
@@ -109,20 +115,31 @@ DEFAULT_HELP = {  # defaults that depend on other flags
 
 
 def add_train_command(subparsers: argparse._SubParsersAction) -> None:
-    """`train`: train a byte-level TransformerLM; run and model flags not given are None (see
-    `new_configs`)."""
+    """`train`: train a byte-level TransformerLM, or fine-tune a Hugging Face folder's model; run
+    and model flags not given are None (see `train_config` and `byte_lm_config`)."""
     optimizers = "; ".join(f"{name}: {t.DESCRIPTION}" for name, t in TRAINERS.items())
     p = subparsers.add_parser(
         "train",
-        help="train a byte-level TransformerLM with torch_block or jax_block",
+        help="train a byte-level TransformerLM, or fine-tune a Hugging Face model, with "
+        "torch_block or jax_block",
         description="Train a byte-level TransformerLM (vocabulary 256) on a text file with "
-        f"either framework ({optimizers}). A run named R writes R.safetensors (the model, read "
-        "by `python -m parity`), R.train.safetensors (the training state, for --resume), "
+        f"either framework ({optimizers}); the same --seed starts both from the same weights. "
+        "--hf DIR fine-tunes the model of a Hugging Face folder instead, on the text through "
+        "its tokenizer.json. A run named R writes R.safetensors (the model, read by `python "
+        "-m parity`; an --hf run's carries the folder's tokenizer and token ids, for generate "
+        "and convert --to hf), R.train.safetensors (the training state, for --resume), "
         "R.history.json (losses) and, with --plot, R.loss.png.",
     )
     add_framework_option(p, "the framework to train with")
     p.add_argument(
         "--data", type=Path, default=DEFAULT_TEXT, help="text file (default: %(default)s)"
+    )
+    p.add_argument(
+        "--hf",
+        type=Path,
+        metavar="DIR",
+        help="fine-tune the model of this Hugging Face folder (its weights, in float32, and "
+        "config; the model flags do not apply), reading --data through its tokenizer.json",
     )
     p.add_argument(
         "--out",
@@ -167,10 +184,10 @@ def add_train_command(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         help="another run's R.history.json to draw on the same plot (repeatable)",
     )
-    out.add_argument("--sample-tokens", type=int, default=0, help="bytes to generate at the end")
+    out.add_argument("--sample-tokens", type=int, default=0, help="tokens to generate at the end")
     out.add_argument("--prompt", default="\n", help="prompt of the sample [newline]")
     out.add_argument("--temperature", type=float, default=0.8, help="[%(default)s]")
-    out.add_argument("--top-k", type=int, help="sample from the k most likely bytes only")
+    out.add_argument("--top-k", type=int, help="sample from the k most likely tokens only")
     p.add_argument(
         "--threads",
         type=int,
@@ -184,17 +201,23 @@ def flag_of(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def given_run_flags(args: argparse.Namespace) -> list[str]:
-    """The run and model flags given on the command line."""
-    return [flag_of(n) for n in (*RUN_FLAGS, *MODEL_DEFAULTS) if getattr(args, n) is not None]
+def given_flags(args: argparse.Namespace, names: Iterable[str]) -> list[str]:
+    """The flags of these fields given on the command line."""
+    return [flag_of(n) for n in names if getattr(args, n) is not None]
 
 
-def new_configs(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
-    """The model and run configuration a fresh run's flags ask for."""
-    flags = {n: getattr(args, n) for n in (*RUN_FLAGS, *MODEL_DEFAULTS)}
-    config = TrainConfig(**{n: flags[n] for n in RUN_FLAGS if flags[n] is not None})
-    model = {n: MODEL_DEFAULTS[n] if flags[n] is None else flags[n] for n in MODEL_DEFAULTS}
-    lm_config = LMConfig(
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    """The run configuration a fresh run's flags ask for."""
+    return TrainConfig(**{n: getattr(args, n) for n in RUN_FLAGS if getattr(args, n) is not None})
+
+
+def byte_lm_config(args: argparse.Namespace, config: TrainConfig) -> LMConfig:
+    """The byte-level model the model flags ask for."""
+    model = {
+        n: MODEL_DEFAULTS[n] if getattr(args, n) is None else getattr(args, n)
+        for n in MODEL_DEFAULTS
+    }
+    return LMConfig(
         vocab_size=BYTE_VOCAB_SIZE,
         max_seq_len=model["max_seq_len"] or config.seq_len,
         d_model=model["d_model"],
@@ -207,8 +230,26 @@ def new_configs(args: argparse.Namespace) -> tuple[LMConfig, TrainConfig]:
         top_k_experts=model["top_k_experts"],
         expert_capacity_factor=model["capacity_factor"],
     )
-    check_model_fits(config, lm_config.max_seq_len)
-    return lm_config, config
+
+
+def initial_model(args: argparse.Namespace, framework: str, config: TrainConfig) -> Any:
+    """The model a fresh run starts from, in `framework`: the --hf folder's in float32, or else
+    the byte-level model of the flags with torch_block's weights drawn from the seed."""
+    if args.hf is None:
+        return seeded_lm(byte_lm_config(args, config), config.seed, framework)
+    model_flags = given_flags(args, MODEL_DEFAULTS)
+    if model_flags:
+        raise ValueError(
+            f"--hf {args.hf} gives the model (its config.json); drop {' '.join(model_flags)}"
+        )
+    if not args.hf.is_dir():
+        raise ValueError(f"--hf {args.hf}: not a directory (a Hugging Face checkpoint folder)")
+    if not (args.hf / TOKENIZER).is_file():
+        raise ValueError(
+            f"--hf {args.hf} has no {TOKENIZER}: fine-tuning reads --data through the "
+            "folder's tokenizer"
+        )
+    return from_hf(args.hf, framework, dtype="float32")
 
 
 @dataclasses.dataclass
@@ -217,7 +258,8 @@ class Run:
 
     lm: Any
     state: Any
-    data: np.ndarray
+    tokenizer: Tokenizer  # the model's: bytes as tokens, or what a Hugging Face folder gave
+    data: np.ndarray  # the text's token ids
     data_sha256: str
     history: list[dict]
     paths: RunPaths
@@ -267,12 +309,14 @@ def resume(trainer: Trainer, path: Path, steps: int | None) -> tuple[Any, Any, d
 
 
 def prepare(trainer: Trainer, args: argparse.Namespace) -> Run:
-    """Check every flag and the text, then build or resume the model; raises on bad input."""
+    """Check every flag, build or resume the model, then read the text through its tokenizer;
+    raises on bad input."""
     check_flags(trainer, args)
-    data = load_text(args.data)
-    data_sha256 = text_digest(data)
+    if not args.data.is_file():
+        raise FileNotFoundError(f"no text file at {args.data}")
     if args.resume is not None:
-        extra = [flag for flag in given_run_flags(args) if flag != "--steps"]
+        extra = given_flags(args, (*RUN_FLAGS, *MODEL_DEFAULTS, "hf"))
+        extra = [flag for flag in extra if flag != "--steps"]
         if extra:
             raise ValueError(
                 f"--resume continues the saved run with its own settings (only --steps may "
@@ -280,34 +324,48 @@ def prepare(trainer: Trainer, args: argparse.Namespace) -> Run:
             )
         resumed = RunPaths.of(args.resume)
         lm, state, metadata = resume(trainer, args.resume, args.steps)
-        if metadata.get("data_sha256") not in ("", data_sha256):
-            raise ValueError(f"{resumed.train_state} was trained on another text than {args.data}")
+        carry(lm, from_metadata(resumed.train_state, metadata))
         paths = resumed if args.out is None else RunPaths.of(args.out)
         history = load_history(resumed.history)[1] if resumed.history.is_file() else []
         history = history[: int(state.step)]
         if not paths.same_run(resumed):
             check_free(paths, args.plot, args.overwrite)
+        what, trained_on = str(resumed.train_state), metadata.get("data_sha256")
     else:
-        lm_config, config = new_configs(args)
+        config = train_config(args)
         paths = RunPaths.of(Path("runs") / trainer.FRAMEWORK if args.out is None else args.out)
         check_free(paths, args.plot, args.overwrite)
-        lm, state = trainer.new_state(lm_config, config)
+        lm, state = trainer.start(initial_model(args, trainer.FRAMEWORK, config), config)
         history = []
+        what, trained_on = ("the model" if args.hf is None else f"--hf {args.hf}"), ""
     lm_config, config = lm.config, state.config
     check_model_fits(config, lm_config.max_seq_len)
+    tokenizer = carried_tokenizer(what, metadata_of(lm), lm_config.vocab_size)
+    if tokenizer.vocab_size > lm_config.vocab_size:
+        raise ValueError(
+            f"{what}: the tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+            f"vocab_size {lm_config.vocab_size}"
+        )
+    data = text_ids(args.data, tokenizer)
+    data_sha256 = text_digest(data)
+    if trained_on not in ("", data_sha256):
+        raise ValueError(f"{what} was trained on another text than {args.data}")
     check_data(data, config, lm_config.vocab_size, str(args.data))
-    prompt_len = len(args.prompt.encode())
+    prompt_len = len(tokenizer.encode(args.prompt))
+    if args.sample_tokens and prompt_len == 0:
+        raise ValueError(f"--prompt {args.prompt!r} is no token of the model's tokenizer")
     if args.sample_tokens and prompt_len + args.sample_tokens > lm_config.max_seq_len:
         raise ValueError(
-            f"prompt ({prompt_len} bytes) + --sample-tokens {args.sample_tokens} exceeds the "
+            f"prompt ({prompt_len} tokens) + --sample-tokens {args.sample_tokens} exceeds the "
             f"model's max_seq_len {lm_config.max_seq_len}"
         )
-    return Run(lm, state, data, data_sha256, history, paths)
+    return Run(lm, state, tokenizer, data, data_sha256, history, paths)
 
 
 def save_checkpoint(trainer: Trainer, run: Run) -> None:
     """Training state, model, then history: each file atomic and complete on its own."""
-    trainer.save_checkpoint(run.paths, run.lm, run.state, run.data_sha256)
+    extra = metadata_entries(carried(run.lm))
+    trainer.save_checkpoint(run.paths, run.lm, run.state, run.data_sha256, extra)
     lm_config = run.lm.config.to_dict()
     config = run.state.config.to_dict()
     save_history(run.paths.history, trainer.FRAMEWORK, lm_config, config, run.history)
@@ -319,7 +377,7 @@ def train(trainer: Trainer, run: Run, args: argparse.Namespace) -> None:
     start = int(run.state.step)
     tokens_per_step = config.batch_size * config.seq_len
     num_params = trainer.count_params(run.state)
-    print(f"{LABELS[trainer.FRAMEWORK]}: {num_params:,} params, {run.data.size:,} bytes of text")
+    print(f"{LABELS[trainer.FRAMEWORK]}: {num_params:,} params, {run.data.size:,} tokens of text")
     if start >= config.steps:
         print(f"nothing to train: the run is at its last step, {config.steps} (--steps extends it)")
         return
@@ -393,14 +451,10 @@ def run_train(args: argparse.Namespace) -> int:
         error("train", str(err))
         return 1
     if args.sample_tokens:
-        text = trainer.sample(
-            run.lm,
-            run.state,
-            args.prompt.encode(),
-            args.sample_tokens,
-            args.temperature,
-            args.top_k,
+        prompt = run.tokenizer.encode(args.prompt)
+        tokens = trainer.sample(
+            run.lm, run.state, prompt, args.sample_tokens, args.temperature, args.top_k
         )
-        print(f"--- {args.sample_tokens} bytes after {args.prompt!r} ---")
-        print(args.prompt + text.decode("utf-8", errors="replace"))
+        print(f"--- {args.sample_tokens} tokens after {args.prompt!r} ---")
+        print(run.tokenizer.decode(prompt + tokens))
     return 0

@@ -4,7 +4,7 @@ and training states."""
 from .checkpoint import convert_file, load, save
 from .mapping import markdown_table
 from .train_state import convert_train_state
-from .weights import PAIRS, flax_to_torch, from_torch, to_torch, torch_to_flax
+from .weights import PAIRS, flax_to_torch, from_torch, seeded_lm, to_torch, torch_to_flax
 
 __all__ = [
     "PAIRS",
@@ -15,6 +15,7 @@ __all__ = [
     "load",
     "markdown_table",
     "save",
+    "seeded_lm",
     "to_torch",
     "torch_to_flax",
 ]

@@ -39,7 +39,7 @@ from twin_core.run_files import framework_name
 
 from ..dtypes import DTYPES, JAX_DTYPES, TORCH_DTYPES, dtype_name
 from ..errors import ArgumentMismatch, ConfigNeeded, UnknownSuffix
-from .carried import ATTRIBUTE, carried, carry
+from .carried import ATTRIBUTE, carried, carry, from_metadata, metadata_entries
 from .weights import PAIRS, config_of, flax_to_torch, to_numpy, to_torch_tensor, torch_to_flax
 
 FORMAT = "twin-block/1"
@@ -196,9 +196,8 @@ def _write(path: Path, fmt: str, naming: str, checkpoint: _Checkpoint) -> None:
     else:
         weights = jax.tree.map(np.asarray, _flax_params(checkpoint)[1])
     config = checkpoint.config.to_dict()
-    header = {"format": FORMAT, "module": checkpoint.module}
-    if checkpoint.hf_metadata is not None:  # a JSON string in every format
-        header[ATTRIBUTE] = json.dumps(checkpoint.hf_metadata, ensure_ascii=False)
+    carried_entries = metadata_entries(checkpoint.hf_metadata)
+    header = {"format": FORMAT, "module": checkpoint.module, **carried_entries}
     if fmt == "safetensors":
         if naming == "torch":
             tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
@@ -257,21 +256,8 @@ def _read(
     stored = _config_from(path, name, meta["config"])
     if config is not None:
         _check_agrees(path, stored, config)
-    hf_metadata = _hf_metadata(path, meta.get(ATTRIBUTE))
+    hf_metadata = from_metadata(path, meta)
     return _Checkpoint(name, stored, naming, weights, hf_metadata=hf_metadata)
-
-
-def _hf_metadata(path: Path, text: Any) -> dict | None:
-    """The stored JSON of what the model carries from a Hugging Face folder, or None."""
-    if text is None:
-        return None
-    try:
-        data = json.loads(text) if isinstance(text, str) else None
-    except json.JSONDecodeError:
-        data = None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: metadata {ATTRIBUTE} is not a JSON object")
-    return data
 
 
 def _config_from(path: Path, name: str, config: Config | Mapping[str, Any] | Any) -> Config:

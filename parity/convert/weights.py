@@ -17,6 +17,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 import jax_block
 import torch_block
 from twin_core import BlockConfig, LMConfig
+from twin_core.run_files import framework_name
 
 from .mapping import Row, block_table, lm_table
 
@@ -193,3 +194,12 @@ def to_torch(flax_module: nn.Module, params: dict) -> torch.nn.Module:
         torch_module = torch_module.to(torch.bfloat16)
     torch_module.load_state_dict(flax_to_torch(params, flax_module), strict=True)
     return torch_module.eval()
+
+
+def seeded_lm(config: LMConfig, seed: int, framework: str = "torch") -> Any:
+    """A TransformerLM of `config` with torch_block's initial weights drawn from `seed`: the torch
+    module in eval mode, or for framework "jax" the same weights as `(flax_module, params)`
+    through the weight table (Flax's own initializers draw other numbers)."""
+    torch.manual_seed(seed)
+    lm = torch_block.TransformerLM.from_config(config).eval()
+    return lm if framework_name(framework) == "torch" else from_torch(lm)

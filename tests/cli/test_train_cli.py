@@ -1,6 +1,7 @@
 """The training command of both frameworks (`python -m parity train`), mostly through subprocesses:
 the files a run writes and where, runs that never replace each other, resume, extension and
-resume across frameworks, the default warm-up, and one-line errors.
+resume across frameworks, the same start from the same seed, the default warm-up, fine-tuning
+a Hugging Face folder's model (`--hf`) and one-line errors.
 
 Every run is tiny (one layer, d_model 32, rows of 16 bytes): a run takes a few seconds, most of
 it importing the framework.
@@ -12,17 +13,24 @@ import functools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import hf_models
 import numpy as np
 import pytest
 import safetensors
+import torch
+import transformers
+from tokenizers import Tokenizer
+from tokenizers import models as tokenizer_models
 
 import jax_block.train as jt
 import torch_block.train as tt
 from parity import cli as parity_cli
+from twin_core.data import DEFAULT_TEXT
 from twin_core.run_files import RunPaths
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,18 +44,23 @@ LOSS_ATOL = 1e-4  # the two frameworks' losses at every step (tests/parity/test_
 ERROR = "python -m parity train: error: "
 
 
-def command(framework: str, *args: object) -> list[str]:
-    threads = ["--threads", "1"] if framework == "torch" else []
-    train = [sys.executable, "-m", "parity", "train", "--framework", framework]
-    return [*train, *threads, *map(str, args)]
+def parity(*args: object, cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m parity ARGS` run in folder `cwd`."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "parity", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def cli(framework: str, *args: object, cwd: Path) -> subprocess.CompletedProcess:
     """`python -m parity train --framework FRAMEWORK ARGS` run in folder `cwd`."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        command(framework, *args), cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    threads = ["--threads", "1"] if framework == "torch" else []
+    return parity("train", "--framework", framework, *threads, *args, cwd=cwd)
 
 
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -109,7 +122,7 @@ def test_a_run_writes_its_four_files_under_runs_and_nothing_else(framework, tmp_
     before = files_under(tmp_path)
     args = [*MODEL, *ROWS, *LOGS, "--steps", 8, "--plot", "--plot-with", old]
     result = ok(cli(framework, *args, "--sample-tokens", 8, "--prompt", "AB", cwd=tmp_path))
-    assert "step     8 loss" in result.stdout and "--- 8 bytes after 'AB' ---" in result.stdout
+    assert "step     8 loss" in result.stdout and "--- 8 tokens after 'AB' ---" in result.stdout
 
     written = set(files_under(tmp_path)) - set(before)
     suffixes = ("safetensors", "train.safetensors", "history.json", "loss.png")
@@ -208,6 +221,16 @@ def test_resume_accepts_the_other_frameworks_training_state(cross_root):
     name, back = history(cross_root / "j")
     assert name == "torch" and state_metadata(cross_root / "j")["naming"] == "torch"
     assert back[:12] == jax_steps and [r["step"] for r in back] == list(range(1, 15))
+
+
+def test_the_same_seed_starts_both_frameworks_from_the_same_weights(cross_root):
+    """JAX with torch's flags and seed: the same first loss (the same initial weights and
+    batches) to float32 rounding, and the same trajectory within the twins' 1e-4."""
+    ok(cli("jax", *MODEL, *ROWS, *LOGS, "--steps", 8, "--out", "j0", cwd=cross_root))
+    jax_losses = [r["loss"] for r in history(cross_root / "j0")[1]]
+    torch_losses = [r["loss"] for r in history(cross_root / "t")[1]]
+    assert abs(jax_losses[0] - torch_losses[0]) <= 1e-5, (jax_losses[0], torch_losses[0])
+    assert np.max(np.abs(np.subtract(jax_losses, torch_losses))) <= LOSS_ATOL
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -335,3 +358,98 @@ def test_command_line_errors_are_one_line_without_traceback(framework, tmp_path)
     result = ok(cli(framework, "--help", cwd=tmp_path))
     assert "python -m parity train" in result.stdout
     assert "min(100, steps // 4)" in result.stdout and result.stderr == ""
+
+
+# --------------------------------------------------------------------------- a Hugging Face model
+HF_ROWS = ["--batch-size", "4", "--seq-len", "32"]
+PROMPT = "ROMEO:"
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory) -> Path:
+    """A tiny Qwen2 saved by transformers with a byte-level BPE tokenizer.json (384 tokens)."""
+    return hf_models.tiny_folder(tmp_path_factory.mktemp("hf") / "tiny-qwen2")
+
+
+def folder_ids(folder: Path, text: str) -> list[int]:
+    """`text` through the folder's tokenizer.json, read by the tokenizers library."""
+    return Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids
+
+
+def first_batch_loss(folder: Path, text: str, batch_size: int, seq_len: int, seed: int) -> float:
+    """transformers' next-token loss of the folder's model on a run's first batch: the text
+    through the folder's tokenizer, rows at NumPy's draws."""
+    ids = np.asarray(folder_ids(folder, text))
+    starts = np.random.default_rng([seed, 0]).integers(0, ids.size - seq_len, size=batch_size)
+    batch = torch.from_numpy(ids[starts[:, None] + np.arange(seq_len + 1)])  # (B, T+1)
+    with torch.no_grad():
+        return float(hf_models.load(folder)(batch, labels=batch).loss)
+
+
+def test_fine_tune_a_hugging_face_model_resume_it_and_export_it(hf_folder, tmp_path):
+    """JAX fine-tunes the folder's model on the text through its tokenizer (the first loss is
+    transformers' on the first batch) and torch resumes the run; `generate --checkpoint` prints
+    the text that transformers and its tokenizer generate greedily from the exported folder."""
+    args = ["--hf", hf_folder, *HF_ROWS, "--steps", 4, "--log-every", 2, "--out", "ft"]
+    trained = ok(cli("jax", *args, "--sample-tokens", 4, "--prompt", PROMPT, cwd=tmp_path))
+    text = DEFAULT_TEXT.read_text(encoding="utf-8")
+    assert f"{len(folder_ids(hf_folder, text)):,} tokens of text" in trained.stdout
+    assert f"--- 4 tokens after '{PROMPT}' ---\n{PROMPT}" in trained.stdout
+    _, steps = history(tmp_path / "ft")
+    expected = first_batch_loss(hf_folder, text, batch_size=4, seq_len=32, seed=0)
+    assert abs(steps[0]["loss"] - expected) <= 1e-5, (steps[0]["loss"], expected)
+
+    ok(cli("torch", "--resume", "ft", "--steps", 6, "--log-every", 2, cwd=tmp_path))
+    _, resumed = history(tmp_path / "ft")
+    assert resumed[:4] == steps and [r["step"] for r in resumed] == list(range(1, 7))
+    assert resumed[-1]["loss"] < resumed[0]["loss"]
+    new = ["--max-new-tokens", 8]
+    checkpoint = ["--checkpoint", "ft.safetensors"]
+    generated = ok(parity("generate", *checkpoint, "--prompt", PROMPT, *new, cwd=tmp_path))
+
+    exporting = ["convert", tmp_path / "ft.safetensors", tmp_path / "out", "--to", "hf"]
+    assert parity_cli.main(list(map(str, exporting))) == 0
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    original = json.loads((hf_folder / "config.json").read_text())
+    assert exported["eos_token_id"] == original["eos_token_id"] == 0
+    model = hf_models.load(tmp_path / "out")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    assert ids[0].tolist() == folder_ids(hf_folder, PROMPT)
+    with torch.no_grad():
+        tokens = model.generate(ids, max_new_tokens=8, do_sample=False)
+    expected_text = tokenizer.decode(tokens[0], skip_special_tokens=True)
+    assert generated.stdout.startswith(expected_text + "\n"), (generated.stdout, expected_text)
+    assert generated.stdout.count("\n") == expected_text.count("\n") + 2  # the text, the speed
+
+
+def hf_bad_folders(folder: Path, tmp: Path) -> dict[str, Path]:
+    """Copies of `folder`: without tokenizer.json, and with a tokenizer of 500 words."""
+    no_tokenizer = shutil.copytree(folder, tmp / "no-tokenizer")
+    (no_tokenizer / "tokenizer.json").unlink()
+    big = shutil.copytree(folder, tmp / "big-vocabulary")
+    words = {f"w{i}": i for i in range(500)}
+    Tokenizer(tokenizer_models.WordLevel(words, "w0")).save(str(big / "tokenizer.json"))
+    return {"no_tokenizer": no_tokenizer, "big": big}
+
+
+HF_BAD = [  # (flags, message); FOLDER, NO_TOKENIZER and BIG are replaced by the folders
+    (["--hf", "FOLDER", "--d-model", 64, "--moe"], "config.json); drop --d-model --moe"),
+    (["--hf", "NO_TOKENIZER"], "has no tokenizer.json: fine-tuning reads --data through"),
+    (["--hf", "BIG"], "the tokenizer has 500 tokens, more than the model's vocab_size 384"),
+    (["--hf", "MISSING"], "not a directory (a Hugging Face checkpoint folder)"),
+    (["--resume", "ft", "--hf", "FOLDER"], "only --steps may extend it); drop --hf"),
+    (["--hf", "FOLDER", "--seq-len", 256], "seq_len 256 exceeds the model's max_seq_len 128"),
+]
+
+
+@pytest.mark.parametrize("flags, message", HF_BAD)
+def test_hf_bad_combinations_are_one_line_errors(hf_folder, tmp_path, capsys, flags, message):
+    folders = {"FOLDER": hf_folder, "MISSING": tmp_path / "missing"}
+    folders.update({k.upper(): v for k, v in hf_bad_folders(hf_folder, tmp_path).items()})
+    before = files_under(tmp_path)
+    argv = [folders.get(flag, flag) if isinstance(flag, str) else flag for flag in flags]
+    assert run_cli("torch", *argv, "--out", tmp_path / "run") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(ERROR) and message in err[0], err
+    assert files_under(tmp_path) == before  # nothing written

@@ -204,7 +204,7 @@ def test_model_must_fit_the_rows():
 def test_text_must_hold_one_batch_of_known_tokens():
     config = TrainConfig(**RUN)  # one batch: 4 x 16 + 1 = 65 bytes
     check_data(np.zeros(65, np.uint8), config, 64, "t")
-    with pytest.raises(ValueError, match="t has 64 bytes, shorter than one batch.*65 bytes"):
+    with pytest.raises(ValueError, match="t has 64 tokens, shorter than one batch.*65 tokens"):
         check_data(np.zeros(64, np.uint8), config, 64, "t")
     with pytest.raises(ValueError, match="token id 64 >= vocab_size 64"):
         check_data(np.full(65, 64, np.uint8), config, 64, "t")
