@@ -179,14 +179,32 @@ def generate_tokens(
     """
     with use_mesh(mesh, rules):
         return _generate_tokens(
-            lm, params, input_ids, attention_mask, rng, max_new_tokens, temperature, top_k,
-            top_p, eos_token_id, pad_token_id,
+            lm,
+            params,
+            input_ids,
+            attention_mask,
+            rng,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            eos_token_id,
+            pad_token_id,
         )
 
 
 def _generate_tokens(
-    lm, params, input_ids, attention_mask, rng, max_new_tokens, temperature, top_k, top_p,
-    eos_token_id, pad_token_id,
+    lm,
+    params,
+    input_ids,
+    attention_mask,
+    rng,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    eos_token_id,
+    pad_token_id,
 ) -> tuple[jax.Array, jax.Array]:
     B, P = input_ids.shape
     variables = {"params": params}

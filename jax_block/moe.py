@@ -158,7 +158,11 @@ class MixtureOfExperts(AxisNamedModule):
         N, k, E = B * T, self.top_k, self.num_experts
         tokens = jnp.asarray(x).reshape(N, d_model)  # (N, d_model); NumPy input too
         logits = nn.Dense(
-            E, use_bias=False, dtype=jnp.float32, param_dtype=self.param_dtype, name="gate",
+            E,
+            use_bias=False,
+            dtype=jnp.float32,
+            param_dtype=self.param_dtype,
+            name="gate",
             **dense_axes("embed", None),  # the router is small: replicated
         )(tokens.astype(jnp.float32))  # (N, E)
         routing = route(logits, k, self.norm_topk_prob)
@@ -196,8 +200,8 @@ class MixtureOfExperts(AxisNamedModule):
             buffers = constrain(buffers.reshape(E, capacity, d_model), ("expert", None, "embed"))
             expert_out = experts(buffers, deterministic)  # (E, C, d_model)
             expert_out = constrain(expert_out, ("expert", None, "embed"))
-            assigned = expert_out.reshape(E * capacity, d_model).at[dest].get(
-                mode="fill", fill_value=0
+            assigned = (
+                expert_out.reshape(E * capacity, d_model).at[dest].get(mode="fill", fill_value=0)
             )  # (k*N, d_model); dropped assignments give zeros
         else:
             dropout_rng = None if deterministic or not self.dropout else self.make_rng("dropout")
@@ -215,13 +219,22 @@ class MixtureOfExperts(AxisNamedModule):
         out = jnp.zeros((N, d_model), assigned.dtype).at[jnp.arange(k * N) % N].add(weighted)
         if self.shared_expert_d_ff is not None:
             shared = FeedForward(
-                d_model, self.shared_expert_d_ff, self.dropout, self.dtype, self.param_dtype,
-                **ffn, name="shared_expert",
+                d_model,
+                self.shared_expert_d_ff,
+                self.dropout,
+                self.dtype,
+                self.param_dtype,
+                **ffn,
+                name="shared_expert",
             )(tokens, deterministic)  # (N, d_model)
             if self.shared_expert_gate:
                 gate = nn.Dense(
-                    1, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                    name="shared_expert_gate", **dense_axes("embed", None),
+                    1,
+                    use_bias=False,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name="shared_expert_gate",
+                    **dense_axes("embed", None),
                 )(tokens)  # (N, 1)
                 shared = jax.nn.sigmoid(gate) * shared
             out = out + shared.astype(out.dtype)

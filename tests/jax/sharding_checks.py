@@ -93,8 +93,10 @@ def decode(lm, params, ids, mask, mesh=None) -> dict:
     """The prompts fed one token at a time, then NEW - 1 greedy tokens, through one
     ahead-of-time compilation of `cached_forward` for one token: every step's logits, the
     greedy tokens, the compiled HLO text and what became of the donated cache."""
-    place = (lambda a: jnp.asarray(a)) if mesh is None else (
-        lambda a: jax.device_put(a, named_sharding(mesh, ("batch", "length")))
+    place = (
+        (lambda a: jnp.asarray(a))
+        if mesh is None
+        else (lambda a: jax.device_put(a, named_sharding(mesh, ("batch", "length"))))
     )
     key_mask = place(np.concatenate([mask, np.ones((B, NEW), np.int32)], axis=1))  # (B, S)
     cache = lm.create_kv_cache(B, S, mesh=mesh)
@@ -136,7 +138,9 @@ def first_shards(tree) -> dict[str, list]:
 def bytes_on(tree, device_id: int) -> int:
     """Bytes of `tree`'s arrays held by one device."""
     return sum(
-        s.data.nbytes for leaf in jax.tree.leaves(tree) for s in leaf.addressable_shards
+        s.data.nbytes
+        for leaf in jax.tree.leaves(tree)
+        for s in leaf.addressable_shards
         if s.device.id == device_id
     )
 

@@ -104,12 +104,27 @@ def results(tmp_path_factory) -> dict:
 FAMILIES = {
     "dense": dict(n_heads=4, d_ff=48),
     "moe_shared": dict(
-        n_heads=4, d_ff=16, use_moe=True, num_experts=4, shared_expert_d_ff=8,
-        shared_expert_gate=True, tie_embeddings=False, gated_ffn=True,
+        n_heads=4,
+        d_ff=16,
+        use_moe=True,
+        num_experts=4,
+        shared_expert_d_ff=8,
+        shared_expert_gate=True,
+        tie_embeddings=False,
+        gated_ffn=True,
     ),
     "llama": dict(
-        n_heads=8, n_kv_heads=2, head_dim=4, d_ff=48, norm="rmsnorm", positions="rope",
-        gated_ffn=True, qkv_bias=False, out_bias=False, ffn_bias=False, tie_embeddings=False,
+        n_heads=8,
+        n_kv_heads=2,
+        head_dim=4,
+        d_ff=48,
+        norm="rmsnorm",
+        positions="rope",
+        gated_ffn=True,
+        qkv_bias=False,
+        out_bias=False,
+        ffn_bias=False,
+        tie_embeddings=False,
     ),
 }
 
