@@ -24,6 +24,12 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per core, at most 8 (each holds torch, JAX and compiled code)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, 8))
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """The session's compilation cache removed."""
     folder = config.stash.get(CACHE_FOLDER, None)
