@@ -136,10 +136,9 @@ def token_step(
         write_slots(k_cache, k, at)
         write_slots(v_cache, v, at)
         keys, allowed = views[layer.sliding_window]
-        scale, softcap = layer.attention.scale, layer.attention.softcap
-        out = attend(
-            q, k_cache[:, :, keys], v_cache[:, :, keys], allowed, scale=scale, softcap=softcap
-        )  # (B, H, 1, D)
+        params = layer.attention
+        scores = dict(scale=params.scale, softcap=params.softcap, sinks=params.sinks)
+        out = attend(q, k_cache[:, :, keys], v_cache[:, :, keys], allowed, **scores)  # (B, H, 1, D)
         attn = merge_heads(out, layer.attention)
         if layer.post_attention_norm is not None:
             attn = norm(attn, layer.post_attention_norm)

@@ -172,6 +172,12 @@ class Architecture:
         before its residual add (Gemma 2 and 3: `post_attention_norm`, `post_feed_forward_norm`).
     query_pre_attn_scalar: scores scaled by query_pre_attn_scalar ** -0.5 (None: head_dim).
     attn_logit_softcap: scores capped to cap * tanh(scores / cap) before the mask (None: no cap).
+    attention_sinks: a learned logit per query head (`sinks`) that joins each query's softmax
+        denominator and attends to nothing (GPT-OSS).
+    router_bias: the MoE router (`gate`) has a bias.
+    swiglu_limit: the gated feed-forward becomes GPT-OSS's clamped SwiGLU:
+        (clamp(up, -l, l) + 1) * g * sigmoid(swiglu_alpha * g), g = clamp(gate, max=l), with
+        gate = fc1(x), up = fc3(x) (needs gated_ffn and activation "silu"; None: plain).
     """
 
     n_kv_heads: int | None = None
@@ -195,6 +201,10 @@ class Architecture:
     sandwich_norms: bool = False
     query_pre_attn_scalar: float | None = None
     attn_logit_softcap: float | None = None
+    attention_sinks: bool = False
+    router_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
 
     @property
     def resolved_n_kv_heads(self) -> int:
@@ -279,6 +289,8 @@ class Architecture:
             "norm_topk_prob",
             "shared_expert_gate",
             "sandwich_norms",
+            "attention_sinks",
+            "router_bias",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -326,6 +338,26 @@ class Architecture:
                 )
         if self.shared_expert_gate and self.shared_expert_d_ff is None:
             raise ValueError("shared_expert_gate=True needs a shared expert (shared_expert_d_ff)")
+        self._check_gpt_oss()
+
+    def _check_gpt_oss(self) -> None:
+        """GPT-OSS's options: router bias with MoE, the clamped SwiGLU with a gated SiLU FFN."""
+        if self.router_bias and not self.use_moe:
+            raise ValueError("router_bias=True needs use_moe=True (the router of an MoE)")
+        _check_number("swiglu_alpha", self.swiglu_alpha, "> 0", lambda v: v > 0)
+        if self.swiglu_limit is None:
+            if self.swiglu_alpha != 1.702:
+                raise ValueError(
+                    f"swiglu_alpha={self.swiglu_alpha!r} is set but swiglu_limit is None (the "
+                    "alpha belongs to the clamped SwiGLU)"
+                )
+            return
+        _check_number("swiglu_limit", self.swiglu_limit, "> 0 (or None)", lambda v: v > 0)
+        if not self.gated_ffn or self.activation != "silu":
+            raise ValueError(
+                f"swiglu_limit needs gated_ffn=True and activation='silu' (a clamped SwiGLU), "
+                f"got gated_ffn={self.gated_ffn!r}, activation={self.activation!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -469,6 +501,7 @@ class LMConfig(Architecture):
                     d_ff=self.d_ff if self.dense_d_ff is None else self.dense_d_ff,
                     shared_expert_d_ff=None,
                     shared_expert_gate=False,
+                    router_bias=False,
                 )
             blocks.append(layer)
         return tuple(blocks)

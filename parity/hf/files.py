@@ -27,6 +27,7 @@ BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 MAX_JSON_BYTES = 64 << 20
 ST_DTYPES = {SAFETENSORS_NAMES[name]: getattr(torch, name) for name in CHECKPOINT_DTYPES}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+QUANTIZED_ST_DTYPES = {"U8": torch.uint8}  # read only as MXFP4 blocks and scales (parity.hf.mxfp4)
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -131,15 +132,17 @@ class WeightFiles:
 
 def safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, int]]:
     """name -> (shape, torch dtype, first byte, byte count) of a safetensors file's float
-    tensors, from its header checked against the file's size; other dtypes are refused."""
+    tensors (and uint8 ones, which only MXFP4 blocks and scales may be), from its header checked
+    against the file's size; other dtypes are refused."""
     out = {}
+    dtypes = {**ST_DTYPES, **QUANTIZED_ST_DTYPES}
     for name, entry in read_safetensors_header(path).tensors.items():
-        if entry.dtype not in ST_DTYPES:
+        if entry.dtype not in dtypes:
             raise ValueError(
                 f"{path}: {name!r} is {entry.dtype}; only float weights ({', '.join(ST_DTYPES)}) "
-                "are supported (quantized or integer weights are not)"
+                "are supported (quantized or integer weights are not, but GPT-OSS's MXFP4)"
             )
-        out[name] = (entry.shape, ST_DTYPES[entry.dtype], entry.first, entry.count)
+        out[name] = (entry.shape, dtypes[entry.dtype], entry.first, entry.count)
     return out
 
 

@@ -51,6 +51,7 @@ from .files import (
 )
 from .mapping import HFRow, expand, expected_hf_shapes, hf_from_ours, ours_from_hf
 from .metadata import HFMetadata, folder_files
+from .mxfp4 import BLOCKS_SUFFIX, SCALES_SUFFIX, dequantize_mxfp4, dequantized_shape
 
 # names that old checkpoints carry and transformers ignores: GPT-2's mask buffers, rope tables
 IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|(^|\.)rotary_emb\.inv_freq$")
@@ -77,23 +78,34 @@ class HFCheckpoint:
         self.our_shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
         self.entries = sorted(expand(self.hf.family, config), key=lambda e: e[1])
         self.buffers = sorted(set(self.our_shapes) - {ours for ours, _, _ in self.entries})
+        self.shapes, self.quantized = stored_weights(self.files.shapes, self.hf.quantization)
         self._names = self._check_names()
+        self._last: tuple[str, torch.Tensor] | None = None  # the tensor read last
 
     def _check_names(self) -> dict[str, str]:
         """HF name -> name in the files (with or without the base model's prefix); ValueError
-        listing missing, unexpected and mis-shaped tensors."""
+        listing missing, unexpected and mis-shaped tensors, and integer tensors that are not
+        MXFP4 blocks or scales."""
         prefix = BASE_PREFIX.get(self.hf.family, "model.")
-        stored = list(self.files.shapes)
+        stored = list(self.shapes)
         bare = not any(name.startswith(prefix) for name in stored)
         names = {}
         for name in stored:
             canonical = prefix + name if bare and not name.startswith("lm_head.") else name
             names[canonical] = name
         expected = expected_hf_shapes(self.entries, self.our_shapes)
-        problems = [f"missing tensor {name!r}" for name in expected if name not in names]
+        integer = [name for name in names.values() if self.shapes[name][1] == torch.uint8]
+        problems = [
+            f"{name!r} is uint8: integer tensors are read only as MXFP4 blocks and scales "
+            "(GPT-OSS with quantization_config quant_method 'mxfp4')"
+            for name in integer
+        ]
+        problems += [f"missing tensor {name!r}" for name in expected if name not in names]
         for canonical, name in names.items():
+            if name in integer:
+                continue
             if canonical in expected:
-                shape = self.files.shapes[name][0]
+                shape = self.shapes[name][0]
                 if shape != expected[canonical]:
                     problems.append(
                         f"{name!r}: the config says shape {expected[canonical]}, "
@@ -109,8 +121,19 @@ class HFCheckpoint:
         return names
 
     def read(self, hf_name: str) -> torch.Tensor:
-        """One HF tensor from the files."""
-        return self.files.get(self._names[hf_name])
+        """One HF tensor from the files (MXFP4 blocks and scales dequantized to the model's
+        dtype); the last one read is kept, as every expert's slice of a stacked tensor reads it."""
+        if self._last is not None and self._last[0] == hf_name:
+            return self._last[1]
+        self._last = None  # one tensor in flight at a time
+        name = self._names[hf_name]
+        if name in self.quantized:
+            blocks, scales = (self.files.get(n) for n in self.quantized[name])
+            tensor = dequantize_mxfp4(blocks, scales, TORCH_DTYPES[self.dtype])
+        else:
+            tensor = self.files.get(name)
+        self._last = (hf_name, tensor)
+        return tensor
 
     def torch(self) -> torch_block.TransformerLM:
         """The torch_block LM in eval mode, built in the target dtype and filled in place."""
@@ -121,15 +144,12 @@ class HFCheckpoint:
         finally:
             torch.set_default_dtype(previous)
         state = model.state_dict()
-        last_name, tensor = None, None
         with torch.no_grad():
-            for ours, hf_name, row in self.entries:
-                if hf_name != last_name:  # q, k, v of a fused c_attn share one read
-                    tensor = None  # one tensor in flight at a time
-                    last_name, tensor = hf_name, self.read(hf_name)
-                state[ours].copy_(ours_from_hf(row, tensor))
+            for ours, hf_name, row in self.entries:  # q, k, v of a fused c_attn share one read
+                state[ours].copy_(ours_from_hf(row, self.read(hf_name)))
             for key in self.buffers:
                 state[key].zero_()
+        self._last = None
         return model.eval()
 
     def flax(self) -> tuple[jax_block.TransformerLM, dict]:
@@ -150,6 +170,7 @@ class HFCheckpoint:
                 array = np.ascontiguousarray(np.swapaxes(array, -1, -2))
             flat[tuple(row.flax_path.split("/"))] = jnp.asarray(array)
             del array
+        self._last = None
         params = unflatten_dict(flat)
         _check_flax_shapes(lm, params)
         return lm, params
@@ -161,6 +182,35 @@ class HFCheckpoint:
         if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: the same bits, as JAX's
             return tensor.view(torch.int16).numpy().view(jnp.bfloat16)
         return tensor.numpy()
+
+
+def stored_weights(
+    shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]], quantization: str | None
+) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict[str, tuple[str, str]]]:
+    """(name -> (shape, dtype) of the weights the files hold, name -> (blocks, scales) of the
+    quantized ones). With MXFP4, each `{name}_blocks` beside a `{name}_scales` stands for
+    `{name}` of the dequantized shape; a lone one is left as it is (refused as uint8)."""
+    out, quantized = dict(shapes), {}
+    if quantization != "mxfp4":
+        return out, quantized
+    for blocks in [n for n in shapes if n.endswith(BLOCKS_SUFFIX)]:
+        name = blocks.removesuffix(BLOCKS_SUFFIX)
+        scales = name + SCALES_SUFFIX
+        if scales not in shapes:
+            continue
+        (block_shape, block_dtype), (scale_shape, scale_dtype) = shapes[blocks], shapes[scales]
+        if block_dtype != torch.uint8 or scale_dtype != torch.uint8:
+            raise ValueError(
+                f"MXFP4 {blocks!r} and {scales!r} must be uint8, got {block_dtype}, {scale_dtype}"
+            )
+        try:
+            shape = dequantized_shape(block_shape, scale_shape)
+        except ValueError as err:
+            raise ValueError(f"{name!r}: {err}") from err
+        del out[blocks], out[scales]
+        out[name] = (shape, torch.float32)  # dequantized into the model's dtype on reading
+        quantized[name] = (blocks, scales)
+    return out, quantized
 
 
 def resolve_dtype(stored: str | None, requested: Any) -> str:
