@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from twin_core.files import SAFETENSORS_NAMES, read_safetensors_header
@@ -128,6 +129,23 @@ class WeightFiles:
         if count == 0:
             return torch.zeros(shape, dtype=dtype)
         return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Read one tensor's bytes straight into `out`, a contiguous NumPy array of as many
+        bytes that the caller keeps (its dtype and shape are the caller's): one copy from the
+        file, nothing in between."""
+        path = self._file_of[name]
+        if path in self._bins:
+            source = self._bins[path][name].contiguous().view(-1).view(torch.uint8).numpy()
+            out.reshape(-1).view(np.uint8)[:] = source
+            return
+        first, count = self._spans[(path, name)]
+        if out.nbytes != count or not out.flags.c_contiguous:
+            raise ValueError(f"{name!r} holds {count} bytes, cannot be read into {out.nbytes}")
+        with open(path, "rb") as f:
+            f.seek(first)
+            if count and f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != count:
+                raise ValueError(f"{path}: truncated while reading {name!r}")
 
 
 def safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, int]]:
