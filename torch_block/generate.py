@@ -51,6 +51,8 @@ def generate(
     """
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
+    if compile and lm.config.is_mla:
+        raise ValueError("compile=True: a model with latent attention (MLA) decodes eagerly only")
     check_sampling(temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor):
         raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -127,7 +129,7 @@ def _decode(
     padless = bool(mask.all())
     logits = prefill(lm, input_ids, None if padless else mask, cache)  # (B, V)
     key_valid = torch.cat([mask, mask.new_ones(B, S - L)], dim=1)  # (B, S)
-    inputs = step_inputs(lm, cache, key_valid)
+    inputs = None if lm.config.is_mla else step_inputs(lm, cache, key_valid)
     step = compiled_token_step() if compile else token_step
     switch = recompute_position(lm.config.rope_scaling)
     pos = torch.tensor(L, device=device)  # the slot of the token fed to the next step
@@ -147,6 +149,10 @@ def _decode(
                 layer_cache.reset()
             ids = torch.cat([input_ids, torch.stack(chosen, dim=1)], dim=1)  # (B, L + i + 1)
             logits = prefill(lm, ids, key_valid[:, : L + i + 1], cache)
+        elif lm.config.is_mla:  # through the modules, from the latent caches
+            step_mask = None if padless else key_valid[:, : L + i + 1]
+            x, _ = lm.hidden_states(next_token[:, None], step_mask, cache)  # (B, 1, d_model)
+            logits = lm.logits(x[:, -1])
         else:
             logits = step(inputs, next_token, pos, None if compile else L + i)  # (B, V)
         pos += 1
