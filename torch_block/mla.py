@@ -8,17 +8,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from twin_core import MLA_NORM_EPS, BlockConfig, RopeTables, mla_softmax_scale, rope_tables
+from twin_core import (
+    MLA_NORM_EPS,
+    BlockConfig,
+    RopeTables,
+    mla_absorbs,
+    mla_softmax_scale,
+    rope_tables,
+)
 
 from .attention import check_mask
 from .cache import LatentCache
 from .linear import Linear, linear_params
 from .norm import NormParams, RMSNorm, norm
 from .rope import apply_rope
-
-# Queries attended at once from the latent by absorbing kv_b_proj into the query and output
-# sides; longer calls expand the latent into per-head keys and values (docs/design.md, "MLA").
-ABSORB_MAX_QUERIES = 1
 
 
 class LatentAttentionParams(NamedTuple):
@@ -84,16 +87,16 @@ def attend_latent(
     """The heads' outputs (B, H, T, Dv) of queries q_nope, q_rope (B, H, T, Dn|Dr) over the S
     keys of latent (B, S, R) and rope_key (B, S, Dr); `allowed` broadcasts to (B, H, T, S).
 
-    Up to ABSORB_MAX_QUERIES queries, kv_b_proj is absorbed: the queries move into the latent
-    space (q_nope W_k), the probabilities weight the latent itself and W_v maps the result to
-    each head; more queries expand the latent into per-head keys and values. Scores and
-    softmax are float32.
+    Where `twin_core.mla_absorbs` says so (few queries: decode), kv_b_proj is absorbed: the
+    queries move into the latent space (q_nope W_k), the probabilities weight the latent
+    itself and W_v maps the result to each head; otherwise the latent is expanded into
+    per-head keys and values. Scores and softmax are float32.
     """
     B, H, T, Dn = q_nope.shape
     S, R = latent.shape[1], params.rank
     rope_scores = torch.matmul(q_rope.float(), rope_key.float()[:, None].transpose(-2, -1))
     weights = params.kv_b.view(H, Dn + params.v_dim, R)
-    if T <= ABSORB_MAX_QUERIES:
+    if mla_absorbs(T, R, Dn, params.v_dim):
         q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, weights[:, :Dn])  # (B, H, T, R)
         keys = latent.float()[:, None].transpose(-2, -1)  # (B, 1, R, S)
         scores = (torch.matmul(q_latent.float(), keys) + rope_scores) * params.scale

@@ -14,6 +14,7 @@ from .config import (
     TrainConfig,
     check_heads,
     check_moe_config,
+    mla_absorbs,
     rotary_dims,
 )
 from .files import atomic_write, digest
@@ -45,6 +46,7 @@ __all__ = [
     "digest",
     "expert_capacity",
     "inv_frequencies",
+    "mla_absorbs",
     "mla_softmax_scale",
     "prompt_bucket",
     "recompute_position",
