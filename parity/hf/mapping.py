@@ -414,6 +414,28 @@ def markdown_tables() -> str:
     ]
     for family, config, keep in differences:
         parts += [f"| {family} " + _markdown_row(r) for r in hf_rows(family, config) if keep(r)]
+    deepseek = LMConfig(
+        **base,
+        **rope,
+        **moe,
+        shared_expert_d_ff=8,
+        router="grouped_sigmoid",
+        q_lora_rank=4,
+        kv_lora_rank=4,
+        qk_nope_head_dim=2,
+        qk_rope_head_dim=2,
+        v_head_dim=2,
+    )
+    parts += [
+        "",
+        "**deepseek_v3** (no biases; `q_proj` (H*(Dn+Dr), d_model) in place of q_a_proj, "
+        "q_a_layernorm and q_b_proj when q_lora_rank is null; the first_k_dense_replace dense "
+        "layers have llama's mlp rows; `{e}` expert)",
+        "",
+        header,
+        "|---|---|---|---|---|",
+        *(_markdown_row(row) for row in hf_rows("deepseek_v3", deepseek)),
+    ]
     return "\n".join(parts).rstrip() + "\n"
 
 
