@@ -16,7 +16,7 @@ from .feed_forward import FeedForward
 from .mla import MultiHeadLatentAttention
 from .moe import MixtureOfExperts
 from .norm import make_norm
-from .sharding import ACTIVATION_AXES, constrain, kv_cache_sharding
+from .sharding import ACTIVATION_AXES, constrain, kv_cache_sharding, latent_cache_sharding
 
 
 class TransformerBlock(ConfiguredModule):
@@ -45,14 +45,17 @@ class TransformerBlock(ConfiguredModule):
         rules=None,
     ) -> KVCache | LatentCache:
         """An empty cache sized for this block's key/value heads (MLA: a LatentCache); with `mesh`,
-        placed on it (batch over data, kv heads over tensor: `jax_block.sharding.DEFAULT_RULES`
-        or `rules`)."""
+        placed on it (batch over data, kv heads over tensor, an MLA latent on no axis:
+        `jax_block.sharding.DEFAULT_RULES` or `rules`)."""
         config = self.config
-        if config.is_mla:
-            if mesh is not None:
-                raise ValueError("a latent (MLA) cache is not placed on a mesh yet: mesh=None")
+        if config.is_mla:  # on a mesh: batch over data, the latent on no axis
             return LatentCache.create(
-                max_batch_size, max_seq_len, config.kv_lora_rank, config.qk_rope_head_dim, dtype
+                max_batch_size,
+                max_seq_len,
+                config.kv_lora_rank,
+                config.qk_rope_head_dim,
+                dtype,
+                latent_cache_sharding(max_batch_size, mesh, rules),
             )
         sharding = kv_cache_sharding(config, max_batch_size, max_seq_len, mesh, rules)
         return KVCache.create(

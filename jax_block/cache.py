@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import NamedSharding
 
-from .sharding import CACHE_AXES, constrain
+from .sharding import CACHE_AXES, LATENT_CACHE_AXES, constrain
 
 # XLA options for jitted functions that take a cache and return it updated. By default XLA's
 # copy insertion copies every cache buffer that a step both reads and writes (twice per buffer
@@ -179,8 +179,10 @@ class LatentCache:
         kv_lora_rank: int,
         rope_dim: int,
         dtype: jnp.dtype = jnp.float32,
+        sharding: NamedSharding | None = None,
     ) -> LatentCache:
-        """An empty cache at position 0."""
+        """An empty cache at position 0; with `sharding`, created placed with it and the
+        position replicated on its mesh."""
         for name, value in (
             ("max_batch_size", max_batch_size),
             ("max_seq_len", max_seq_len),
@@ -189,10 +191,11 @@ class LatentCache:
         ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"LatentCache: {name} must be a positive int, got {value!r}")
+        scalar = None if sharding is None else NamedSharding(sharding.mesh, jax.P())
         return cls(
-            latent=jnp.zeros((max_batch_size, max_seq_len, kv_lora_rank), dtype),
-            rope_key=jnp.zeros((max_batch_size, max_seq_len, rope_dim), dtype),
-            position=jnp.zeros((), jnp.int32),
+            latent=jnp.zeros((max_batch_size, max_seq_len, kv_lora_rank), dtype, device=sharding),
+            rope_key=jnp.zeros((max_batch_size, max_seq_len, rope_dim), dtype, device=sharding),
+            position=jnp.zeros((), jnp.int32, device=scalar),
         )
 
     def __repr__(self) -> str:
@@ -259,6 +262,6 @@ class LatentCache:
         """This cache with its batch on the mesh's data axis (`use_mesh`), the latent and the
         rope key on no axis; else itself."""
         return self.replace(
-            latent=constrain(self.latent, ("batch", None, None)),
-            rope_key=constrain(self.rope_key, ("batch", None, None)),
+            latent=constrain(self.latent, LATENT_CACHE_AXES),
+            rope_key=constrain(self.rope_key, LATENT_CACHE_AXES),
         )

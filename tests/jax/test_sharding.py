@@ -126,7 +126,31 @@ FAMILIES = {
         ffn_bias=False,
         tie_embeddings=False,
     ),
+    "deepseek_v3": dict(
+        n_heads=4,
+        d_ff=16,
+        norm="rmsnorm",
+        positions="rope",
+        gated_ffn=True,
+        qkv_bias=False,
+        out_bias=False,
+        ffn_bias=False,
+        use_moe=True,
+        num_experts=4,
+        shared_expert_d_ff=16,
+        router="grouped_sigmoid",
+        n_group=2,
+        q_lora_rank=8,
+        kv_lora_rank=8,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=4,
+        v_head_dim=4,
+    ),
 }
+# MLA's latent dims (the q latent, the kv latent and its rope key, their norms) and the router's
+# correction bias are on no axis
+UNNAMED = ("['gate']['kernel']", "_gate']['kernel']", "_bias']", "_a_proj']['kernel']")
+UNNAMED += ("_a_norm']['scale']", "_b_proj']['kernel']")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -145,8 +169,9 @@ def test_every_parameter_has_logical_names_and_init_stays_plain(family):
         assert len(names) == leaf.ndim, name
         unnamed = [n for n in names if n is None]
         assert all(n in LOGICAL_AXES for n in names if n is not None), name
-        # only the router and the shared expert's gate (both tiny) keep one axis unnamed
-        assert not unnamed or name.endswith(("['gate']['kernel']", "_gate']['kernel']"))
+        # only the router and the shared expert's gate (both tiny) keep one axis unnamed, and
+        # MLA's latent dims
+        assert not unnamed or name.endswith(UNNAMED), name
 
 
 def test_the_rules_map_every_logical_name_onto_the_three_mesh_axes():
