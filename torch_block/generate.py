@@ -129,7 +129,7 @@ def _decode(
     padless = bool(mask.all())
     logits = prefill(lm, input_ids, None if padless else mask, cache)  # (B, V)
     key_valid = torch.cat([mask, mask.new_ones(B, S - L)], dim=1)  # (B, S)
-    inputs = None if lm.config.is_mla else step_inputs(lm, cache, key_valid)
+    inputs = step_inputs(lm, cache, key_valid)
     step = compiled_token_step() if compile else token_step
     switch = recompute_position(lm.config.rope_scaling)
     pos = torch.tensor(L, device=device)  # the slot of the token fed to the next step
@@ -149,10 +149,6 @@ def _decode(
                 layer_cache.reset()
             ids = torch.cat([input_ids, torch.stack(chosen, dim=1)], dim=1)  # (B, L + i + 1)
             logits = prefill(lm, ids, key_valid[:, : L + i + 1], cache)
-        elif lm.config.is_mla:  # through the modules, from the latent caches
-            step_mask = None if padless else key_valid[:, : L + i + 1]
-            x, _ = lm.hidden_states(next_token[:, None], step_mask, cache)  # (B, 1, d_model)
-            logits = lm.logits(x[:, -1])
         else:
             logits = step(inputs, next_token, pos, None if compile else L + i)  # (B, V)
         pos += 1
