@@ -51,8 +51,6 @@ def generate(
     """
     if not isinstance(compile, bool):
         raise TypeError(f"compile must be a bool, got {type(compile).__name__}")
-    if compile and lm.config.is_mla:
-        raise ValueError("compile=True: a model with latent attention (MLA) decodes eagerly only")
     check_sampling(temperature, top_k, top_p)
     if not isinstance(input_ids, torch.Tensor):
         raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
