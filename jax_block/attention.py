@@ -14,7 +14,7 @@ from twin_core import RopeScaling, check_heads, rope_tables
 from .cache import KVCache
 from .norm import make_norm
 from .rope import apply_rope
-from .sharding import AxisNamedModule, constrain, dense_axes
+from .sharding import AxisNamedModule, constrain, dense_axes, named_init
 
 
 def check_mask(mask: jax.Array, shape: tuple[int, int, int, int]) -> None:
@@ -79,10 +79,12 @@ def blocked_attention(
     causal: bool,
     window: int | None,
     softcap: float | None = None,
+    sinks: jax.Array | None = None,
 ) -> jax.Array:
     """Attention of scaled queries q (B, T, KV, G, D) at `query_pos` (T,) to every source.
 
-    With `softcap` the scores become softcap * tanh(scores / softcap) before the mask.
+    With `softcap` the scores become softcap * tanh(scores / softcap) before the mask; `sinks`
+    (H,) join each row's softmax denominator as one more logit that attends to nothing.
     The same function as one softmax over all allowed keys of all sources; a query with no
     allowed key gives zeros. Queries go in blocks of BLOCK_Q (`lax.map`); each block runs over
     only the key blocks it may see (a `fori_loop` per source), keeping a running max, sum and
@@ -152,11 +154,14 @@ def blocked_attention(
     def query_block(qi: jax.Array) -> jax.Array:
         q_block = jax.lax.dynamic_slice_in_dim(q, qi * BLOCK_Q, BLOCK_Q, axis=1)
         q_pos = jax.lax.dynamic_slice_in_dim(query_pos, qi * BLOCK_Q, BLOCK_Q)  # (BQ,)
-        carry = (
-            jnp.full((B, KV, G, BLOCK_Q), jnp.finfo(jnp.float32).min),
-            jnp.zeros((B, KV, G, BLOCK_Q), jnp.float32),
-            jnp.zeros((B, KV, G, BLOCK_Q, D), jnp.float32),
-        )
+        if sinks is None:
+            start_max = jnp.full((B, KV, G, BLOCK_Q), jnp.finfo(jnp.float32).min)
+            start_sum = jnp.zeros((B, KV, G, BLOCK_Q), jnp.float32)
+        else:  # the sink is the first logit seen: running max = sink, sum = exp(0)
+            sink = sinks.astype(jnp.float32).reshape(1, KV, G, 1)
+            start_max = jnp.broadcast_to(sink, (B, KV, G, BLOCK_Q))
+            start_sum = jnp.ones((B, KV, G, BLOCK_Q), jnp.float32)
+        carry = (start_max, start_sum, jnp.zeros((B, KV, G, BLOCK_Q, D), jnp.float32))
         for source, mask in zip(sources, masks, strict=True):
             carry = over_source(qi, q_block, q_pos, source, mask, carry)
         _, total, acc = carry
@@ -176,7 +181,9 @@ class MultiHeadAttention(AxisNamedModule):
     With `sliding_window` W a query at p sees keys k with p - W < k <= p. `qk_norm` ("head" or
     "projection") norms q and k before rope with a norm of kind `norm` (`q_norm`, `k_norm`).
     Scores are scaled by `query_pre_attn_scalar` ** -0.5 when given (else head_dim ** -0.5)
-    and, with `attn_logit_softcap`, capped to cap * tanh(scores / cap).
+    and, with `attn_logit_softcap`, capped to cap * tanh(scores / cap). With
+    `attention_sinks` each head has a learned sink logit (`sinks`, (H,)) in every query's
+    softmax denominator, attending to nothing (GPT-OSS).
 
     With a cache the T new keys are written first and the call attends to the cache's
     max_seq_len slots as they hold after the write (static shapes; `mask` covers those slots).
@@ -204,6 +211,7 @@ class MultiHeadAttention(AxisNamedModule):
     qk_norm: str | None = None
     norm: str = "rmsnorm"
     norm_eps: float = 1e-6
+    attention_sinks: bool = False
 
     @nn.compact
     def __call__(
@@ -273,6 +281,10 @@ class MultiHeadAttention(AxisNamedModule):
                 sources.append(KeySource(*cached, 0, start, mask))
         sources.append(KeySource(k, v, start, new_end, new_mask))
 
+        sinks = None
+        if self.attention_sinks:
+            init = named_init(nn.initializers.zeros_init(), "heads")
+            sinks = self.param("sinks", init, (H,), self.param_dtype)  # (H,)
         grouped_q = q.reshape(B, T, KV, G, D).astype(jnp.float32)  # query head h = kv * G + g
         num_keys = sum(source.keys.shape[2] for source in sources)
         if deterministic and T * num_keys >= BLOCKED_MIN_SCORES:
@@ -283,6 +295,7 @@ class MultiHeadAttention(AxisNamedModule):
                 causal=self.causal,
                 window=self.sliding_window,
                 softcap=self.attn_logit_softcap,
+                sinks=sinks,
             )  # (B, T, KV, G, D)
         else:
             scores, allowed = [], []
@@ -301,7 +314,13 @@ class MultiHeadAttention(AxisNamedModule):
                 scores = jnp.tanh(scores / cap) * cap
             allowed = jnp.concatenate(allowed, axis=-1)
             scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1) * allowed  # a row with no allowed key: zeros
+            if sinks is None:
+                probs = jax.nn.softmax(scores, axis=-1)  # (B, H, T, S')
+            else:  # one more column per row: the head's sink logit, dropped after the softmax
+                sink = sinks.astype(jnp.float32)[None, :, None, None]  # (1, H, 1, 1)
+                sink = jnp.broadcast_to(sink, (B, H, T, 1))
+                probs = jax.nn.softmax(jnp.concatenate([scores, sink], -1), axis=-1)[..., :-1]
+            probs = probs * allowed  # a row with no allowed key: zeros
             probs = nn.Dropout(self.dropout)(probs.astype(self.dtype), deterministic=deterministic)
             out, offset = 0, 0
             for source in sources:

@@ -114,6 +114,7 @@ class TransformerBlock(ConfiguredModule):
                 qk_norm=config.qk_norm,
                 norm=config.norm,
                 norm_eps=config.norm_eps,
+                attention_sinks=config.attention_sinks,
                 name="attention",
                 **dtypes,
             )
@@ -130,6 +131,7 @@ class TransformerBlock(ConfiguredModule):
         aux = None
         normed = make_norm(config.norm, config.norm_eps, name="norm2", **dtypes)(h)
         ffn = dict(activation=config.activation, gated=config.gated_ffn, bias=config.ffn_bias)
+        ffn.update(swiglu_limit=config.swiglu_limit, swiglu_alpha=config.swiglu_alpha)
         if config.use_moe:
             ff, aux = MixtureOfExperts(
                 config.d_model,
@@ -142,6 +144,7 @@ class TransformerBlock(ConfiguredModule):
                 norm_topk_prob=config.norm_topk_prob,
                 shared_expert_d_ff=config.shared_expert_d_ff,
                 shared_expert_gate=config.shared_expert_gate,
+                router_bias=config.router_bias,
                 router=config.router,
                 n_group=config.n_group,
                 topk_group=config.topk_group,

@@ -158,8 +158,10 @@ class MixtureOfExperts(AxisNamedModule):
     """Top-k gated experts with capacity-based dropping in training and a load-balancing loss.
 
     Every expert, and the optional shared expert (applied to every token, scaled by
-    sigmoid(x @ w) with `shared_expert_gate`), is a FeedForward of the given kind; `router`
-    "grouped_sigmoid" routes as DeepSeek-V3 (parameter `e_score_correction_bias`). The experts
+    sigmoid(x @ w) with `shared_expert_gate`), is a FeedForward of the given kind. The router
+    has a bias with `router_bias` (GPT-OSS, whose top-k of the logits followed by a softmax
+    over the k is this top-k of the probabilities renormalised); `router` "grouped_sigmoid"
+    routes as DeepSeek-V3 (parameter `e_score_correction_bias`). The experts
     are one `nn.vmap`-ped FeedForward with stacked parameters (E, ...). Training
     with a capacity factor dispatches tokens into per-expert buffers (E, C, d_model); dropless
     calls (eval, or factor None) use `grouped_experts`, whose cost grows with k * N, except on
@@ -184,6 +186,9 @@ class MixtureOfExperts(AxisNamedModule):
     bias: bool = True
     shared_expert_d_ff: int | None = None
     shared_expert_gate: bool = False
+    router_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
     router: str = "softmax"
     n_group: int = 1
     topk_group: int = 1
@@ -202,7 +207,7 @@ class MixtureOfExperts(AxisNamedModule):
         tokens = jnp.asarray(x).reshape(N, d_model)  # (N, d_model); NumPy input too
         logits = nn.Dense(
             E,
-            use_bias=False,
+            use_bias=self.router_bias,
             dtype=jnp.float32,
             param_dtype=self.param_dtype,
             name="gate",
@@ -233,6 +238,7 @@ class MixtureOfExperts(AxisNamedModule):
             counts.value += routing.counts.astype(jnp.float32)
 
         ffn = dict(activation=self.activation, gated=self.gated, bias=self.bias)
+        ffn.update(swiglu_limit=self.swiglu_limit, swiglu_alpha=self.swiglu_alpha)
         expert = FeedForward(  # one expert, unbound: the grouped path applies it to each block
             d_model, self.d_ff, self.dropout, self.dtype, self.param_dtype, **ffn, parent=None
         )

@@ -139,6 +139,16 @@ BAD: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         dict(use_moe=True, num_experts=2, shared_expert_gate=True),
         ("shared_expert_gate", "shared_expert_d_ff"),
     ),
+    "router bias without MoE": (dict(router_bias=True), ("router_bias", "use_moe=True")),
+    "swiglu limit without a gated silu": (
+        dict(swiglu_limit=7.0),
+        ("swiglu_limit", "gated_ffn=True", "activation='silu'", "got gated_ffn=False"),
+    ),
+    "swiglu limit 0": (
+        dict(gated_ffn=True, activation="silu", swiglu_limit=0.0),
+        ("swiglu_limit", "> 0", "0.0"),
+    ),
+    "swiglu alpha without a limit": (dict(swiglu_alpha=1.0), ("swiglu_alpha=1.0", "swiglu_limit")),
     "MLA sizes without kv_lora_rank": (dict(v_head_dim=8), ("v_head_dim", "kv_lora_rank")),
     "MLA without rope": (
         dict(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),

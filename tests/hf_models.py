@@ -155,10 +155,29 @@ CONFIGS: dict[str, Any] = {
             "beta_fast": 8.0,
         },
     ),
+    # sliding and full layers (GptOssConfig's alternation), yarn crossed by the greedy test,
+    # a SwiGLU limit that unit-scale activations reach (7.0, the default, they never do)
+    "gpt_oss": lambda: transformers.GptOssConfig(
+        **_ROPE,
+        head_dim=8,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=WINDOW,
+        swiglu_limit=0.8,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": ORIGINAL,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+        },
+    ),
 }
 FAMILIES = (
     "gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "qwen3", "qwen3_moe", "olmoe",
-    "phi3", "gemma2", "gemma3_text",
+    "phi3", "gemma2", "gemma3_text", "gpt_oss",
 )  # fmt: skip
 LAYER_VARIANTS = ("qwen2_sliding", "qwen2_moe_sparse")  # per-layer windows and dense layers
 # the rope types and partial rotary, on llama and phi3
@@ -182,6 +201,8 @@ def rescale(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.2 * noise)
             else:
                 fan_in = p.shape[0] if name in fan_in_first else p.shape[-1]
+                if p.dim() == 3:  # GPT-OSS's stacked experts: (E, in, out)
+                    fan_in = p.shape[1]
                 p.copy_(noise / math.sqrt(fan_in))
 
 

@@ -51,6 +51,7 @@ class AttentionParams(NamedTuple):
     qk_norm: str | None  # "head", "projection" or None
     q_norm: NormParams | None  # (D,) per head, (H * D,) over the projection
     k_norm: NormParams | None  # (D,) per head, (KV * D,) over the projection
+    sinks: torch.Tensor | None = None  # (H,) sink logits, with attention_sinks
 
 
 def split_heads(y: torch.Tensor, B: int, T: int, n: int, D: int) -> torch.Tensor:
@@ -95,12 +96,14 @@ def attend(
     fused: bool = False,
     scale: float | None = None,
     softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v over the allowed keys: q (B, H, T, D), k and v (B, KV, S, D).
 
     `allowed` (bool, broadcastable to (B, H, T, S)) marks the keys each query may see; None
     allows all. A query that may see no key gets zeros. `scale` defaults to D ** -0.5; with
-    `softcap` the scores become softcap * tanh(scores / softcap) before the mask. The original
+    `softcap` the scores become softcap * tanh(scores / softcap) before the mask. `sinks` (H,)
+    join each row's softmax as one more logit whose column is then dropped (GPT-OSS). The original
     project's arithmetic: in float32 without dropout, softcap or masked key,
     F.scaled_dot_product_attention; otherwise the scores are written out, softmax in float32,
     and `dropout` (a module, training) applies to the probabilities. `fused=True` (float32, no
@@ -110,7 +113,7 @@ def attend(
     B, H, T, D = q.shape
     KV, S = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
-    plain = dropout is None and softcap is None and q.dtype == torch.float32
+    plain = dropout is None and softcap is None and sinks is None and q.dtype == torch.float32
     if plain and (allowed is None or fused):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=allowed, scale=scale, enable_gqa=KV != H
@@ -123,7 +126,11 @@ def attend(
         scores = torch.tanh(scores / softcap) * softcap
     if allowed is not None:
         scores = scores.masked_fill(~allowed, torch.finfo(torch.float32).min)
-    probs = F.softmax(scores, dim=-1)  # (B, H, T, S)
+    if sinks is None:
+        probs = F.softmax(scores, dim=-1)  # (B, H, T, S)
+    else:  # one more column per row: the head's sink logit, dropped after the softmax
+        sink = sinks.float().view(1, H, 1, 1).expand(B, H, T, 1)
+        probs = F.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :S]  # (B, H, T, S)
     if allowed is not None:
         probs = probs * allowed  # a row with no allowed key is all zeros
     probs = probs.to(v.dtype)
@@ -140,7 +147,9 @@ class MultiHeadAttention(nn.Module):
     With `sliding_window` W a query at p sees keys k with p - W < k <= p. `qk_norm` ("head" or
     "projection") norms q and k before rope with a norm of kind `norm` (`q_norm`, `k_norm`).
     Scores are scaled by `query_pre_attn_scalar` ** -0.5 when given (else head_dim ** -0.5)
-    and, with `attn_logit_softcap`, capped to cap * tanh(scores / cap).
+    and, with `attn_logit_softcap`, capped to cap * tanh(scores / cap). With
+    `attention_sinks` each head has a learned sink logit (`sinks`, (H,)) in every query's
+    softmax denominator, attending to nothing (GPT-OSS).
 
     Training calls, and eval calls with at most WHOLE_SCORES scores, attend every query at once
     with the original project's arithmetic (its outputs bit for bit). Longer eval inputs are
@@ -169,6 +178,7 @@ class MultiHeadAttention(nn.Module):
         qk_norm: str | None = None,
         norm: str = "rmsnorm",
         norm_eps: float = 1e-6,
+        attention_sinks: bool = False,
     ):
         super().__init__()
         if n_heads < 1 or (head_dim is None and d_model % n_heads != 0):
@@ -195,6 +205,7 @@ class MultiHeadAttention(nn.Module):
             q_dim, k_dim = (D, D) if qk_norm == "head" else (H * D, KV * D)
             self.q_norm = make_norm(norm, q_dim, norm_eps)
             self.k_norm = make_norm(norm, k_dim, norm_eps)
+        self.sinks = nn.Parameter(torch.zeros(H)) if attention_sinks else None  # (H,)
         self.dropout = nn.Dropout(dropout)
         self.rope = positions == "rope"
         self.rope_buffers: list[str] = []  # float32 whatever the module's dtype
@@ -248,6 +259,7 @@ class MultiHeadAttention(nn.Module):
             qk_norm=self.qk_norm,
             q_norm=None if self.qk_norm is None else self.q_norm.params(),
             k_norm=None if self.qk_norm is None else self.k_norm.params(),
+            sinks=self.sinks,
         )
 
     def forward(
@@ -303,10 +315,11 @@ class MultiHeadAttention(nn.Module):
         if mask is not None:
             mask = mask.to(torch.bool)
             mask = mask[(None,) * (4 - mask.dim())]  # (B|1, H|1, T|1, S|1)
+        scores = dict(scale=self.scale, softcap=self.softcap, sinks=self.sinks)
         if dropout is not None or B * H * T * S <= WHOLE_SCORES:
             allowed = self.allowed(start, start + T, 0, S, mask, 0, T, q.device)
-            return attend(q, k, v, allowed, dropout, scale=self.scale, softcap=self.softcap)
-        fused = q.dtype == torch.float32 and self.softcap is None
+            return attend(q, k, v, allowed, dropout, **scores)
+        fused = q.dtype == torch.float32 and self.softcap is None and self.sinks is None
         per_query = B * S if fused else B * H * S  # mask entries or scores
         rows = max(1, min(QUERY_BLOCK, SCORE_ELEMENTS // per_query))
         blocks = []
@@ -314,7 +327,6 @@ class MultiHeadAttention(nn.Module):
             b = min(T, a + rows)
             lo, hi = self.key_range(start + a, start + b, S)
             allowed = self.allowed(start + a, start + b, lo, hi, mask, a, T, q.device)
-            scores = dict(scale=self.scale, softcap=self.softcap)
             blocks.append(
                 attend(q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi], allowed, fused=fused, **scores)
             )

@@ -71,6 +71,7 @@ class TransformerBlock(nn.Module):
                 qk_norm=config.qk_norm,
                 norm=config.norm,
                 norm_eps=config.norm_eps,
+                attention_sinks=config.attention_sinks,
             )
         self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps)
         self.norm2 = make_norm(config.norm, config.d_model, config.norm_eps)
@@ -78,6 +79,7 @@ class TransformerBlock(nn.Module):
             self.post_attention_norm = make_norm(config.norm, config.d_model, config.norm_eps)
             self.post_feed_forward_norm = make_norm(config.norm, config.d_model, config.norm_eps)
         ffn = dict(activation=config.activation, gated=config.gated_ffn, bias=config.ffn_bias)
+        ffn.update(swiglu_limit=config.swiglu_limit, swiglu_alpha=config.swiglu_alpha)
         if config.use_moe:
             self.feed_forward = MixtureOfExperts(
                 config.d_model,
@@ -90,6 +92,7 @@ class TransformerBlock(nn.Module):
                 norm_topk_prob=config.norm_topk_prob,
                 shared_expert_d_ff=config.shared_expert_d_ff,
                 shared_expert_gate=config.shared_expert_gate,
+                router_bias=config.router_bias,
                 router=config.router,
                 n_group=config.n_group,
                 topk_group=config.topk_group,

@@ -100,9 +100,10 @@ class MixtureOfExperts(nn.Module):
     """Top-k gated experts with capacity-based dropping in training and a load-balancing loss.
 
     Every expert, and the optional shared expert (applied to every token, scaled by
-    sigmoid(x @ w) with `shared_expert_gate`), is a FeedForward of the given kind. `router`
-    "grouped_sigmoid" routes as DeepSeek-V3 (`route_grouped_sigmoid`, with the buffer
-    `e_score_correction_bias`).
+    sigmoid(x @ w) with `shared_expert_gate`), is a FeedForward of the given kind. The router
+    has a bias with `router_bias` (GPT-OSS, whose top-k of the logits followed by a softmax
+    over the k is this top-k of the probabilities renormalised). `router` "grouped_sigmoid"
+    routes as DeepSeek-V3 (`route_grouped_sigmoid`, with the buffer `e_score_correction_bias`).
     """
 
     def __init__(
@@ -121,6 +122,9 @@ class MixtureOfExperts(nn.Module):
         bias: bool = True,
         shared_expert_d_ff: int | None = None,
         shared_expert_gate: bool = False,
+        router_bias: bool = False,
+        swiglu_limit: float | None = None,
+        swiglu_alpha: float = 1.702,
         router: str = "softmax",
         n_group: int = 1,
         topk_group: int = 1,
@@ -135,7 +139,8 @@ class MixtureOfExperts(nn.Module):
         self.router_z_loss_coef = router_z_loss_coef
         self.norm_topk_prob = norm_topk_prob
         ffn = dict(activation=activation, gated=gated, bias=bias)
-        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        ffn.update(swiglu_limit=swiglu_limit, swiglu_alpha=swiglu_alpha)
+        self.gate = nn.Linear(d_model, num_experts, bias=router_bias)
         self.experts = nn.ModuleList(
             [FeedForward(d_model, d_ff, dropout, **ffn) for _ in range(num_experts)]
         )
@@ -163,7 +168,8 @@ class MixtureOfExperts(nn.Module):
         B, T, d_model = x.shape
         N, k = B * T, self.top_k
         tokens = x.reshape(N, d_model)  # (N, d_model)
-        logits = F.linear(tokens.float(), self.gate.weight.float())  # (N, E)
+        bias = None if self.gate.bias is None else self.gate.bias.float()
+        logits = F.linear(tokens.float(), self.gate.weight.float(), bias)  # (N, E)
         if self.router == "grouped_sigmoid":
             routing = route_grouped_sigmoid(
                 logits,

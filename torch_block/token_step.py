@@ -149,9 +149,10 @@ def token_step(
             q, k, v = project(h, layer.attention, positions)  # (B, H|KV, 1, D)
             write_slots(k_cache, k, at)
             write_slots(v_cache, v, at)
-            scale, softcap = layer.attention.scale, layer.attention.softcap
+            params = layer.attention
+            scores = dict(scale=params.scale, softcap=params.softcap, sinks=params.sinks)
             out = attend(
-                q, k_cache[:, :, keys], v_cache[:, :, keys], allowed, scale=scale, softcap=softcap
+                q, k_cache[:, :, keys], v_cache[:, :, keys], allowed, **scores
             )  # (B, H, 1, D)
         attn = merge_heads(out, layer.attention)
         if layer.post_attention_norm is not None:

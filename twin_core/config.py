@@ -174,6 +174,12 @@ class Architecture:
         before its residual add (Gemma 2 and 3: `post_attention_norm`, `post_feed_forward_norm`).
     query_pre_attn_scalar: scores scaled by query_pre_attn_scalar ** -0.5 (None: head_dim).
     attn_logit_softcap: scores capped to cap * tanh(scores / cap) before the mask (None: no cap).
+    attention_sinks: a learned logit per query head (`sinks`) that joins each query's softmax
+        denominator and attends to nothing (GPT-OSS).
+    router_bias: the MoE router (`gate`) has a bias.
+    swiglu_limit: the gated feed-forward becomes GPT-OSS's clamped SwiGLU:
+        (clamp(up, -l, l) + 1) * g * sigmoid(swiglu_alpha * g), g = clamp(gate, max=l), with
+        gate = fc1(x), up = fc3(x) (needs gated_ffn and activation "silu"; None: plain).
     kv_lora_rank: set, attention is multi-head latent attention (DeepSeek-V3's MLA): keys and
         values come from a latent of this width (RMSNorm'd, MLA_NORM_EPS) and one rope key of
         `qk_rope_head_dim` shared by all heads, which is all its cache holds; each head's query
@@ -210,6 +216,10 @@ class Architecture:
     sandwich_norms: bool = False
     query_pre_attn_scalar: float | None = None
     attn_logit_softcap: float | None = None
+    attention_sinks: bool = False
+    router_bias: bool = False
+    swiglu_limit: float | None = None
+    swiglu_alpha: float = 1.702
     q_lora_rank: int | None = None
     kv_lora_rank: int | None = None
     qk_nope_head_dim: int | None = None
@@ -308,6 +318,8 @@ class Architecture:
             "norm_topk_prob",
             "shared_expert_gate",
             "sandwich_norms",
+            "attention_sinks",
+            "router_bias",
         ):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -359,6 +371,7 @@ class Architecture:
         if self.shared_expert_gate and self.shared_expert_d_ff is None:
             raise ValueError("shared_expert_gate=True needs a shared expert (shared_expert_d_ff)")
         self._check_router()
+        self._check_gpt_oss()
 
     def _check_mla(self) -> None:
         sizes = ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
@@ -385,6 +398,7 @@ class Architecture:
             "partial_rotary_factor": 1.0,
             "qkv_bias": False,
             "out_bias": False,
+            "attention_sinks": False,
         }
         wrong = {n: getattr(self, n) for n, v in unread.items() if getattr(self, n) != v}
         if wrong:
@@ -414,6 +428,25 @@ class Architecture:
             raise ValueError(
                 f"top_k_experts ({self.top_k_experts}) must be <= the experts of the topk_group "
                 f"({self.topk_group}) chosen groups ({self.topk_group * (E // G)})"
+            )
+
+    def _check_gpt_oss(self) -> None:
+        """GPT-OSS's options: router bias with MoE, the clamped SwiGLU with a gated SiLU FFN."""
+        if self.router_bias and not self.use_moe:
+            raise ValueError("router_bias=True needs use_moe=True (the router of an MoE)")
+        _check_number("swiglu_alpha", self.swiglu_alpha, "> 0", lambda v: v > 0)
+        if self.swiglu_limit is None:
+            if self.swiglu_alpha != 1.702:
+                raise ValueError(
+                    f"swiglu_alpha={self.swiglu_alpha!r} is set but swiglu_limit is None (the "
+                    "alpha belongs to the clamped SwiGLU)"
+                )
+            return
+        _check_number("swiglu_limit", self.swiglu_limit, "> 0 (or None)", lambda v: v > 0)
+        if not self.gated_ffn or self.activation != "silu":
+            raise ValueError(
+                f"swiglu_limit needs gated_ffn=True and activation='silu' (a clamped SwiGLU), "
+                f"got gated_ffn={self.gated_ffn!r}, activation={self.activation!r}"
             )
 
 
@@ -559,6 +592,7 @@ class LMConfig(Architecture):
                     d_ff=self.d_ff if self.dense_d_ff is None else self.dense_d_ff,
                     shared_expert_d_ff=None,
                     shared_expert_gate=False,
+                    router_bias=False,
                     router="softmax",
                     n_group=1,
                     topk_group=1,

@@ -52,6 +52,8 @@ SHARED_EXPERT_GATE = _linear(
     "feed_forward.shared_expert_gate", "feed_forward/shared_expert_gate", bias=False
 )
 
+SINKS = Row("attention.sinks", "attention/sinks", False)
+
 ROUTER_BIAS = Row(
     "feed_forward.e_score_correction_bias", "feed_forward/e_score_correction_bias", False
 )
@@ -91,12 +93,14 @@ def block_table(config: Any) -> list[Row]:
     if config.qk_norm is not None:
         for name in ("q_norm", "k_norm"):
             rows += _norm_rows(f"attention.{name}", f"attention/{name}", config.norm)
+    if config.attention_sinks:
+        rows.append(SINKS)
     norms = BLOCK_NORMS if config.sandwich_norms else BLOCK_NORMS[:2]
     rows += [row for name in norms for row in _norm_rows(name, name, config.norm)]
     ffn = dict(gated=config.gated_ffn, bias=config.ffn_bias)
     if not config.use_moe:
         return rows + _ffn("feed_forward", "feed_forward", **ffn)
-    rows += _linear("feed_forward.gate", "feed_forward/gate", bias=False)
+    rows += _linear("feed_forward.gate", "feed_forward/gate", bias=config.router_bias)
     if config.router == "grouped_sigmoid":
         rows.append(ROUTER_BIAS)
     rows += _ffn("feed_forward.experts.{e}", "feed_forward/experts", **ffn)
@@ -125,6 +129,8 @@ _TORCH_SHAPES = {
     "fc3.bias": ("(d_ff,)", "(d_ff,)"),
     "shared_expert_gate.weight": ("(1, d_model)", "(d_model, 1)"),
     "gate.weight": ("(E, d_model)", "(d_model, E)"),
+    "gate.bias": ("(E,)", "(E,)"),
+    "attention.sinks": ("(H,)", "(H,)"),
     **{
         f"{n}_norm.{w}": (f"(D,) or ({h}*D,)", f"(D,) or ({h}*D,)")
         for n, h in (("q", "H"), ("k", "KV"))
@@ -157,9 +163,21 @@ def markdown_table() -> str:
         "|---|---|---|---|---|",
     ]
     every_option = BlockConfig(
-        d_model=2, n_heads=1, d_ff=2, gated_ffn=True, qk_norm="head", sandwich_norms=True
+        d_model=2,
+        n_heads=1,
+        d_ff=2,
+        gated_ffn=True,
+        qk_norm="head",
+        sandwich_norms=True,
+        attention_sinks=True,
     )
-    moe_options = replace(every_option, use_moe=True, shared_expert_d_ff=2, shared_expert_gate=True)
+    moe_options = replace(
+        every_option,
+        use_moe=True,
+        shared_expert_d_ff=2,
+        shared_expert_gate=True,
+        router_bias=True,
+    )
     block_rows = list(dict.fromkeys(block_table(every_option) + block_table(moe_options)))
     lm_rows = LM_EMBEDDINGS + [Row("blocks.{i}.<block key>", "blocks_{i}/<block path>", False)]
     for row in block_rows + lm_rows + _norm("norm", "norm") + LM_HEAD:
@@ -217,4 +235,6 @@ _CONDITIONS = {
         for w in ("weight", "bias")
     },
     "feed_forward.shared_expert_gate.weight": " (shared_expert_gate only)",
+    "attention.sinks": " (attention_sinks only)",
+    "feed_forward.gate.bias": " (router_bias only)",
 }

@@ -29,6 +29,7 @@ FAMILIES = (
     "phi3",
     "gemma2",
     "gemma3_text",
+    "gpt_oss",
     "deepseek_v3",
 )
 GEMMA = ("gemma2", "gemma3_text")
@@ -45,6 +46,7 @@ ARCHITECTURES = {
     "phi3": "Phi3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")
@@ -69,7 +71,8 @@ ROPE_ACTIVATION_NAMES = {
     "silu": "silu",
     "relu": "relu",
 }
-DEFAULT_THETA = {"mixtral": 1_000_000.0, "gemma3_text": 1_000_000.0}  # the others: 10000.0
+DEFAULT_THETA = {"mixtral": 1_000_000.0, "gemma3_text": 1_000_000.0, "gpt_oss": 150_000.0}
+# (the others: 10000.0)
 DEFAULT_HEAD_DIM = {"qwen3": 128}  # the others: hidden_size // num_attention_heads
 FULL, SLIDING = "full_attention", "sliding_attention"
 QWEN_WINDOWS = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")  # use_sliding_window, layer types
@@ -102,6 +105,14 @@ FAMILY_ROPE_TYPES = {"phi3": ("longrope",), "gemma2": ("linear",), "gemma3_text"
 FAMILY_ROPE_TYPES["deepseek_v3"] = ("linear", "llama3", "yarn")  # frequencies fixed per model
 OTHER_ROPE_TYPES = tuple(t for t in ROPE_TYPES if t != "longrope")
 PHI3_ORIGINAL_LENGTH = 4096  # Phi3Config's original_max_position_embeddings
+GPT_OSS_ROPE = {  # GptOssConfig's rope parameters when config.json gives none
+    "rope_type": "yarn",
+    "factor": 32.0,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "truncate": False,
+    "original_max_position_embeddings": 4096,
+}
 GEMMA3_LOCAL_THETA = 10_000.0  # Gemma 3's sliding layers' base when config.json gives none
 # fields that change the computation in ways no family here supports, when set (not null);
 # the Gemma families compute the softcappings
@@ -121,6 +132,7 @@ class HFConfig:
     config: LMConfig
     dtype: str | None  # as config.json names it (dtype or torch_dtype), None when absent
     token_ids: dict[str, Any]  # bos_token_id, eos_token_id, pad_token_id (int, list or None)
+    quantization: str | None = None  # "mxfp4": GPT-OSS's expert weights as blocks and scales
 
 
 # --------------------------------------------------------------------------- reading
@@ -133,8 +145,11 @@ def lm_config_from_hf(data: Mapping[str, Any]) -> HFConfig:
         raise ValueError(
             f"config.json: unsupported model_type {family!r}; supported: {', '.join(FAMILIES)}"
         )
+    quantization = _quantization(data, family)
     for key, what in UNSUPPORTED_KEYS.items():
         if family in GEMMA and key in SOFTCAPPING_KEYS:
+            continue
+        if key == "quantization_config" and quantization is not None:
             continue
         if data.get(key) not in (None, {}, False):
             raise ValueError(f"config.json: {key}={data[key]!r} ({what}) is not supported")
@@ -147,7 +162,7 @@ def lm_config_from_hf(data: Mapping[str, Any]) -> HFConfig:
     if dtype is not None and not isinstance(dtype, str):
         raise ValueError(f"config.json: dtype must be a string, got {dtype!r}")
     token_ids = {k: data.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    return HFConfig(family, config, dtype, token_ids)
+    return HFConfig(family, config, dtype, token_ids, quantization)
 
 
 def _gpt2_fields(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -178,6 +193,8 @@ def _gpt2_fields(data: Mapping[str, Any]) -> dict[str, Any]:
 def _rope_family_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
     if family in GEMMA:
         return _gemma_fields(data, family)
+    if family == "gpt_oss":
+        return _gpt_oss_fields(data)
     if family == "deepseek_v3":
         return _deepseek_fields(data)
     defaults = {**LLAMA_DEFAULTS, **FAMILY_DEFAULTS.get(family, {})}
@@ -340,6 +357,68 @@ def _gemma_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
         layer_types, n_layers, window, family, f"sliding_window={window!r}"
     )
     return fields
+
+
+def _gpt_oss_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    """GPT-OSS as transformers' GptOssConfig reads it: biases on q/k/v/o, attention sinks,
+    sliding and full layers (alternating when layer_types is absent), yarn rope by default, a
+    router with bias, top-k on the logits then a softmax over the k (our renormalised top-k),
+    experts with biases and the clamped SwiGLU."""
+    act = data.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(
+            f"config.json (gpt_oss): hidden_act={act!r} is not supported (GptOssExperts apply "
+            "their clamped SwiGLU whatever it says; only 'silu' is read)"
+        )
+    n_layers = _size(data, "num_hidden_layers", None)  # no default: it sizes the weights
+    max_seq_len = _size(data, "max_position_embeddings", 131_072, MAX_POSITIONS)
+    rope = data
+    if data.get("rope_scaling") is None and data.get("rope_parameters") is None:
+        rope = {**data, "rope_parameters": GPT_OSS_ROPE}  # GptOssConfig's default
+    fields: dict[str, Any] = dict(
+        LLAMA_OPTIONS,
+        qkv_bias=_bool(data, "attention_bias", True),
+        out_bias=_bool(data, "attention_bias", True),
+        ffn_bias=True,
+        vocab_size=_size(data, "vocab_size", 201_088),
+        max_seq_len=max_seq_len,
+        d_model=_size(data, "hidden_size", 2880),
+        n_layers=n_layers,
+        n_heads=_size(data, "num_attention_heads", 64),
+        n_kv_heads=_size(data, "num_key_value_heads", 8),
+        head_dim=_size(data, "head_dim", 64),
+        d_ff=_size(data, "intermediate_size", 2880),
+        norm_eps=_positive(data, "rms_norm_eps", 1e-5),
+        tie_embeddings=_bool(data, "tie_word_embeddings", False),
+        use_moe=True,
+        num_experts=_size(data, "num_local_experts", 128),
+        top_k_experts=_size(data, "num_experts_per_tok", 4),
+        norm_topk_prob=True,
+        expert_capacity_factor=None,
+        attention_sinks=True,
+        router_bias=True,
+        swiglu_limit=_positive(data, "swiglu_limit", 7.0),
+        swiglu_alpha=_positive(data, "swiglu_alpha", 1.702),
+    )
+    fields["rope_theta"], fields["rope_scaling"], _ = _rope(rope, "gpt_oss", max_seq_len)
+    layer_types = data.get("layer_types")
+    if layer_types is None:
+        layer_types = [SLIDING if (i + 1) % 2 else FULL for i in range(n_layers)]
+    window = data.get("sliding_window", 128)
+    window = None if window is None else _size(data, "sliding_window", None)
+    fields["sliding_window"], fields["layer_types"] = _layer_kinds(
+        layer_types, n_layers, window, "gpt_oss", f"sliding_window={window!r}"
+    )
+    return fields
+
+
+def _quantization(data: Mapping[str, Any], family: str) -> str | None:
+    """ "mxfp4" for a GPT-OSS config.json whose quantization_config says so; None when there is
+    none. Any other quantization stays refused (by UNSUPPORTED_KEYS)."""
+    config = data.get("quantization_config")
+    if family != "gpt_oss" or not isinstance(config, Mapping):
+        return None
+    return "mxfp4" if config.get("quant_method") == "mxfp4" else None
 
 
 def _gemma3_rope_parameters(data: Mapping[str, Any]) -> tuple[dict, dict]:
@@ -663,6 +742,19 @@ REQUIREMENTS["gemma3_text"] = _GEMMA + [
         "set when rope_scaling is (the sliding layers rotate unscaled)",
     ),
 ]
+REQUIREMENTS["gpt_oss"] = _ROPE_MOE[:4] + [
+    _is("ffn_bias", True),
+    _is("qkv_bias", True),
+    _is("out_bias", True),
+    _is("attention_sinks", True),
+    _is("router_bias", True),
+    ("swiglu_limit", lambda c: c.swiglu_limit is not None, "a limit (the clamped SwiGLU)"),
+    _is("norm_topk_prob", True),
+    _is("shared_expert_d_ff", None),
+    _NO_QK_NORM,
+    _EVERY_LAYER_MOE,
+    *_NOT_PHI3,
+]
 REQUIREMENTS["deepseek_v3"] = [
     _is("norm", "rmsnorm"),
     _is("positions", "rope"),
@@ -686,6 +778,14 @@ REQUIREMENTS["deepseek_v3"] = [
         f"None or one of {FAMILY_ROPE_TYPES['deepseek_v3']}",
     ),
 ]
+# GPT-OSS's options, which the other families lack
+for _family in FAMILIES:
+    if _family != "gpt_oss":
+        REQUIREMENTS[_family] += [
+            _is("attention_sinks", False),
+            _is("router_bias", False),
+            _is("swiglu_limit", None),
+        ]
 # DeepSeek-V3's options, which the other families lack
 for _family in FAMILIES:
     if _family != "deepseek_v3":
@@ -754,6 +854,8 @@ def hf_config_from_lm(
         )
     elif family in GEMMA:
         out.update(_gemma_config(config, family))
+    elif family == "gpt_oss":
+        out.update(_gpt_oss_config(config))
     elif family == "deepseek_v3":
         out.update(_deepseek_config(config))
     else:
@@ -862,6 +964,23 @@ def _gemma_config(config: LMConfig, family: str) -> dict[str, Any]:
 
 def _float_or_none(value: float | None) -> float | None:
     return None if value is None else float(value)
+
+
+def _gpt_oss_config(config: LMConfig) -> dict[str, Any]:
+    """GptOssConfig's fields: the rope families' with its MoE, sinks and clamped SwiGLU."""
+    out = _rope_family_config(config, "gpt_oss")
+    out.update(
+        attention_bias=True,
+        sliding_window=config.sliding_window,
+        layer_types=[config.layer_type(i) for i in range(config.n_layers)],
+        num_local_experts=config.num_experts,
+        num_experts_per_tok=config.top_k_experts,
+        swiglu_limit=float(config.swiglu_limit),
+        swiglu_alpha=float(config.swiglu_alpha),
+        router_aux_loss_coef=0.0,
+        output_router_logits=False,
+    )
+    return out
 
 
 # --------------------------------------------------------------------------- DeepSeek-V3

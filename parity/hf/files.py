@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from twin_core.files import SAFETENSORS_NAMES, read_safetensors_header
@@ -27,6 +28,7 @@ BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 MAX_JSON_BYTES = 64 << 20
 ST_DTYPES = {SAFETENSORS_NAMES[name]: getattr(torch, name) for name in CHECKPOINT_DTYPES}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+QUANTIZED_ST_DTYPES = {"U8": torch.uint8}  # read only as MXFP4 blocks and scales (parity.hf.mxfp4)
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -128,18 +130,37 @@ class WeightFiles:
             return torch.zeros(shape, dtype=dtype)
         return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
+    def read_into(self, name: str, out: np.ndarray) -> None:
+        """Read one tensor's bytes straight into `out`, a contiguous NumPy array of as many
+        bytes that the caller keeps (its dtype and shape are the caller's): one copy from the
+        file, nothing in between."""
+        path = self._file_of[name]
+        if path in self._bins:
+            source = self._bins[path][name].contiguous().view(-1).view(torch.uint8).numpy()
+            out.reshape(-1).view(np.uint8)[:] = source
+            return
+        first, count = self._spans[(path, name)]
+        if out.nbytes != count or not out.flags.c_contiguous:
+            raise ValueError(f"{name!r} holds {count} bytes, cannot be read into {out.nbytes}")
+        with open(path, "rb") as f:
+            f.seek(first)
+            if count and f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != count:
+                raise ValueError(f"{path}: truncated while reading {name!r}")
+
 
 def safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype, int, int]]:
     """name -> (shape, torch dtype, first byte, byte count) of a safetensors file's float
-    tensors, from its header checked against the file's size; other dtypes are refused."""
+    tensors (and uint8 ones, which only MXFP4 blocks and scales may be), from its header checked
+    against the file's size; other dtypes are refused."""
     out = {}
+    dtypes = {**ST_DTYPES, **QUANTIZED_ST_DTYPES}
     for name, entry in read_safetensors_header(path).tensors.items():
-        if entry.dtype not in ST_DTYPES:
+        if entry.dtype not in dtypes:
             raise ValueError(
                 f"{path}: {name!r} is {entry.dtype}; only float weights ({', '.join(ST_DTYPES)}) "
-                "are supported (quantized or integer weights are not)"
+                "are supported (quantized or integer weights are not, but GPT-OSS's MXFP4)"
             )
-        out[name] = (entry.shape, ST_DTYPES[entry.dtype], entry.first, entry.count)
+        out[name] = (entry.shape, dtypes[entry.dtype], entry.first, entry.count)
     return out
 
 

@@ -49,12 +49,15 @@ from .files import (
     remove_stale,
     shard_names,
 )
-from .mapping import HFRow, expand, expected_hf_shapes, hf_from_ours, ours_from_hf
+from .mapping import COPY, HFRow, expand, expected_hf_shapes, hf_from_ours, ours_from_hf
 from .metadata import HFMetadata, folder_files
+from .mxfp4 import BLOCKS_SUFFIX, SCALES_SUFFIX, dequantize_mxfp4, dequantized_shape
 
 # names that old checkpoints carry and transformers ignores: GPT-2's mask buffers, rope tables
 IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|(^|\.)rotary_emb\.inv_freq$")
 BASE_PREFIX = {"gpt2": "transformer."}  # the others: "model."
+ALIGNMENT = 64  # bytes
+INTEGER_OF_SIZE = {2: np.int16, 4: np.int32}  # bytes per element -> an integer of that size
 
 
 class HFCheckpoint:
@@ -77,23 +80,34 @@ class HFCheckpoint:
         self.our_shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
         self.entries = sorted(expand(self.hf.family, config), key=lambda e: e[1])
         self.buffers = sorted(set(self.our_shapes) - {ours for ours, _, _ in self.entries})
+        self.shapes, self.quantized = stored_weights(self.files.shapes, self.hf.quantization)
         self._names = self._check_names()
+        self._last: tuple[str, torch.Tensor] | None = None  # the tensor read last
 
     def _check_names(self) -> dict[str, str]:
         """HF name -> name in the files (with or without the base model's prefix); ValueError
-        listing missing, unexpected and mis-shaped tensors."""
+        listing missing, unexpected and mis-shaped tensors, and integer tensors that are not
+        MXFP4 blocks or scales."""
         prefix = BASE_PREFIX.get(self.hf.family, "model.")
-        stored = list(self.files.shapes)
+        stored = list(self.shapes)
         bare = not any(name.startswith(prefix) for name in stored)
         names = {}
         for name in stored:
             canonical = prefix + name if bare and not name.startswith("lm_head.") else name
             names[canonical] = name
         expected = expected_hf_shapes(self.entries, self.our_shapes)
-        problems = [f"missing tensor {name!r}" for name in expected if name not in names]
+        integer = [name for name in names.values() if self.shapes[name][1] == torch.uint8]
+        problems = [
+            f"{name!r} is uint8: integer tensors are read only as MXFP4 blocks and scales "
+            "(GPT-OSS with quantization_config quant_method 'mxfp4')"
+            for name in integer
+        ]
+        problems += [f"missing tensor {name!r}" for name in expected if name not in names]
         for canonical, name in names.items():
+            if name in integer:
+                continue
             if canonical in expected:
-                shape = self.files.shapes[name][0]
+                shape = self.shapes[name][0]
                 if shape != expected[canonical]:
                     problems.append(
                         f"{name!r}: the config says shape {expected[canonical]}, "
@@ -109,32 +123,51 @@ class HFCheckpoint:
         return names
 
     def read(self, hf_name: str) -> torch.Tensor:
-        """One HF tensor from the files."""
-        return self.files.get(self._names[hf_name])
+        """One HF tensor from the files (MXFP4 blocks and scales dequantized to the model's
+        dtype); the last one read is kept, as every expert's slice of a stacked tensor reads it."""
+        if self._last is not None and self._last[0] == hf_name:
+            return self._last[1]
+        self._last = None  # one tensor in flight at a time
+        name = self._names[hf_name]
+        if name in self.quantized:
+            blocks, scales = (self.files.get(n) for n in self.quantized[name])
+            tensor = dequantize_mxfp4(blocks, scales, TORCH_DTYPES[self.dtype])
+        else:
+            tensor = self.files.get(name)
+        self._last = (hf_name, tensor)
+        return tensor
+
+    def stored_dtype(self, hf_name: str) -> torch.dtype | None:
+        """The dtype of one HF tensor in the files (None for MXFP4 blocks and scales)."""
+        name = self._names[hf_name]
+        return None if name in self.quantized else self.files.shapes[name][1]
 
     def torch(self) -> torch_block.TransformerLM:
         """The torch_block LM in eval mode, built in the target dtype and filled in place."""
         previous = torch.get_default_dtype()
         torch.set_default_dtype(TORCH_DTYPES[self.dtype])  # parameters made in the target dtype
         try:
-            model = torch_block.TransformerLM.from_config(self.hf.config)
+            with torch.device("meta"):  # no random initialisation: every weight is read below
+                model = torch_block.TransformerLM.from_config(self.hf.config)
+            model.to_empty(device="cpu")  # memory not touched until read into (rope tables kept)
         finally:
             torch.set_default_dtype(previous)
         state = model.state_dict()
-        last_name, tensor = None, None
         with torch.no_grad():
-            for ours, hf_name, row in self.entries:
-                if hf_name != last_name:  # q, k, v of a fused c_attn share one read
-                    tensor = None  # one tensor in flight at a time
-                    last_name, tensor = hf_name, self.read(hf_name)
-                state[ours].copy_(ours_from_hf(row, tensor))
+            for ours, hf_name, row in self.entries:  # q, k, v of a fused c_attn share one read
+                if row.transform == COPY and self.stored_dtype(hf_name) == state[ours].dtype:
+                    as_bytes = state[ours].detach().view(-1).view(torch.uint8).numpy()
+                    self.files.read_into(self._names[hf_name], as_bytes)  # no copy between
+                    continue
+                state[ours].copy_(ours_from_hf(row, self.read(hf_name)))
             for key in self.buffers:
                 state[key].zero_()
+        self._last = None
         return model.eval()
 
     def flax(self) -> tuple[jax_block.TransformerLM, dict]:
         """(Flax LM, params), built row by row of parity.convert.mapping's table from the HF
-        tensors."""
+        tensors: each array read (and transposed) into memory that the JAX array then uses."""
         dtype = JAX_DTYPES[self.dtype]
         lm = jax_block.TransformerLM.from_config(self.hf.config, dtype=dtype, param_dtype=dtype)
         source = {ours: (hf_name, row) for ours, hf_name, row in self.entries}
@@ -143,24 +176,72 @@ class HFCheckpoint:
         for row in lm_table(config):
             if "{e}" in row.torch_key:
                 keys = [row.torch_key.format(e=e) for e in range(config.num_experts)]
-                array = np.stack([self._numpy(source[key]) for key in keys])
             else:
-                array = self._numpy(source[row.torch_key])
-            if row.transpose:  # a contiguous copy, and the read buffer is let go before
-                array = np.ascontiguousarray(np.swapaxes(array, -1, -2))
-            flat[tuple(row.flax_path.split("/"))] = jnp.asarray(array)
+                keys = [row.torch_key]
+            shape = self.our_shapes[keys[0]]
+            if row.transpose:
+                shape = shape[:-2] + (shape[-1], shape[-2])
+            array = aligned_empty(((len(keys),) if len(keys) > 1 else ()) + shape, dtype)
+            for i, key in enumerate(keys):
+                self._read_flax(source[key], array[i] if len(keys) > 1 else array, row.transpose)
+            flat[tuple(row.flax_path.split("/"))] = jax.device_put(array, may_alias=True)
             del array
+        self._last = None
         params = unflatten_dict(flat)
         _check_flax_shapes(lm, params)
         return lm, params
 
-    def _numpy(self, source: tuple[str, HFRow]) -> np.ndarray:
-        """Our tensor in the target dtype as NumPy, sharing the read buffer where it can."""
+    def _read_flax(self, source: tuple[str, HFRow], out: np.ndarray, transpose: bool) -> None:
+        """Our tensor in the target dtype into `out` (transposed to Flax's (in, out) when
+        `transpose`): read straight into it when the file holds it as it is."""
         hf_name, row = source
-        tensor = ours_from_hf(row, self.read(hf_name)).to(TORCH_DTYPES[self.dtype])
-        if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16: the same bits, as JAX's
-            return tensor.view(torch.int16).numpy().view(jnp.bfloat16)
-        return tensor.numpy()
+        target = TORCH_DTYPES[self.dtype]
+        if row.transform == COPY and not transpose and self.stored_dtype(hf_name) == target:
+            self.files.read_into(self._names[hf_name], out)
+            return
+        tensor = ours_from_hf(row, self.read(hf_name)).to(target)
+        if transpose:
+            tensor = tensor.transpose(-1, -2)
+        bits = INTEGER_OF_SIZE[tensor.element_size()]  # the same bits: NumPy has no bfloat16
+        torch.from_numpy(out.view(bits)).copy_(tensor.view(getattr(torch, bits.__name__)))
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary, which JAX's
+    CPU arrays can use in place (`jax.device_put(..., may_alias=True)`) instead of copying."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def stored_weights(
+    shapes: Mapping[str, tuple[tuple[int, ...], torch.dtype]], quantization: str | None
+) -> tuple[dict[str, tuple[tuple[int, ...], torch.dtype]], dict[str, tuple[str, str]]]:
+    """(name -> (shape, dtype) of the weights the files hold, name -> (blocks, scales) of the
+    quantized ones). With MXFP4, each `{name}_blocks` beside a `{name}_scales` stands for
+    `{name}` of the dequantized shape; a lone one is left as it is (refused as uint8)."""
+    out, quantized = dict(shapes), {}
+    if quantization != "mxfp4":
+        return out, quantized
+    for blocks in [n for n in shapes if n.endswith(BLOCKS_SUFFIX)]:
+        name = blocks.removesuffix(BLOCKS_SUFFIX)
+        scales = name + SCALES_SUFFIX
+        if scales not in shapes:
+            continue
+        (block_shape, block_dtype), (scale_shape, scale_dtype) = shapes[blocks], shapes[scales]
+        if block_dtype != torch.uint8 or scale_dtype != torch.uint8:
+            raise ValueError(
+                f"MXFP4 {blocks!r} and {scales!r} must be uint8, got {block_dtype}, {scale_dtype}"
+            )
+        try:
+            shape = dequantized_shape(block_shape, scale_shape)
+        except ValueError as err:
+            raise ValueError(f"{name!r}: {err}") from err
+        del out[blocks], out[scales]
+        out[name] = (shape, torch.float32)  # dequantized into the model's dtype on reading
+        quantized[name] = (blocks, scales)
+    return out, quantized
 
 
 def resolve_dtype(stored: str | None, requested: Any) -> str:

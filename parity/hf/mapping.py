@@ -4,7 +4,9 @@ The HF names are those `save_pretrained` writes (transformers' legacy on-disk la
 transformers 5 still writes and reads): GPT-2's Conv1D weights are (in, out) and its q/k/v are
 fused in `c_attn`; Mixtral's experts are `block_sparse_moe.experts.{e}.w1/w2/w3`; Qwen2-MoE
 has `mlp.experts.{e}.*`, `mlp.shared_expert.*` and `mlp.shared_expert_gate`; Phi-3 fuses q/k/v
-in `qkv_proj` and gate/up in `gate_up_proj` (rows stacked). `{i}` stands for the layer, `{e}`
+in `qkv_proj` and gate/up in `gate_up_proj` (rows stacked); GPT-OSS stacks its experts in
+`mlp.experts.gate_up_proj` (E, d_model, 2 d_ff), gate and up interleaved in the last axis, and
+`mlp.experts.down_proj` (E, d_ff, d_model), with their biases. `{i}` stands for the layer, `{e}`
 for the expert.
 """
 
@@ -20,6 +22,7 @@ from twin_core import LMConfig
 from .config import FAMILIES
 
 COPY, TRANSPOSE, FUSED_QKV, FUSED_ROWS = "copy", "transpose", "fused_qkv", "fused_rows"
+EXPERTS = "experts"  # one expert's slice of a stacked (E, ...) tensor, stored (in, out)
 PREFIXES = {"gpt2": "transformer."}  # the others: "model."
 
 
@@ -28,7 +31,9 @@ class HFRow(NamedTuple):
 
     `part` is 0, 1 or 2 for q, k, v inside GPT-2's fused `c_attn` (FUSED_QKV), or the index of
     our tensor among the row blocks of a FUSED_ROWS tensor, whose `sizes` are the rows of each
-    block in order; else None.
+    block in order, or of an EXPERTS tensor whose last axis interleaves two (0: the even
+    entries, 1: the odd; None: not interleaved); else None. `expert` is the expert an EXPERTS
+    row of `expand` reads (None in the symbolic rows).
     """
 
     ours: str
@@ -38,6 +43,7 @@ class HFRow(NamedTuple):
     transform: str
     part: int | None = None
     sizes: tuple[int, ...] = ()
+    expert: int | None = None
 
 
 def _linear(ours: str, hf: str, out: str, inp: str, bias: bool, conv1d: bool = False):
@@ -169,7 +175,11 @@ def _rope_block(family: str, block: Any) -> list[HFRow]:
         rows += _norm(f"{b}.norm2", f"{h}.pre_feedforward_layernorm", False)
     else:  # Llama's "post_attention_layernorm" is the feed-forward's input norm
         rows += _norm(f"{b}.norm2", f"{h}.post_attention_layernorm", False)
+    if block.attention_sinks:  # GPT-OSS
+        rows.append(HFRow(f"{b}.attention.sinks", "(H,)", f"{h}.self_attn.sinks", "(H,)", COPY))
     ffn, moe = f"{b}.feed_forward", f"{h}.{MOE_MLP.get(family, 'mlp')}"
+    if family == "gpt_oss":
+        return rows + _gpt_oss_moe(ffn, moe)
     if not block.use_moe:
         rows += _gated(ffn, f"{h}.mlp", LLAMA_MLP, "d_ff", block.ffn_bias)
         if block.sandwich_norms:
@@ -186,6 +196,44 @@ def _rope_block(family: str, block: Any) -> list[HFRow]:
             f"{ffn}.shared_expert_gate", f"{moe}.shared_expert_gate", "1", "d_model", False
         )
     return rows
+
+
+def _gpt_oss_moe(ours: str, hf: str) -> list[HFRow]:
+    """GPT-OSS's router (with bias) and stacked experts: fc1 and fc3 of expert e are the even
+    and odd columns of gate_up_proj[e] (d_model, 2 d_ff), transposed; fc2 is down_proj[e]."""
+    experts, expert = f"{hf}.experts", f"{ours}.experts.{{e}}"
+    rows = _linear(f"{ours}.gate", f"{hf}.router", "E", "d_model", True)
+    for part, name in enumerate(("fc1", "fc3")):
+        rows += [
+            HFRow(
+                f"{expert}.{name}.weight",
+                "(d_ff, d_model)",
+                f"{experts}.gate_up_proj",
+                "(E, d_model, 2 d_ff)",
+                EXPERTS,
+                part,
+            ),
+            HFRow(
+                f"{expert}.{name}.bias",
+                "(d_ff,)",
+                f"{experts}.gate_up_proj_bias",
+                "(E, 2 d_ff)",
+                EXPERTS,
+                part,
+            ),
+        ]
+    return rows + [
+        HFRow(
+            f"{expert}.fc2.weight",
+            "(d_model, d_ff)",
+            f"{experts}.down_proj",
+            "(E, d_ff, d_model)",
+            EXPERTS,
+        ),
+        HFRow(
+            f"{expert}.fc2.bias", "(d_model,)", f"{experts}.down_proj_bias", "(E, d_model)", EXPERTS
+        ),
+    ]
 
 
 def _deepseek_block(block: Any) -> list[HFRow]:
@@ -290,7 +338,14 @@ def expand(family: str, config: LMConfig) -> list[tuple[str, str, HFRow]]:
     for i, block in enumerate(config.block_configs()):
         for row in _layer_rows(family, block):
             experts = range(block.num_experts) if "{e}" in row.ours else [None]
-            out += [(row.ours.format(i=i, e=e), row.hf.format(i=i, e=e), row) for e in experts]
+            out += [
+                (
+                    row.ours.format(i=i, e=e),
+                    row.hf.format(i=i, e=e),
+                    row._replace(expert=e) if row.transform == EXPERTS else row,
+                )
+                for e in experts
+            ]
     return out + [(row.ours, row.hf, row) for row in tail]
 
 
@@ -299,9 +354,18 @@ def expected_hf_shapes(
 ) -> dict[str, tuple[int, ...]]:
     """HF name -> shape, from the shapes of our tensors."""
     shapes = {}
+    num_experts: dict[str, int] = {}
+    for _, hf, row in entries:
+        if row.transform == EXPERTS:
+            num_experts[hf] = max(num_experts.get(hf, 0), row.expert + 1)
     for ours, hf, row in entries:
         shape = tuple(our_shapes[ours])
-        if row.transform == TRANSPOSE:
+        if row.transform == EXPERTS:  # (E, in, out), out doubled where two interleave
+            shape = shape[::-1]
+            if row.part is not None:
+                shape = (*shape[:-1], 2 * shape[-1])
+            shape = (num_experts[hf], *shape)
+        elif row.transform == TRANSPOSE:
             shape = shape[::-1]
         elif row.transform == FUSED_QKV:
             shape = (shape[1], 3 * shape[0]) if len(shape) == 2 else (3 * shape[0],)
@@ -313,6 +377,11 @@ def expected_hf_shapes(
 
 def ours_from_hf(row: HFRow, tensor: torch.Tensor) -> torch.Tensor:
     """Our tensor (a view where possible) from the HF tensor the row names."""
+    if row.transform == EXPERTS:
+        tensor = tensor[row.expert]  # (in, out) or (out,)
+        if row.part is not None:
+            tensor = tensor[..., row.part :: 2]
+        return tensor.t() if tensor.dim() == 2 else tensor
     if row.transform == TRANSPOSE:
         return tensor.t()
     if row.transform == FUSED_QKV:
@@ -326,7 +395,20 @@ def ours_from_hf(row: HFRow, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def hf_from_ours(rows: list[HFRow], tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The HF tensor of one name from the rows (one, or q/k/v for c_attn) and our tensors."""
+    """The HF tensor of one name from the rows (one, or q/k/v for c_attn, or every expert's
+    for a stacked tensor) and our tensors."""
+    if rows[0].transform == EXPERTS:
+        pieces = [t.t() if t.dim() == 2 else t for t in tensors]  # (in, out) or (out,)
+        interleaved = rows[0].part is not None
+        width = pieces[0].shape[-1] * (2 if interleaved else 1)
+        stacked = pieces[0].new_empty(
+            (len(rows) // (2 if interleaved else 1), *pieces[0].shape[:-1], width)
+        )
+        for row, piece in zip(rows, pieces, strict=True):
+            target = stacked[row.expert]
+            target = target[..., row.part :: 2] if interleaved else target
+            target.copy_(piece)
+        return stacked
     if rows[0].transform in (FUSED_QKV, FUSED_ROWS):
         ordered = [t for _, t in sorted(zip((r.part for r in rows), tensors, strict=True))]
         if rows[0].transform == FUSED_QKV and ordered[0].dim() == 2:
@@ -347,6 +429,16 @@ def _transform_text(row: HFRow) -> str:
     if row.transform == FUSED_ROWS:
         name = row.hf.split(".")[-2]
         return f"rows {FUSED_SPANS[name][row.part]} of {name}"
+    if row.transform == EXPERTS:
+        name = row.hf.split(".")[-1]
+        columns = (
+            "" if row.part is None else f"{('even', 'odd')[row.part]} entries of the last axis of "
+        )
+        return (
+            f"{columns}{name}[e], transposed"
+            if row.ours.endswith("weight")
+            else f"{columns}{name}[e]"
+        )
     if row.transform == FUSED_QKV:
         span = ("[0, d)", "[d, 2d)", "[2d, 3d)")[row.part]
         if row.ours.endswith("weight"):
@@ -359,7 +451,7 @@ def markdown_tables() -> str:
     """The tables for README.md: GPT-2's and Llama's in full (every option on: biases where the
     family can have them, an untied head; Mistral and Qwen2 as Llama's), then one table of the
     rows where the other families differ from Llama's: Mixtral's and Qwen2-MoE's feed-forward,
-    Phi-3's fused q/k/v and gate/up, Gemma 3's norms."""
+    Phi-3's fused q/k/v and gate/up, Gemma 3's norms, GPT-OSS's sinks and stacked experts."""
     base = dict(vocab_size=8, max_seq_len=8, d_model=8, n_layers=1, n_heads=2, d_ff=8)
     rope = dict(
         norm="rmsnorm",
@@ -383,6 +475,15 @@ def markdown_tables() -> str:
     shared = dict(shared_expert_d_ff=8, shared_expert_gate=True)
     gemma = dict(norm="gemma_rmsnorm", qk_norm="head", sandwich_norms=True, embed_scale=True)
     llama = set(hf_rows("llama", LMConfig(**base, **rope)))
+    gpt_oss = dict(
+        qkv_bias=True,
+        out_bias=True,
+        ffn_bias=True,
+        attention_sinks=True,
+        router_bias=True,
+        swiglu_limit=7.0,
+        activation="silu",
+    )
     differences = [
         ("mixtral", LMConfig(**base, **rope, **moe), lambda row: ".feed_forward." in row.ours),
         (
@@ -392,6 +493,11 @@ def markdown_tables() -> str:
         ),
         ("phi3", LMConfig(**base, **rope), lambda row: row.transform == FUSED_ROWS),
         ("gemma3_text", LMConfig(**base, **{**rope, **gemma}), lambda row: row not in llama),
+        (
+            "gpt_oss",
+            LMConfig(**base, **{**rope, **gpt_oss}, **moe),
+            lambda row: ".feed_forward." in row.ours or row.ours.endswith(".sinks"),
+        ),
     ]
     header = "| our torch key | our shape | HF name | HF shape | transform |"
     parts = []
@@ -405,9 +511,10 @@ def markdown_tables() -> str:
             "",
         ]
     parts += [
-        "**mixtral, qwen2_moe, phi3, gemma3_text**: the rows that differ from llama's (biases: "
-        "qwen2_moe's q/k/v with qkv_bias, gemma's with attention_bias, none else; gemma2: "
-        "gemma3_text's without q_norm, k_norm; `{e}` expert)",
+        "**mixtral, qwen2_moe, phi3, gemma3_text, gpt_oss**: the rows that differ from llama's "
+        "(biases: qwen2_moe's q/k/v with qkv_bias, gemma's with attention_bias, gpt_oss's always "
+        "(q/k/v/o as llama's, router, experts), none else; gemma2: gemma3_text's without q_norm, "
+        "k_norm; `{e}` expert)",
         "",
         "| family " + header,
         "|---|---|---|---|---|---|",

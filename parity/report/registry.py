@@ -105,6 +105,30 @@ CONFIGS: dict[str, dict[str, Any]] = {
         rope_theta=1e6,
         rope_scaling=RopeScaling(rope_type="linear", factor=8.0),
     ),
+    # GPT-OSS: biases on q/k/v/o, a sink logit per head, router bias, experts with biases and
+    # the clamped SwiGLU at a limit this model's activations reach (7.0 they never would), yarn
+    # rope whose original length 8 the prompts and generation pass (its LM: LM_LAYERS)
+    "gpt_oss": dict(
+        _LLAMA,
+        qkv_bias=True,
+        out_bias=True,
+        ffn_bias=True,
+        attention_sinks=True,
+        use_moe=True,
+        num_experts=8,
+        top_k_experts=2,
+        router_bias=True,
+        swiglu_limit=0.3,
+        rope_theta=150000.0,
+        rope_scaling=RopeScaling(
+            rope_type="yarn",
+            factor=4.0,
+            original_max_position_embeddings=8,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            truncate=False,
+        ),
+    ),
     # DeepSeek-V3: latent attention (q through a rank-32 latent, keys and values from a rank-32
     # latent and one rope key), yarn with mscale_all_dim, grouped sigmoid routing, 2 shared
     # experts' width; its LM's first layer dense (LM_LAYERS)
@@ -147,13 +171,22 @@ LM_LAYERS: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(dense_layers=(1,), dense_d_ff=96),
     "gemma2": dict(_ALTERNATING, embed_scale=True, final_logit_softcap=1.0),
     "gemma3": dict(_ALTERNATING, embed_scale=True, local_rope_theta=10000.0),
+    "gpt_oss": _ALTERNATING,
     "deepseek_v3": dict(dense_layers=(0,), dense_d_ff=96),
 }
 ORIGINAL = ("dense", "moe")  # the original architecture: every block case
 # The families of the default report, then those that run only when named (`check --config
 # qwen3`): the default run stays near a minute on 2 cores.
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "phi3")
-NAMED_FAMILIES = ("qwen3", "qwen3_moe", "olmoe", "gemma2", "gemma3", "deepseek_v3")
+NAMED_FAMILIES = (
+    "qwen3",
+    "qwen3_moe",
+    "olmoe",
+    "gemma2",
+    "gemma3",
+    "gpt_oss",
+    "deepseek_v3",
+)
 DEFAULT_CONFIGS = ORIGINAL + FAMILIES  # `python -m parity`, `check --config all`
 MOE_FAMILIES = tuple(name for name in FAMILIES + NAMED_FAMILIES if CONFIGS[name].get("use_moe"))
 BATCH, SEQ_LEN, PREFILL_LEN = 2, 16, 8

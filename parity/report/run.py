@@ -43,7 +43,8 @@ def _torch_router_logits(module: torch.nn.Module) -> Iterator[list[tuple[torch.T
 
     def hook(moe: torch_block.MixtureOfExperts, args: tuple) -> None:
         tokens = args[0].reshape(-1, args[0].shape[-1])  # (N, d_model)
-        captured.append((F.linear(tokens.float(), moe.gate.weight.float()), moe.top_k))
+        bias = None if moe.gate.bias is None else moe.gate.bias.float()  # GPT-OSS's router
+        captured.append((F.linear(tokens.float(), moe.gate.weight.float(), bias), moe.top_k))
 
     handles = [
         layer.register_forward_pre_hook(hook)

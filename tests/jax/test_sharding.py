@@ -126,6 +126,21 @@ FAMILIES = {
         ffn_bias=False,
         tie_embeddings=False,
     ),
+    "gpt_oss": dict(
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=16,
+        norm="rmsnorm",
+        positions="rope",
+        gated_ffn=True,
+        activation="silu",
+        use_moe=True,
+        num_experts=4,
+        attention_sinks=True,
+        router_bias=True,
+        swiglu_limit=7.0,
+        tie_embeddings=False,
+    ),
     "deepseek_v3": dict(
         n_heads=4,
         d_ff=16,
@@ -169,9 +184,11 @@ def test_every_parameter_has_logical_names_and_init_stays_plain(family):
         assert len(names) == leaf.ndim, name
         unnamed = [n for n in names if n is None]
         assert all(n in LOGICAL_AXES for n in names if n is not None), name
-        # only the router and the shared expert's gate (both tiny) keep one axis unnamed, and
-        # MLA's latent dims
+        # only the router (its bias too) and the shared expert's gate, all tiny, keep one axis
+        # unnamed, and MLA's latent dims; the sinks split with the heads (GPT-OSS)
         assert not unnamed or name.endswith(UNNAMED), name
+        if name.endswith("['sinks']"):
+            assert tuple(names) == ("heads",)
 
 
 def test_the_rules_map_every_logical_name_onto_the_three_mesh_axes():
