@@ -127,6 +127,44 @@ def measure_child(model: str, positions: int) -> dict:
     return json.loads(process.stdout.strip().splitlines()[-1])
 
 
+# DeepSeek-V3's attention sizes (one layer), for the latent cache's bytes per token
+DEEPSEEK_V3_MLA = dict(
+    d_model=7168,
+    n_heads=128,
+    d_ff=2048,
+    norm="rmsnorm",
+    positions="rope",
+    qkv_bias=False,
+    out_bias=False,
+    q_lora_rank=1536,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+)
+
+
+def latent_cache_bytes_per_token(itemsize: int = 2) -> dict:
+    """Bytes per token and layer of an MLA layer's cache at DeepSeek-V3's sizes, as
+    jax_block allocates it (jax.eval_shape of create_kv_cache: the latent and the rope key),
+    against the expanded keys (H (Dn + Dr)) and values (H Dv) that transformers caches."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax_block import TransformerBlock
+    from twin_core import BlockConfig
+
+    config = BlockConfig(**DEEPSEEK_V3_MLA)
+    dtype = {2: jnp.bfloat16, 4: jnp.float32}[itemsize]
+    block = TransformerBlock.from_config(config)
+    cache = jax.eval_shape(lambda: block.create_kv_cache(1, 1024, dtype))
+    latent = (cache.latent.size + cache.rope_key.size) // 1024 * itemsize
+    H = config.n_heads
+    dims = config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim
+    expanded = H * dims * itemsize
+    return {"latent": latent, "expanded": expanded, "ratio": expanded / latent}
+
+
 def run(quick: bool) -> Result:
     positions = 1024 if quick else 4096
     raw = {model: measure_child(model, positions) for model in MODELS}
@@ -179,6 +217,7 @@ def run(quick: bool) -> Result:
     llama = SMALL_LLAMA
     head_ratio = llama["n_heads"] / llama["n_kv_heads"]
     formula = all(m["cache_bytes"] == m["expected_cache_bytes"] for m in raw.values())
+    mla = latent_cache_bytes_per_token()
     return Result(
         name="memory",
         title=f"Peak memory of JAX generate, small LMs, batch {BATCH}, {positions} positions",
@@ -212,6 +251,9 @@ def run(quick: bool) -> Result:
             "program's own temporary-buffer size (memory_analysis)",
             "Llama-like: the small LM with GQA 4:1, rope, RMSNorm, SwiGLU of d_ff 768, no "
             "biases, untied head",
+            f"latent (MLA) cache at DeepSeek-V3's sizes, bfloat16, per token and layer: "
+            f"{mla['latent']} bytes (latent 512 + rope key 64) against {mla['expanded']} of "
+            f"expanded keys and values (128 heads x (128 + 64 + 128)): {mla['ratio']:.1f}x smaller",
         ],
     )
 

@@ -10,12 +10,13 @@ from jax.sharding import Mesh
 from twin_core import BlockConfig
 
 from .attention import MultiHeadAttention
-from .cache import KVCache
+from .cache import KVCache, LatentCache
 from .configured import ConfiguredModule
 from .feed_forward import FeedForward
+from .mla import MultiHeadLatentAttention
 from .moe import MixtureOfExperts
 from .norm import make_norm
-from .sharding import ACTIVATION_AXES, constrain, kv_cache_sharding
+from .sharding import ACTIVATION_AXES, constrain, kv_cache_sharding, latent_cache_sharding
 
 
 class TransformerBlock(ConfiguredModule):
@@ -42,10 +43,20 @@ class TransformerBlock(ConfiguredModule):
         *,
         mesh: Mesh | None = None,
         rules=None,
-    ) -> KVCache:
-        """An empty cache sized for this block's key/value heads; with `mesh`, placed on it
-        (batch over data, kv heads over tensor: `jax_block.sharding.DEFAULT_RULES` or `rules`)."""
+    ) -> KVCache | LatentCache:
+        """An empty cache sized for this block's key/value heads (MLA: a LatentCache); with `mesh`,
+        placed on it (batch over data, kv heads over tensor, an MLA latent on no axis:
+        `jax_block.sharding.DEFAULT_RULES` or `rules`)."""
         config = self.config
+        if config.is_mla:  # on a mesh: batch over data, the latent on no axis
+            return LatentCache.create(
+                max_batch_size,
+                max_seq_len,
+                config.kv_lora_rank,
+                config.qk_rope_head_dim,
+                dtype,
+                latent_cache_sharding(max_batch_size, mesh, rules),
+            )
         sharding = kv_cache_sharding(config, max_batch_size, max_seq_len, mesh, rules)
         return KVCache.create(
             max_batch_size,
@@ -81,29 +92,32 @@ class TransformerBlock(ConfiguredModule):
             )
         x = constrain(x.astype(self.dtype), ACTIVATION_AXES)  # the residual stream, in dtype
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attention = MultiHeadAttention(
-            config.d_model,
-            config.n_heads,
-            config.dropout,
-            config.causal,
-            n_kv_heads=config.n_kv_heads,
-            head_dim=config.head_dim,
-            qkv_bias=config.qkv_bias,
-            out_bias=config.out_bias,
-            positions=config.positions,
-            rope_theta=config.rope_theta,
-            rope_scaling=config.rope_scaling,
-            partial_rotary_factor=config.partial_rotary_factor,
-            sliding_window=config.sliding_window,
-            query_pre_attn_scalar=config.query_pre_attn_scalar,
-            attn_logit_softcap=config.attn_logit_softcap,
-            qk_norm=config.qk_norm,
-            norm=config.norm,
-            norm_eps=config.norm_eps,
-            attention_sinks=config.attention_sinks,
-            name="attention",
-            **dtypes,
-        )
+        if config.is_mla:
+            attention = MultiHeadLatentAttention(config, name="attention", **dtypes)
+        else:
+            attention = MultiHeadAttention(
+                config.d_model,
+                config.n_heads,
+                config.dropout,
+                config.causal,
+                n_kv_heads=config.n_kv_heads,
+                head_dim=config.head_dim,
+                qkv_bias=config.qkv_bias,
+                out_bias=config.out_bias,
+                positions=config.positions,
+                rope_theta=config.rope_theta,
+                rope_scaling=config.rope_scaling,
+                partial_rotary_factor=config.partial_rotary_factor,
+                sliding_window=config.sliding_window,
+                query_pre_attn_scalar=config.query_pre_attn_scalar,
+                attn_logit_softcap=config.attn_logit_softcap,
+                qk_norm=config.qk_norm,
+                norm=config.norm,
+                norm_eps=config.norm_eps,
+                attention_sinks=config.attention_sinks,
+                name="attention",
+                **dtypes,
+            )
         norm1 = make_norm(config.norm, config.norm_eps, name="norm1", **dtypes)
         attn, new_cache = attention(
             norm1(x), mask, kv_cache, cache_position, deterministic, positions
@@ -131,6 +145,10 @@ class TransformerBlock(ConfiguredModule):
                 shared_expert_d_ff=config.shared_expert_d_ff,
                 shared_expert_gate=config.shared_expert_gate,
                 router_bias=config.router_bias,
+                router=config.router,
+                n_group=config.n_group,
+                topk_group=config.topk_group,
+                routed_scaling_factor=config.routed_scaling_factor,
                 name="feed_forward",
                 **ffn,
                 **dtypes,

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import NamedSharding
 
-from .sharding import CACHE_AXES, constrain
+from .sharding import CACHE_AXES, LATENT_CACHE_AXES, constrain
 
 # XLA options for jitted functions that take a cache and return it updated. By default XLA's
 # copy insertion copies every cache buffer that a step both reads and writes (twice per buffer
@@ -155,4 +155,113 @@ class KVCache:
         jitted step returns it where it came from and updates it in place; else itself."""
         return self.replace(
             k_cache=constrain(self.k_cache, CACHE_AXES), v_cache=constrain(self.v_cache, CACHE_AXES)
+        )
+
+
+@struct.dataclass
+class LatentCache:
+    """The cache of a multi-head latent attention layer: per token the normalised latent
+    (max_batch_size, max_seq_len, kv_lora_rank) and the one rotated rope key shared by all
+    heads (max_batch_size, max_seq_len, rope_dim), and a position; never expanded keys or
+    values. Writes as KVCache's: a new cache, a traced write past the end keeps the slots
+    inside and sets `overflowed`.
+    """
+
+    latent: jax.Array  # (B, S, R)
+    rope_key: jax.Array  # (B, S, Dr)
+    position: jax.Array  # () int32
+
+    @classmethod
+    def create(
+        cls,
+        max_batch_size: int,
+        max_seq_len: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        dtype: jnp.dtype = jnp.float32,
+        sharding: NamedSharding | None = None,
+    ) -> LatentCache:
+        """An empty cache at position 0; with `sharding`, created placed with it and the
+        position replicated on its mesh."""
+        for name, value in (
+            ("max_batch_size", max_batch_size),
+            ("max_seq_len", max_seq_len),
+            ("kv_lora_rank", kv_lora_rank),
+            ("rope_dim", rope_dim),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LatentCache: {name} must be a positive int, got {value!r}")
+        scalar = None if sharding is None else NamedSharding(sharding.mesh, jax.P())
+        return cls(
+            latent=jnp.zeros((max_batch_size, max_seq_len, kv_lora_rank), dtype, device=sharding),
+            rope_key=jnp.zeros((max_batch_size, max_seq_len, rope_dim), dtype, device=sharding),
+            position=jnp.zeros((), jnp.int32, device=scalar),
+        )
+
+    def __repr__(self) -> str:
+        """Shapes of the latent and the rope key, dtype and position ("traced" under jit)."""
+        try:
+            position = int(self.position)
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            position = "traced"
+        return (
+            f"LatentCache(latent={tuple(self.latent.shape)}, rope_key="
+            f"{tuple(self.rope_key.shape)}, dtype={self.latent.dtype}, position={position})"
+        )
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.latent.shape[0]
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.latent.shape[1]
+
+    @property
+    def overflowed(self) -> jax.Array:
+        """True once a write fell outside [0, max_seq_len) (as KVCache's)."""
+        return (self.position < 0) | (self.position > self.max_seq_len)
+
+    def check_write(self, batch_size: int, rank: int, rope_dim: int, start, length: int):
+        """Raise ValueError unless writing `length` tokens at `start` fits, where start is known."""
+        if batch_size > self.max_batch_size:
+            raise ValueError(
+                f"batch size {batch_size} exceeds the cache's max_batch_size {self.max_batch_size}"
+            )
+        if (rank, rope_dim) != (self.latent.shape[2], self.rope_key.shape[2]):
+            raise ValueError(
+                f"cache holds kv_lora_rank={self.latent.shape[2]}, rope_dim="
+                f"{self.rope_key.shape[2]}; got {rank}, {rope_dim}"
+            )
+        if isinstance(start, bool) or not jnp.issubdtype(jnp.result_type(start), jnp.integer):
+            raise TypeError(f"cache_position must be an integer, got {start!r}")
+        if isinstance(start, jax.core.Tracer):
+            return
+        start = int(start)
+        if start < 0 or start + length > self.max_seq_len:
+            raise ValueError(
+                f"writing {length} tokens at position {start} needs slots [{start}, "
+                f"{start + length}); the cache has max_seq_len={self.max_seq_len}"
+            )
+
+    def write(self, latent: jax.Array, rope_key: jax.Array, start: jax.Array | int) -> LatentCache:
+        """A new cache with latent (B, T, R) and rope_key (B, T, Dr) at slots [start, start+T)."""
+        B, T, R = latent.shape
+        self.check_write(B, R, rope_key.shape[-1], start, T)
+        start = jnp.asarray(start, jnp.int32)
+        slots = jnp.where(start < 0, self.max_seq_len, start + jnp.arange(T))  # (T,)
+        write = dict(mode="drop", wrap_negative_indices=False, indices_are_sorted=True)
+        new_latent = self.latent.at[:B, slots].set(latent.astype(self.latent.dtype), **write)
+        new_rope_key = self.rope_key.at[:B, slots].set(
+            rope_key.astype(self.rope_key.dtype), **write
+        )
+        position = jnp.where(start < 0, start, start + T)  # () int32
+        return LatentCache(new_latent, new_rope_key, position).constrained()
+
+    def constrained(self) -> LatentCache:
+        """This cache with its batch on the mesh's data axis (`use_mesh`), the latent and the
+        rope key on no axis; else itself."""
+        return self.replace(
+            latent=constrain(self.latent, LATENT_CACHE_AXES),
+            rope_key=constrain(self.rope_key, LATENT_CACHE_AXES),
         )

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from twin_core import check_moe_config, expert_capacity
 
 from .feed_forward import FeedForward
-from .sharding import AxisNamedModule, active_split_count, constrain, dense_axes
+from .sharding import AxisNamedModule, active_split_count, constrain, dense_axes, named_init
 
 
 class Routing(NamedTuple):
@@ -36,8 +36,46 @@ def route(logits: jax.Array, top_k: int, norm_topk_prob: bool = True) -> Routing
     if norm_topk_prob:
         top_probs = top_probs / top_probs.sum(axis=-1, keepdims=True)
 
+    return _routing(probs, top_experts, top_probs)
+
+
+def route_grouped_sigmoid(
+    logits: jax.Array,
+    top_k: int,
+    bias: jax.Array,
+    n_group: int,
+    topk_group: int,
+    norm_topk_prob: bool,
+    scaling: float,
+) -> Routing:
+    """DeepSeek-V3's routing of N tokens with float32 `logits` (N, E).
+
+    Scores are sigmoid(logits); the experts are chosen by scores + `bias` (E,) among the best
+    `topk_group` of `n_group` groups, a group ranked by the sum of its top-2 biased scores; the
+    k weights are the chosen unbiased scores, renormalised if `norm_topk_prob`, times `scaling`.
+    The k choices go in order of biased score (ties to the lower expert); `probs` holds the
+    scores (the load-balancing loss's P_e).
+    """
+    N, E = logits.shape
+    scores = jax.nn.sigmoid(logits)  # (N, E)
+    biased = scores + bias  # (N, E)
+    group_scores = jax.lax.top_k(biased.reshape(N, n_group, E // n_group), 2)[0].sum(axis=-1)
+    best_groups = jax.lax.top_k(group_scores, topk_group)[1]  # (N, topk_group)
+    in_best = jnp.zeros((N, n_group), bool).at[jnp.arange(N)[:, None], best_groups].set(True)
+    in_best = jnp.repeat(in_best, E // n_group, axis=1)  # (N, E)
+    choice = jnp.where(in_best, biased, -jnp.inf)
+    top_experts = jax.lax.top_k(choice, top_k)[1]  # (N, k)
+    top_scores = jnp.take_along_axis(scores, top_experts, axis=1)  # (N, k)
+    if norm_topk_prob:
+        top_scores = top_scores / (top_scores.sum(axis=-1, keepdims=True) + 1e-20)
+    return _routing(scores, top_experts, top_scores * scaling)
+
+
+def _routing(probs: jax.Array, top_experts: jax.Array, weights: jax.Array) -> Routing:
+    """The Routing of N tokens' k choices top_experts (N, k) with weights (N, k)."""
+    E = probs.shape[1]
     expert = top_experts.T.reshape(-1)  # (k*N,) slot-major: every first choice, then seconds
-    weight = top_probs.T.reshape(-1)  # (k*N,)
+    weight = weights.T.reshape(-1)  # (k*N,)
     counts = jnp.bincount(expert, length=E)  # (E,)
     order = jnp.argsort(expert, stable=True)  # assignments grouped by expert, priority kept
     group_start = jnp.cumsum(counts) - counts  # (E,)
@@ -122,7 +160,8 @@ class MixtureOfExperts(AxisNamedModule):
     Every expert, and the optional shared expert (applied to every token, scaled by
     sigmoid(x @ w) with `shared_expert_gate`), is a FeedForward of the given kind. The router
     has a bias with `router_bias` (GPT-OSS, whose top-k of the logits followed by a softmax
-    over the k is this top-k of the probabilities renormalised). The experts
+    over the k is this top-k of the probabilities renormalised); `router` "grouped_sigmoid"
+    routes as DeepSeek-V3 (parameter `e_score_correction_bias`). The experts
     are one `nn.vmap`-ped FeedForward with stacked parameters (E, ...). Training
     with a capacity factor dispatches tokens into per-expert buffers (E, C, d_model); dropless
     calls (eval, or factor None) use `grouped_experts`, whose cost grows with k * N, except on
@@ -150,6 +189,10 @@ class MixtureOfExperts(AxisNamedModule):
     router_bias: bool = False
     swiglu_limit: float | None = None
     swiglu_alpha: float = 1.702
+    router: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
 
     @nn.compact
     def __call__(
@@ -170,7 +213,24 @@ class MixtureOfExperts(AxisNamedModule):
             name="gate",
             **dense_axes("embed", None),  # the router is small: replicated
         )(tokens.astype(jnp.float32))  # (N, E)
-        routing = route(logits, k, self.norm_topk_prob)
+        if self.router == "grouped_sigmoid":  # the bias moves the choice only: no gradient
+            bias = self.param(
+                "e_score_correction_bias",
+                named_init(nn.initializers.zeros_init(), None),
+                (E,),
+                jnp.float32,
+            )
+            routing = route_grouped_sigmoid(
+                logits,
+                k,
+                bias.astype(jnp.float32),
+                self.n_group,
+                self.topk_group,
+                self.norm_topk_prob,
+                self.routed_scaling_factor,
+            )
+        else:
+            routing = route(logits, k, self.norm_topk_prob)
         factor = None if deterministic else self.expert_capacity_factor
         capacity = expert_capacity(N, k, E, factor)
         if not deterministic and self.is_mutable_collection("moe_stats"):

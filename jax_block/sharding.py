@@ -51,6 +51,7 @@ DEFAULT_RULES: Rules = (
     ("expert", "expert"),
 )
 CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # KVCache keys and values (B, KV, S, D)
+LATENT_CACHE_AXES = ("batch", None, None)  # LatentCache latent, rope key (B, S, R|Dr): batch only
 ACTIVATION_AXES = ("batch", "length", "embed")  # the residual stream (B, T, d_model)
 
 # The mesh and rules of the jitted call being traced (set by `use_mesh`), or None.
@@ -268,6 +269,19 @@ def kv_cache_sharding(
     check_divisible("n_kv_heads", config.resolved_n_kv_heads, "kv_heads", mesh, rules)
     check_divisible("max_seq_len of the cache", max_seq_len, "length", mesh, rules)
     return named_sharding(mesh, CACHE_AXES, rules)
+
+
+def latent_cache_sharding(
+    max_batch_size: int, mesh: Mesh | None, rules=None
+) -> NamedSharding | None:
+    """Where a latent (MLA) cache lives on `mesh`: its batch split as the data, the latent and
+    the rope key whole on each device (None: no mesh). ValueError when the batch does not split
+    evenly."""
+    if mesh is None:
+        return None
+    mesh = check_mesh(mesh)
+    check_batch(max_batch_size, mesh, rules)
+    return named_sharding(mesh, LATENT_CACHE_AXES, rules)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -123,6 +123,7 @@ LMS: dict[str, dict[str, Any]] = {
     ),
 }
 
+MLA_SIZES = dict(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
 # Bad configurations: (fields over BASE, words the ValueError must hold)
 BAD: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
     "kv heads do not divide heads": (dict(n_heads=4, n_kv_heads=3), ("n_heads", "n_kv_heads")),
@@ -148,6 +149,37 @@ BAD: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {
         ("swiglu_limit", "> 0", "0.0"),
     ),
     "swiglu alpha without a limit": (dict(swiglu_alpha=1.0), ("swiglu_alpha=1.0", "swiglu_limit")),
+    "MLA sizes without kv_lora_rank": (dict(v_head_dim=8), ("v_head_dim", "kv_lora_rank")),
+    "MLA without rope": (
+        dict(kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
+        ("MLA", "positions='rope'"),
+    ),
+    "MLA with a key/value head count": (
+        dict(
+            **MLA_SIZES, positions="rope", qkv_bias=False, out_bias=False, n_heads=4, n_kv_heads=2
+        ),
+        ("MLA", "n_kv_heads"),
+    ),
+    "grouped sigmoid router without MoE": (
+        dict(router="grouped_sigmoid", n_group=2),
+        ("grouped_sigmoid", "use_moe=True"),
+    ),
+    "experts not split into groups": (
+        dict(use_moe=True, num_experts=6, router="grouped_sigmoid", n_group=4),
+        ("num_experts (6)", "n_group (4)"),
+    ),
+    "more experts than the chosen groups hold": (
+        dict(
+            use_moe=True,
+            num_experts=8,
+            top_k_experts=3,
+            router="grouped_sigmoid",
+            n_group=4,
+            topk_group=1,
+        ),
+        ("top_k_experts (3)", "topk_group"),
+    ),
+    "group fields with the softmax router": (dict(n_group=2), ("n_group", "grouped_sigmoid")),
 }
 
 # Bad per-layer fields of a 2-layer LM: (fields over BASE and the LM's, words the error must hold)

@@ -11,8 +11,9 @@ from twin_core import BlockConfig
 
 from .arguments import config_from_arguments
 from .attention import MultiHeadAttention
-from .cache import KVCache
+from .cache import KVCache, LatentCache
 from .feed_forward import FeedForward
+from .mla import MultiHeadLatentAttention
 from .moe import MixtureOfExperts
 from .norm import make_norm
 
@@ -48,27 +49,30 @@ class TransformerBlock(nn.Module):
         self.d_model = config.d_model
         self.n_heads = config.n_heads
         self.use_moe = config.use_moe
-        self.attention = MultiHeadAttention(
-            config.d_model,
-            config.n_heads,
-            config.dropout,
-            causal=config.causal,
-            n_kv_heads=config.n_kv_heads,
-            head_dim=config.head_dim,
-            qkv_bias=config.qkv_bias,
-            out_bias=config.out_bias,
-            positions=config.positions,
-            rope_theta=config.rope_theta,
-            rope_scaling=config.rope_scaling,
-            partial_rotary_factor=config.partial_rotary_factor,
-            sliding_window=config.sliding_window,
-            query_pre_attn_scalar=config.query_pre_attn_scalar,
-            attn_logit_softcap=config.attn_logit_softcap,
-            qk_norm=config.qk_norm,
-            norm=config.norm,
-            norm_eps=config.norm_eps,
-            attention_sinks=config.attention_sinks,
-        )
+        if config.is_mla:
+            self.attention = MultiHeadLatentAttention(config)
+        else:
+            self.attention = MultiHeadAttention(
+                config.d_model,
+                config.n_heads,
+                config.dropout,
+                causal=config.causal,
+                n_kv_heads=config.n_kv_heads,
+                head_dim=config.head_dim,
+                qkv_bias=config.qkv_bias,
+                out_bias=config.out_bias,
+                positions=config.positions,
+                rope_theta=config.rope_theta,
+                rope_scaling=config.rope_scaling,
+                partial_rotary_factor=config.partial_rotary_factor,
+                sliding_window=config.sliding_window,
+                query_pre_attn_scalar=config.query_pre_attn_scalar,
+                attn_logit_softcap=config.attn_logit_softcap,
+                qk_norm=config.qk_norm,
+                norm=config.norm,
+                norm_eps=config.norm_eps,
+                attention_sinks=config.attention_sinks,
+            )
         self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps)
         self.norm2 = make_norm(config.norm, config.d_model, config.norm_eps)
         if config.sandwich_norms:
@@ -89,6 +93,10 @@ class TransformerBlock(nn.Module):
                 shared_expert_d_ff=config.shared_expert_d_ff,
                 shared_expert_gate=config.shared_expert_gate,
                 router_bias=config.router_bias,
+                router=config.router,
+                n_group=config.n_group,
+                topk_group=config.topk_group,
+                routed_scaling_factor=config.routed_scaling_factor,
                 **ffn,
             )
         else:
@@ -106,8 +114,13 @@ class TransformerBlock(nn.Module):
         max_seq_len: int,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
-    ) -> KVCache:
-        """An empty cache sized for this block's key/value heads."""
+    ) -> KVCache | LatentCache:
+        """An empty cache sized for this block's key/value heads (MLA: a LatentCache)."""
+        c = self.config
+        if c.is_mla:
+            return LatentCache(
+                max_batch_size, max_seq_len, c.kv_lora_rank, c.qk_rope_head_dim, dtype, device
+            )
         return KVCache(
             max_batch_size,
             max_seq_len,

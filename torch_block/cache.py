@@ -126,3 +126,95 @@ class KVCache:
             f"KVCache(shape={tuple(self.k_cache.shape)}, dtype={self.k_cache.dtype}, "
             f"device={self.k_cache.device}, cache_position={self.cache_position})"
         )
+
+
+class LatentCache:
+    """The cache of a multi-head latent attention layer: per token the normalised latent
+    (max_batch_size, max_seq_len, kv_lora_rank) and the one rotated rope key shared by all
+    heads (max_batch_size, max_seq_len, rope_dim); never expanded keys or values.
+
+    Writing T tokens at position p fills slots [p, p+T) and moves `cache_position` to p+T.
+    """
+
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_seq_len: int,
+        kv_lora_rank: int,
+        rope_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        for name, value in (
+            ("max_batch_size", max_batch_size),
+            ("max_seq_len", max_seq_len),
+            ("kv_lora_rank", kv_lora_rank),
+            ("rope_dim", rope_dim),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LatentCache: {name} must be a positive int, got {value!r}")
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.dtype = dtype
+        self.device = device
+        self.latent = torch.zeros(
+            max_batch_size, max_seq_len, kv_lora_rank, dtype=dtype, device=device
+        )
+        self.rope_key = torch.zeros(
+            max_batch_size, max_seq_len, rope_dim, dtype=dtype, device=device
+        )
+        self.cache_position = 0
+
+    def check_write(self, batch_size: int, rank: int, rope_dim: int, start: int, length: int):
+        """Raise ValueError unless writing `length` tokens at `start` fits this cache."""
+        if batch_size > self.max_batch_size:
+            raise ValueError(
+                f"batch size {batch_size} exceeds the cache's max_batch_size {self.max_batch_size}"
+            )
+        if (rank, rope_dim) != (self.latent.shape[2], self.rope_key.shape[2]):
+            raise ValueError(
+                f"cache holds kv_lora_rank={self.latent.shape[2]}, rope_dim="
+                f"{self.rope_key.shape[2]}; got {rank}, {rope_dim}"
+            )
+        if isinstance(start, bool) or not isinstance(start, int):
+            raise TypeError(f"cache_position must be an int, got {type(start).__name__}")
+        if start < 0:
+            raise ValueError(f"cache_position must be >= 0, got {start}")
+        if start + length > self.max_seq_len:
+            raise ValueError(
+                f"writing {length} tokens at position {start} needs {start + length} slots; "
+                f"the cache has max_seq_len={self.max_seq_len}"
+            )
+
+    def write(
+        self, latent: torch.Tensor, rope_key: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write latent (B, T, R) and rope_key (B, T, Dr) at slots [start, start+T), checked
+        with `check_write`; returns both over slots [0, start+T) as the cache holds them."""
+        B, T, _ = latent.shape
+        end = start + T
+        self.latent[:B, start:end] = latent  # cast by the copy
+        self.rope_key[:B, start:end] = rope_key
+        self.cache_position = end
+        return self.latent[:B, :end], self.rope_key[:B, :end]
+
+    def reset(self) -> None:
+        """Zero the cache and move its position back to 0."""
+        self.latent.zero_()
+        self.rope_key.zero_()
+        self.cache_position = 0
+
+    def to(self, device: str | torch.device) -> LatentCache:
+        """Move the cache to `device` in place; returns self."""
+        self.latent = self.latent.to(device)
+        self.rope_key = self.rope_key.to(device)
+        self.device = device
+        return self
+
+    def __repr__(self) -> str:
+        """Shapes of the latent and the rope key, dtype, device and position."""
+        return (
+            f"LatentCache(latent={tuple(self.latent.shape)}, rope_key="
+            f"{tuple(self.rope_key.shape)}, dtype={self.latent.dtype}, "
+            f"device={self.latent.device}, cache_position={self.cache_position})"
+        )

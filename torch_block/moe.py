@@ -35,12 +35,50 @@ def route(logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True) -> Rout
     if norm_topk_prob:
         top_probs = top_probs / top_probs.sum(dim=-1, keepdim=True)
 
+    return _routing(probs, top_experts, top_probs)
+
+
+def route_grouped_sigmoid(
+    logits: torch.Tensor,
+    top_k: int,
+    bias: torch.Tensor,
+    n_group: int,
+    topk_group: int,
+    norm_topk_prob: bool,
+    scaling: float,
+) -> Routing:
+    """DeepSeek-V3's routing of N tokens with float32 `logits` (N, E).
+
+    Scores are sigmoid(logits); the experts are chosen by scores + `bias` (E,) among the best
+    `topk_group` of `n_group` groups, a group ranked by the sum of its top-2 biased scores; the
+    k weights are the chosen unbiased scores, renormalised if `norm_topk_prob`, times `scaling`.
+    The k choices go in order of biased score (ties to the lower expert); `probs` holds the
+    scores (the load-balancing loss's P_e).
+    """
+    N, E = logits.shape
+    scores = torch.sigmoid(logits)  # (N, E)
+    biased = scores + bias  # (N, E)
+    group_scores = biased.view(N, n_group, E // n_group).topk(2, dim=-1).values.sum(dim=-1)
+    best_groups = torch.topk(group_scores, topk_group, dim=-1).indices  # (N, topk_group)
+    in_best = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best_groups, True)
+    in_best = in_best[:, :, None].expand(N, n_group, E // n_group).reshape(N, E)
+    choice = biased.masked_fill(~in_best, float("-inf"))
+    top_experts = torch.sort(choice, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    top_scores = scores.gather(1, top_experts)  # (N, k)
+    if norm_topk_prob:
+        top_scores = top_scores / (top_scores.sum(dim=-1, keepdim=True) + 1e-20)
+    return _routing(scores, top_experts, top_scores * scaling)
+
+
+def _routing(probs: torch.Tensor, top_experts: torch.Tensor, weights: torch.Tensor) -> Routing:
+    """The Routing of N tokens' k choices top_experts (N, k) with weights (N, k)."""
+    E = probs.shape[1]
     expert = top_experts.t().reshape(-1)  # (k*N,) slot-major: every first choice, then seconds
-    weight = top_probs.t().reshape(-1)  # (k*N,)
+    weight = weights.t().reshape(-1)  # (k*N,)
     counts = torch.bincount(expert, minlength=E)  # (E,)
     order = torch.argsort(expert, stable=True)  # assignments grouped by expert, priority kept
     group_start = torch.cumsum(counts, 0) - counts  # (E,)
-    rank_sorted = torch.arange(expert.numel(), device=logits.device) - group_start[expert[order]]
+    rank_sorted = torch.arange(expert.numel(), device=probs.device) - group_start[expert[order]]
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)  # (k*N,)
     return Routing(probs, expert, weight, rank, counts)
 
@@ -64,7 +102,8 @@ class MixtureOfExperts(nn.Module):
     Every expert, and the optional shared expert (applied to every token, scaled by
     sigmoid(x @ w) with `shared_expert_gate`), is a FeedForward of the given kind. The router
     has a bias with `router_bias` (GPT-OSS, whose top-k of the logits followed by a softmax
-    over the k is this top-k of the probabilities renormalised).
+    over the k is this top-k of the probabilities renormalised). `router` "grouped_sigmoid"
+    routes as DeepSeek-V3 (`route_grouped_sigmoid`, with the buffer `e_score_correction_bias`).
     """
 
     def __init__(
@@ -86,6 +125,10 @@ class MixtureOfExperts(nn.Module):
         router_bias: bool = False,
         swiglu_limit: float | None = None,
         swiglu_alpha: float = 1.702,
+        router: str = "softmax",
+        n_group: int = 1,
+        topk_group: int = 1,
+        routed_scaling_factor: float = 1.0,
     ):
         super().__init__()
         check_moe_config(num_experts, top_k, expert_capacity_factor)
@@ -108,6 +151,11 @@ class MixtureOfExperts(nn.Module):
             if shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(d_model, 1, bias=False)
         self.register_buffer("expert_counts", torch.zeros(num_experts))
+        self.router = router
+        self.n_group, self.topk_group = n_group, topk_group
+        self.routed_scaling_factor = routed_scaling_factor
+        if router == "grouped_sigmoid":  # moves the choice only: no gradient reaches it
+            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
 
     def reset_expert_counts(self) -> None:
         """Zero the per-expert assignment counter."""
@@ -122,7 +170,18 @@ class MixtureOfExperts(nn.Module):
         tokens = x.reshape(N, d_model)  # (N, d_model)
         bias = None if self.gate.bias is None else self.gate.bias.float()
         logits = F.linear(tokens.float(), self.gate.weight.float(), bias)  # (N, E)
-        routing = route(logits, k, self.norm_topk_prob)
+        if self.router == "grouped_sigmoid":
+            routing = route_grouped_sigmoid(
+                logits,
+                k,
+                self.e_score_correction_bias.float(),
+                self.n_group,
+                self.topk_group,
+                self.norm_topk_prob,
+                self.routed_scaling_factor,
+            )
+        else:
+            routing = route(logits, k, self.norm_topk_prob)
         factor = self.expert_capacity_factor if self.training else None
         capacity = expert_capacity(N, k, self.num_experts, factor)
         if self.training:

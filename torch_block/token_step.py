@@ -24,9 +24,10 @@ import torch
 
 from .attention import AttentionParams, attend, merge_heads, project
 from .block import TransformerBlock
-from .cache import KVCache, write_slots
+from .cache import KVCache, LatentCache, write_slots
 from .feed_forward import FeedForwardParams, feed_forward
 from .lm import EmbeddingParams, TransformerLM, embed, unembed
+from .mla import LatentAttentionParams, attend_latent, project_latent
 from .moe import MixtureOfExperts
 from .norm import NormParams, norm
 
@@ -35,7 +36,7 @@ class LayerParams(NamedTuple):
     """What a step reads of one block: the dense feed-forward's params or the MoE module."""
 
     norm1: NormParams
-    attention: AttentionParams
+    attention: AttentionParams | LatentAttentionParams  # the second: latent attention (MLA)
     sliding_window: int | None  # this layer's window (None: full attention)
     post_attention_norm: NormParams | None  # with sandwich_norms
     norm2: NormParams
@@ -49,8 +50,8 @@ class StepInputs(NamedTuple):
     place), the prompts' layout and the Python values a compiled step is specialised to."""
 
     layers: tuple[LayerParams, ...]
-    k_caches: tuple[torch.Tensor, ...]  # each (B, KV, S, D)
-    v_caches: tuple[torch.Tensor, ...]  # each (B, KV, S, D)
+    k_caches: tuple[torch.Tensor, ...]  # each (B, KV, S, D); an MLA layer's latent (B, S, R)
+    v_caches: tuple[torch.Tensor, ...]  # each (B, KV, S, D); an MLA layer's rope keys (B, S, Dr)
     embedding: EmbeddingParams
     norm: NormParams
     head: torch.Tensor  # (V, d_model)
@@ -69,7 +70,7 @@ def layer_params(block: TransformerBlock) -> LayerParams:
     return LayerParams(
         norm1=block.norm1.params(),
         attention=block.attention.params(),
-        sliding_window=block.attention.sliding_window,
+        sliding_window=None if block.config.is_mla else block.attention.sliding_window,
         post_attention_norm=block.post_attention_norm.params() if sandwich else None,
         norm2=block.norm2.params(),
         post_feed_forward_norm=block.post_feed_forward_norm.params() if sandwich else None,
@@ -78,13 +79,22 @@ def layer_params(block: TransformerBlock) -> LayerParams:
     )
 
 
-def step_inputs(lm: TransformerLM, caches: list[KVCache], key_valid: torch.Tensor) -> StepInputs:
+def _keys(cache: KVCache | LatentCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a layer's cache holds: keys and values, or an MLA layer's latent and rope keys."""
+    if isinstance(cache, LatentCache):
+        return cache.latent, cache.rope_key
+    return cache.k_cache, cache.v_cache
+
+
+def step_inputs(
+    lm: TransformerLM, caches: list[KVCache | LatentCache], key_valid: torch.Tensor
+) -> StepInputs:
     """The inputs of token steps of `lm` (in eval mode) over `caches`, whose slots hold real
     tokens where key_valid (B, S) is True (a row's pads come first)."""
     return StepInputs(
         layers=tuple(layer_params(block) for block in lm.blocks),
-        k_caches=tuple(cache.k_cache for cache in caches),
-        v_caches=tuple(cache.v_cache for cache in caches),
+        k_caches=tuple(_keys(cache)[0] for cache in caches),
+        v_caches=tuple(_keys(cache)[1] for cache in caches),
         embedding=lm.embedding_params(),
         norm=lm.norm.params(),
         head=lm.head_weight(),
@@ -132,13 +142,18 @@ def token_step(
         inputs.layers, inputs.k_caches, inputs.v_caches, strict=True
     ):
         h = norm(x, layer.norm1).view(B, 1, -1)  # (B, 1, d_model)
-        q, k, v = project(h, layer.attention, positions)  # (B, H|KV, 1, D)
-        write_slots(k_cache, k, at)
-        write_slots(v_cache, v, at)
         keys, allowed = views[layer.sliding_window]
-        params = layer.attention
-        scores = dict(scale=params.scale, softcap=params.softcap, sinks=params.sinks)
-        out = attend(q, k_cache[:, :, keys], v_cache[:, :, keys], allowed, **scores)  # (B, H, 1, D)
+        if isinstance(layer.attention, LatentAttentionParams):
+            out = _latent_step(layer.attention, h, positions, k_cache, v_cache, at, keys, allowed)
+        else:
+            q, k, v = project(h, layer.attention, positions)  # (B, H|KV, 1, D)
+            write_slots(k_cache, k, at)
+            write_slots(v_cache, v, at)
+            params = layer.attention
+            scores = dict(scale=params.scale, softcap=params.softcap, sinks=params.sinks)
+            out = attend(
+                q, k_cache[:, :, keys], v_cache[:, :, keys], allowed, **scores
+            )  # (B, H, 1, D)
         attn = merge_heads(out, layer.attention)
         if layer.post_attention_norm is not None:
             attn = norm(attn, layer.post_attention_norm)
@@ -152,6 +167,29 @@ def token_step(
             ff = norm(ff, layer.post_feed_forward_norm)
         x = x + ff
     return unembed(norm(x, inputs.norm), inputs.head, inputs.final_logit_softcap)  # (B, V)
+
+
+def _latent_step(
+    params: LatentAttentionParams,
+    h: torch.Tensor,
+    positions: torch.Tensor,
+    latents: torch.Tensor,
+    rope_keys: torch.Tensor,
+    at: int | torch.Tensor,
+    keys: slice,
+    allowed: torch.Tensor | None,
+) -> torch.Tensor:
+    """The heads' outputs (B, H, 1, Dv) of an MLA layer for h (B, 1, d_model): its latent and
+    rope key written at slot `at` of latents (B, S, R) and rope_keys (B, S, Dr), then attended
+    from the slots `keys` (kv_b_proj absorbed)."""
+    q_nope, q_rope, latent, rope_key = project_latent(h, params, positions)
+    for cache, new in ((latents, latent), (rope_keys, rope_key)):  # new: (B, 1, R|Dr)
+        if isinstance(at, torch.Tensor):
+            cache.index_copy_(1, at.view(1), new.to(cache.dtype))
+        else:
+            cache[:, at : at + 1] = new  # cast by the copy
+    latent, rope_key = latents[:, keys].to(h.dtype), rope_keys[:, keys].to(h.dtype)
+    return attend_latent(q_nope, q_rope, latent, rope_key, allowed, params)
 
 
 def _key_view(

@@ -6,6 +6,7 @@ Imports only the standard library and NumPy.
 from .checks import check_prompt, check_sampling, check_token_id, expert_capacity, prompt_bucket
 from .config import (
     LLAMA_OPTIONS,
+    MLA_NORM_EPS,
     ROPE_TYPES,
     BlockConfig,
     LMConfig,
@@ -13,13 +14,22 @@ from .config import (
     TrainConfig,
     check_heads,
     check_moe_config,
+    mla_absorbs,
     rotary_dims,
 )
 from .files import atomic_write, digest
-from .rope import DynamicNTK, RopeTables, inv_frequencies, recompute_position, rope_tables
+from .rope import (
+    DynamicNTK,
+    RopeTables,
+    inv_frequencies,
+    mla_softmax_scale,
+    recompute_position,
+    rope_tables,
+)
 
 __all__ = [
     "LLAMA_OPTIONS",
+    "MLA_NORM_EPS",
     "ROPE_TYPES",
     "BlockConfig",
     "DynamicNTK",
@@ -36,6 +46,8 @@ __all__ = [
     "digest",
     "expert_capacity",
     "inv_frequencies",
+    "mla_absorbs",
+    "mla_softmax_scale",
     "prompt_bucket",
     "recompute_position",
     "rope_tables",

@@ -65,6 +65,17 @@ def _mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
+def mla_softmax_scale(qk_head_dim: int, scaling: RopeScaling | None) -> float:
+    """MLA's score factor: qk_head_dim ** -0.5, times mscale^2 where a yarn scaling has
+    mscale_all_dim (mscale = 0.1 * mscale_all_dim * ln(factor) + 1), as transformers'
+    `yarn_apply_mscale` folds it in."""
+    scale = qk_head_dim**-0.5
+    if scaling is not None and scaling.rope_type == "yarn" and scaling.mscale_all_dim:
+        mscale = _mscale(scaling.factor, scaling.mscale_all_dim)
+        scale = scale * mscale * mscale
+    return scale
+
+
 def _yarn(dims: int, theta: float, s: RopeScaling) -> tuple[np.ndarray, float]:
     factor = s.factor
     if s.attention_factor is not None:

@@ -54,6 +54,9 @@ SHARED_EXPERT_GATE = _linear(
 
 SINKS = Row("attention.sinks", "attention/sinks", False)
 
+ROUTER_BIAS = Row(
+    "feed_forward.e_score_correction_bias", "feed_forward/e_score_correction_bias", False
+)
 LM_EMBEDDINGS = [
     Row("token_embedding.weight", "token_embedding/embedding", False),
     Row("position_embedding.weight", "position_embedding/embedding", False),
@@ -67,10 +70,24 @@ TORCH_ONLY_BUFFERS = {"feed_forward.expert_counts"}
 BLOCK_NORMS = ("norm1", "norm2", "post_attention_norm", "post_feed_forward_norm")
 
 
+def _mla_rows(config: Any) -> list[Row]:
+    """Rows of multi-head latent attention (MLA)."""
+    names = ("q_proj",) if config.q_lora_rank is None else ("q_a_proj", "q_b_proj")
+    rows = [
+        r
+        for n in (*names, "kv_a_proj", "kv_b_proj", "out_proj")
+        for r in _linear(f"attention.{n}", f"attention/{n}", False)
+    ]
+    norms = ("kv_a_norm",) if config.q_lora_rank is None else ("q_a_norm", "kv_a_norm")
+    return rows + [
+        r for n in norms for r in _norm_rows(f"attention.{n}", f"attention/{n}", "rmsnorm")
+    ]
+
+
 def block_table(config: Any) -> list[Row]:
     """Rows of one TransformerBlock of `config` (a BlockConfig or LMConfig)."""
-    rows = []
-    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+    rows = _mla_rows(config) if config.is_mla else []
+    for name in () if config.is_mla else ("q_proj", "k_proj", "v_proj", "out_proj"):
         bias = config.out_bias if name == "out_proj" else config.qkv_bias
         rows += _linear(f"attention.{name}", f"attention/{name}", bias)
     if config.qk_norm is not None:
@@ -84,6 +101,8 @@ def block_table(config: Any) -> list[Row]:
     if not config.use_moe:
         return rows + _ffn("feed_forward", "feed_forward", **ffn)
     rows += _linear("feed_forward.gate", "feed_forward/gate", bias=config.router_bias)
+    if config.router == "grouped_sigmoid":
+        rows.append(ROUTER_BIAS)
     rows += _ffn("feed_forward.experts.{e}", "feed_forward/experts", **ffn)
     if config.shared_expert_d_ff is not None:
         rows += _ffn("feed_forward.shared_expert", "feed_forward/shared_expert", **ffn)

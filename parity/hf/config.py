@@ -30,6 +30,7 @@ FAMILIES = (
     "gemma2",
     "gemma3_text",
     "gpt_oss",
+    "deepseek_v3",
 )
 GEMMA = ("gemma2", "gemma3_text")
 ARCHITECTURES = {
@@ -46,6 +47,7 @@ ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
 }
 CHECKPOINT_DTYPES = ("float32", "bfloat16", "float16")
 MAX_SIZE = 1 << 24  # a size field above this is refused as absurd (vocab, width, depth, heads)
@@ -100,6 +102,7 @@ FAMILY_DEFAULTS = {
 # recomputes the sequence when it passes the original length (as ours does); Gemma's: linear (Gemma
 # 3's global layers; the others untested there); the others: all
 FAMILY_ROPE_TYPES = {"phi3": ("longrope",), "gemma2": ("linear",), "gemma3_text": ("linear",)}
+FAMILY_ROPE_TYPES["deepseek_v3"] = ("linear", "llama3", "yarn")  # frequencies fixed per model
 OTHER_ROPE_TYPES = tuple(t for t in ROPE_TYPES if t != "longrope")
 PHI3_ORIGINAL_LENGTH = 4096  # Phi3Config's original_max_position_embeddings
 GPT_OSS_ROPE = {  # GptOssConfig's rope parameters when config.json gives none
@@ -192,6 +195,8 @@ def _rope_family_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
         return _gemma_fields(data, family)
     if family == "gpt_oss":
         return _gpt_oss_fields(data)
+    if family == "deepseek_v3":
+        return _deepseek_fields(data)
     defaults = {**LLAMA_DEFAULTS, **FAMILY_DEFAULTS.get(family, {})}
     d_model = _size(data, "hidden_size", defaults["hidden_size"])
     n_heads = _size(data, "num_attention_heads", 32)
@@ -750,6 +755,29 @@ REQUIREMENTS["gpt_oss"] = _ROPE_MOE[:4] + [
     _EVERY_LAYER_MOE,
     *_NOT_PHI3,
 ]
+REQUIREMENTS["deepseek_v3"] = [
+    _is("norm", "rmsnorm"),
+    _is("positions", "rope"),
+    _is("gated_ffn", True),
+    _is("ffn_bias", False),
+    _is("use_moe", True),
+    _is("shared_expert_gate", False),
+    _is("router", "grouped_sigmoid"),
+    _UNIFORM,
+    ("kv_lora_rank", lambda c: c.is_mla, "set (latent attention)"),
+    (
+        "dense_layers",
+        lambda c: c.dense_layers == tuple(range(len(c.dense_layers))),
+        "the first layers (first_k_dense_replace)",
+    ),
+    (
+        "rope_scaling",
+        lambda c: (
+            c.rope_scaling is None or c.rope_scaling.rope_type in FAMILY_ROPE_TYPES["deepseek_v3"]
+        ),
+        f"None or one of {FAMILY_ROPE_TYPES['deepseek_v3']}",
+    ),
+]
 # GPT-OSS's options, which the other families lack
 for _family in FAMILIES:
     if _family != "gpt_oss":
@@ -758,6 +786,10 @@ for _family in FAMILIES:
             _is("router_bias", False),
             _is("swiglu_limit", None),
         ]
+# DeepSeek-V3's options, which the other families lack
+for _family in FAMILIES:
+    if _family != "deepseek_v3":
+        REQUIREMENTS[_family] += [_is("kv_lora_rank", None), _is("router", "softmax")]
 # Gemma's options, which the other families lack (a model using one is none of them)
 for _family in FAMILIES:
     if _family not in GEMMA:
@@ -824,6 +856,8 @@ def hf_config_from_lm(
         out.update(_gemma_config(config, family))
     elif family == "gpt_oss":
         out.update(_gpt_oss_config(config))
+    elif family == "deepseek_v3":
+        out.update(_deepseek_config(config))
     else:
         out.update(_rope_family_config(config, family))
     out.update(tie_word_embeddings=config.tie_embeddings, dtype=dtype, use_cache=True, **ids)
@@ -947,3 +981,136 @@ def _gpt_oss_config(config: LMConfig) -> dict[str, Any]:
         output_router_logits=False,
     )
     return out
+
+
+# --------------------------------------------------------------------------- DeepSeek-V3
+# transformers' DeepseekV3Config defaults (save_pretrained leaves defaults out)
+DEEPSEEK_DEFAULTS = dict(
+    vocab_size=129280,
+    hidden_size=7168,
+    intermediate_size=18432,
+    moe_intermediate_size=2048,
+    num_attention_heads=128,
+    n_shared_experts=1,
+    n_routed_experts=256,
+    routed_scaling_factor=2.5,
+    kv_lora_rank=512,
+    q_lora_rank=1536,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    qk_nope_head_dim=128,
+    n_group=8,
+    topk_group=4,
+    num_experts_per_tok=8,
+    first_k_dense_replace=3,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+)
+
+
+def _deepseek_fields(data: Mapping[str, Any]) -> dict[str, Any]:
+    """DeepseekV3Config's fields: MLA, grouped sigmoid routing, shared experts, the first
+    first_k_dense_replace layers dense. Refused: attention_bias, rope_interleave=False,
+    num_key_value_heads other than num_attention_heads."""
+    d = {**DEEPSEEK_DEFAULTS, **{k: v for k, v in data.items() if v is not None}}
+    if "q_lora_rank" in data and data["q_lora_rank"] is None:
+        d["q_lora_rank"] = None
+    for key, value, what in (
+        ("attention_bias", False, "biases on q_a_proj, kv_a_proj_with_mqa and o_proj"),
+        ("rope_interleave", True, "rope on the halves instead of interleaved pairs"),
+    ):
+        if d.get(key, value) != value:
+            raise ValueError(
+                f"config.json (deepseek_v3): {key}={d[key]!r} ({what}) is not supported"
+            )
+    n_heads = _size(d, "num_attention_heads", None)
+    if d.get("num_key_value_heads", n_heads) != n_heads:
+        raise ValueError(
+            f"config.json (deepseek_v3): num_key_value_heads={d['num_key_value_heads']!r} must "
+            f"equal num_attention_heads ({n_heads}): MLA's keys and values have every head"
+        )
+    n_layers = _size(d, "num_hidden_layers", None)
+    max_seq_len = _size(d, "max_position_embeddings", None, MAX_POSITIONS)
+    expert_d_ff = _size(d, "moe_intermediate_size", None)
+    shared = d["n_shared_experts"]
+    if isinstance(shared, bool) or not isinstance(shared, int) or shared < 0:
+        raise ValueError(
+            f"config.json (deepseek_v3): n_shared_experts must be an int >= 0, got {shared!r}"
+        )
+    dense = min(_size({"k": d["first_k_dense_replace"] + 1}, "k", None) - 1, n_layers)
+    fields: dict[str, Any] = dict(
+        LLAMA_OPTIONS,
+        vocab_size=_size(d, "vocab_size", None),
+        max_seq_len=max_seq_len,
+        d_model=_size(d, "hidden_size", None),
+        n_layers=n_layers,
+        n_heads=n_heads,
+        d_ff=expert_d_ff,
+        norm_eps=_positive(d, "rms_norm_eps", None),
+        activation=_activation(d, "hidden_act", "silu"),
+        tie_embeddings=_bool(d, "tie_word_embeddings", False),
+        q_lora_rank=None if d["q_lora_rank"] is None else _size(d, "q_lora_rank", None),
+        kv_lora_rank=_size(d, "kv_lora_rank", None),
+        qk_nope_head_dim=_size(d, "qk_nope_head_dim", None),
+        qk_rope_head_dim=_size(d, "qk_rope_head_dim", None),
+        v_head_dim=_size(d, "v_head_dim", None),
+        use_moe=True,
+        num_experts=_size(d, "n_routed_experts", None),
+        top_k_experts=_size(d, "num_experts_per_tok", None),
+        norm_topk_prob=_bool(d, "norm_topk_prob", True),
+        expert_capacity_factor=None,
+        shared_expert_d_ff=expert_d_ff * shared if shared else None,
+        router="grouped_sigmoid",
+        n_group=_size(d, "n_group", None),
+        topk_group=_size(d, "topk_group", None),
+        routed_scaling_factor=_positive(d, "routed_scaling_factor", None),
+        dense_layers=tuple(range(dense)),
+    )
+    if dense:
+        fields["dense_d_ff"] = _size(d, "intermediate_size", None)
+    fields["rope_theta"], fields["rope_scaling"], _ = _rope(data, "deepseek_v3", max_seq_len)
+    return fields
+
+
+def _deepseek_config(config: LMConfig) -> dict[str, Any]:
+    """DeepseekV3Config's fields of `config` (family_of checked that it fits)."""
+    scaling = None if config.rope_scaling is None else config.rope_scaling.to_dict()
+    rope = {"rope_type": "default", **(scaling or {}), "rope_theta": config.rope_theta}
+    shared = config.shared_expert_d_ff
+    if shared is not None and shared % config.d_ff != 0:
+        raise ValueError(
+            f"deepseek_v3: shared_expert_d_ff ({shared}) must be a multiple of d_ff "
+            f"({config.d_ff}): n_shared_experts experts of moe_intermediate_size"
+        )
+    return dict(
+        vocab_size=config.vocab_size,
+        max_position_embeddings=config.max_seq_len,
+        hidden_size=config.d_model,
+        intermediate_size=config.d_ff if config.dense_d_ff is None else config.dense_d_ff,
+        moe_intermediate_size=config.d_ff,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_heads,
+        n_shared_experts=0 if shared is None else shared // config.d_ff,
+        n_routed_experts=config.num_experts,
+        num_experts_per_tok=config.top_k_experts,
+        routed_scaling_factor=config.routed_scaling_factor,
+        n_group=config.n_group,
+        topk_group=config.topk_group,
+        norm_topk_prob=config.norm_topk_prob,
+        first_k_dense_replace=len(config.dense_layers),
+        q_lora_rank=config.q_lora_rank,
+        kv_lora_rank=config.kv_lora_rank,
+        qk_nope_head_dim=config.qk_nope_head_dim,
+        qk_rope_head_dim=config.qk_rope_head_dim,
+        v_head_dim=config.v_head_dim,
+        hidden_act=ROPE_ACTIVATION_NAMES[config.activation],
+        rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta,
+        rope_scaling=scaling,
+        rope_parameters=rope,
+        rope_interleave=True,
+        attention_bias=False,
+        attention_dropout=0.0,
+        num_nextn_predict_layers=0,
+    )

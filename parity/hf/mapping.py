@@ -236,6 +236,44 @@ def _gpt_oss_moe(ours: str, hf: str) -> list[HFRow]:
     ]
 
 
+def _deepseek_block(block: Any) -> list[HFRow]:
+    """DeepSeek-V3's layer: latent attention (q_a/q_b or q_proj, kv_a, kv_b), a dense MLP or
+    routed experts with e_score_correction_bias and shared experts."""
+    b, h = "blocks.{i}", "model.layers.{i}"
+    a, s = f"{b}.attention", f"{h}.self_attn"
+    rows = _norm(f"{b}.norm1", f"{h}.input_layernorm", False)
+    if block.q_lora_rank is None:
+        rows += _linear(f"{a}.q_proj", f"{s}.q_proj", "H*(Dn+Dr)", "d_model", False)
+    else:
+        rows += _linear(f"{a}.q_a_proj", f"{s}.q_a_proj", "q_rank", "d_model", False)
+        rows += _norm(f"{a}.q_a_norm", f"{s}.q_a_layernorm", False, "(q_rank,)")
+        rows += _linear(f"{a}.q_b_proj", f"{s}.q_b_proj", "H*(Dn+Dr)", "q_rank", False)
+    rows += _linear(f"{a}.kv_a_proj", f"{s}.kv_a_proj_with_mqa", "R+Dr", "d_model", False)
+    rows += _norm(f"{a}.kv_a_norm", f"{s}.kv_a_layernorm", False, "(R,)")
+    rows += _linear(f"{a}.kv_b_proj", f"{s}.kv_b_proj", "H*(Dn+Dv)", "R", False)
+    rows += _linear(f"{a}.out_proj", f"{s}.o_proj", "d_model", "H*Dv", False)
+    rows += _norm(f"{b}.norm2", f"{h}.post_attention_layernorm", False)
+    ffn, moe = f"{b}.feed_forward", f"{h}.mlp"
+    if not block.use_moe:
+        return rows + _gated(ffn, moe, LLAMA_MLP, "d_ff", False)
+    rows += _linear(f"{ffn}.gate", f"{moe}.gate", "E", "d_model", False)
+    rows.append(
+        HFRow(
+            f"{ffn}.e_score_correction_bias",
+            "(E,)",
+            f"{moe}.gate.e_score_correction_bias",
+            "(E,)",
+            COPY,
+        )
+    )
+    rows += _gated(f"{ffn}.experts.{{e}}", f"{moe}.experts.{{e}}", LLAMA_MLP, "d_ff", False)
+    if block.shared_expert_d_ff is not None:
+        rows += _gated(
+            f"{ffn}.shared_expert", f"{moe}.shared_experts", LLAMA_MLP, "shared_d_ff", False
+        )
+    return rows
+
+
 def _lm_rows(family: str, config: LMConfig) -> tuple[list[HFRow], list[HFRow]]:
     """The rows before the layers (embeddings) and after them (final norm, untied head)."""
     if family not in FAMILIES:
@@ -279,6 +317,8 @@ def _lm_rows(family: str, config: LMConfig) -> tuple[list[HFRow], list[HFRow]]:
 def _layer_rows(family: str, block: Any) -> list[HFRow]:
     if family == "gpt2":
         return _gpt2_block()
+    if family == "deepseek_v3":
+        return _deepseek_block(block)
     return _phi3_block(block) if family == "phi3" else _rope_block(family, block)
 
 
@@ -481,6 +521,28 @@ def markdown_tables() -> str:
     ]
     for family, config, keep in differences:
         parts += [f"| {family} " + _markdown_row(r) for r in hf_rows(family, config) if keep(r)]
+    deepseek = LMConfig(
+        **base,
+        **rope,
+        **moe,
+        shared_expert_d_ff=8,
+        router="grouped_sigmoid",
+        q_lora_rank=4,
+        kv_lora_rank=4,
+        qk_nope_head_dim=2,
+        qk_rope_head_dim=2,
+        v_head_dim=2,
+    )
+    parts += [
+        "",
+        "**deepseek_v3** (no biases; `q_proj` (H*(Dn+Dr), d_model) in place of q_a_proj, "
+        "q_a_layernorm and q_b_proj when q_lora_rank is null; the first_k_dense_replace dense "
+        "layers have llama's mlp rows; `{e}` expert)",
+        "",
+        header,
+        "|---|---|---|---|---|",
+        *(_markdown_row(row) for row in hf_rows("deepseek_v3", deepseek)),
+    ]
     return "\n".join(parts).rstrip() + "\n"
 
 

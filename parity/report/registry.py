@@ -129,6 +129,34 @@ CONFIGS: dict[str, dict[str, Any]] = {
             truncate=False,
         ),
     ),
+    # DeepSeek-V3: latent attention (q through a rank-32 latent, keys and values from a rank-32
+    # latent and one rope key), yarn with mscale_all_dim, grouped sigmoid routing, 2 shared
+    # experts' width; its LM's first layer dense (LM_LAYERS)
+    "deepseek_v3": dict(
+        _LLAMA,
+        n_kv_heads=None,
+        rope_theta=1e4,
+        rope_scaling=RopeScaling(
+            rope_type="yarn",
+            factor=4.0,
+            original_max_position_embeddings=8,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+        ),
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        use_moe=True,
+        num_experts=8,
+        top_k_experts=2,
+        router="grouped_sigmoid",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        shared_expert_d_ff=64,
+    ),
 }
 # The fields of a configuration's language model that only LMConfig has: Qwen3 with one layer of
 # full attention and one within the window, Qwen3-MoE with a dense layer; Gemma's sliding and full
@@ -144,12 +172,21 @@ LM_LAYERS: dict[str, dict[str, Any]] = {
     "gemma2": dict(_ALTERNATING, embed_scale=True, final_logit_softcap=1.0),
     "gemma3": dict(_ALTERNATING, embed_scale=True, local_rope_theta=10000.0),
     "gpt_oss": _ALTERNATING,
+    "deepseek_v3": dict(dense_layers=(0,), dense_d_ff=96),
 }
 ORIGINAL = ("dense", "moe")  # the original architecture: every block case
 # The families of the default report, then those that run only when named (`check --config
 # qwen3`): the default run stays near a minute on 2 cores.
 FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "phi3")
-NAMED_FAMILIES = ("qwen3", "qwen3_moe", "olmoe", "gemma2", "gemma3", "gpt_oss")
+NAMED_FAMILIES = (
+    "qwen3",
+    "qwen3_moe",
+    "olmoe",
+    "gemma2",
+    "gemma3",
+    "gpt_oss",
+    "deepseek_v3",
+)
 DEFAULT_CONFIGS = ORIGINAL + FAMILIES  # `python -m parity`, `check --config all`
 MOE_FAMILIES = tuple(name for name in FAMILIES + NAMED_FAMILIES if CONFIGS[name].get("use_moe"))
 BATCH, SEQ_LEN, PREFILL_LEN = 2, 16, 8

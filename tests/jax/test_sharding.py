@@ -141,7 +141,31 @@ FAMILIES = {
         swiglu_limit=7.0,
         tie_embeddings=False,
     ),
+    "deepseek_v3": dict(
+        n_heads=4,
+        d_ff=16,
+        norm="rmsnorm",
+        positions="rope",
+        gated_ffn=True,
+        qkv_bias=False,
+        out_bias=False,
+        ffn_bias=False,
+        use_moe=True,
+        num_experts=4,
+        shared_expert_d_ff=16,
+        router="grouped_sigmoid",
+        n_group=2,
+        q_lora_rank=8,
+        kv_lora_rank=8,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=4,
+        v_head_dim=4,
+    ),
 }
+# MLA's latent dims (the q latent, the kv latent and its rope key, their norms) and the router's
+# correction bias are on no axis
+UNNAMED = ("['gate']['kernel']", "_gate']['kernel']", "_bias']", "_a_proj']['kernel']")
+UNNAMED += ("_a_norm']['scale']", "_b_proj']['kernel']")
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -161,9 +185,8 @@ def test_every_parameter_has_logical_names_and_init_stays_plain(family):
         unnamed = [n for n in names if n is None]
         assert all(n in LOGICAL_AXES for n in names if n is not None), name
         # only the router (its bias too) and the shared expert's gate, all tiny, keep one axis
-        # unnamed; the sinks split with the heads (GPT-OSS)
-        router = ("['gate']['kernel']", "['gate']['bias']", "_gate']['kernel']")
-        assert not unnamed or name.endswith(router)
+        # unnamed, and MLA's latent dims; the sinks split with the heads (GPT-OSS)
+        assert not unnamed or name.endswith(UNNAMED), name
         if name.endswith("['sinks']"):
             assert tuple(names) == ("heads",)
 

@@ -234,10 +234,18 @@ def test_the_named_families_are_qwen3_qwen3_moe_olmoe_gemma_and_gpt_oss_with_the
     per-layer windows (Qwen3) and a dense layer between MoE layers (Qwen3-MoE) in the LM;
     GPT-OSS's sinks, router bias and clamped SwiGLU on sliding and full layers."""
     lm = lm_cases.LM_CONFIGS
-    assert NAMED_FAMILIES == ("qwen3", "qwen3_moe", "olmoe", "gemma2", "gemma3", "gpt_oss")
+    assert NAMED_FAMILIES == (
+        "qwen3",
+        "qwen3_moe",
+        "olmoe",
+        "gemma2",
+        "gemma3",
+        "gpt_oss",
+        "deepseek_v3",
+    )
     assert not set(NAMED_FAMILIES) & set(DEFAULT_CONFIGS)
     qk_norms = [CONFIGS[n].get("qk_norm") for n in NAMED_FAMILIES]
-    assert qk_norms == ["head", "head", "projection", None, "head", None]
+    assert qk_norms == ["head", "head", "projection", None, "head", None, None]
     gpt_oss = lm["gpt_oss"]
     assert gpt_oss["attention_sinks"] and gpt_oss["router_bias"] and gpt_oss["swiglu_limit"]
     assert gpt_oss["layer_types"] == ("sliding_attention", "full_attention")
@@ -245,6 +253,10 @@ def test_the_named_families_are_qwen3_qwen3_moe_olmoe_gemma_and_gpt_oss_with_the
     assert lm["qwen3"]["sliding_window"] == SLIDING_WINDOW
     assert (lm["qwen3_moe"]["dense_layers"], lm["qwen3_moe"]["use_moe"]) == ((1,), True)
     assert lm["olmoe"]["norm_topk_prob"] is False
+    assert (lm["deepseek_v3"]["dense_layers"], lm["deepseek_v3"]["router"]) == (
+        (0,),
+        "grouped_sigmoid",
+    )
 
 
 @pytest.mark.parametrize("name", FAMILIES + NAMED_FAMILIES)
@@ -264,7 +276,7 @@ def test_every_family_runs_the_lm_cases_and_bfloat16(case_rows, name):
     assert all(row.passed for row in rows), render_table(rows)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"])
 def test_moe_families_drop_assignments_in_training_mode(case_rows, name):
     (row,) = case_rows[("train, dropout 0", name, "float32")]
     assert 0 < row.details["dropped_torch"] == row.details["dropped_jax"]
@@ -659,7 +671,7 @@ def test_run_cases_spreads_configurations_over_workers_and_keeps_the_order(monke
 def test_run_cases_refuses_an_unknown_config_or_dtype():
     known = (
         "dense, moe, gpt2, llama, mistral, qwen2, mixtral, qwen2_moe, qwen3, qwen3_moe, olmoe, "
-        "phi3, gemma2, gemma3, gpt_oss"
+        "phi3, gemma2, gemma3, gpt_oss, deepseek_v3"
     )
     with pytest.raises(ValueError, match=f"config must be one of {known} or all, got 'big'"):
         report.run_cases(config="big")
