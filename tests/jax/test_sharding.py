@@ -163,9 +163,9 @@ FAMILIES = {
     ),
 }
 # MLA's latent dims (the q latent, the kv latent and its rope key, their norms) and the router's
-# correction bias are on no axis
+# correction bias are on no axis, as is GPT-OSS's router bias (replicated)
 UNNAMED = ("['gate']['kernel']", "_gate']['kernel']", "_bias']", "_a_proj']['kernel']")
-UNNAMED += ("_a_norm']['scale']", "_b_proj']['kernel']")
+UNNAMED += ("_a_norm']['scale']", "_b_proj']['kernel']", "['gate']['bias']")  # GPT-OSS's router
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
