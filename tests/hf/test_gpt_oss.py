@@ -19,7 +19,9 @@ from safetensors.torch import load_file, save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 import parity
+from parity.hf import HFCheckpoint
 from parity.hf.mxfp4 import dequantize_mxfp4
+from parity.report.cases import hf as hf_cases
 
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 IDS = torch.randint(0, hf_models.VOCAB, (2, 16), generator=torch.Generator().manual_seed(2))
@@ -141,3 +143,29 @@ def test_refused(mxfp4_folder, tmp_path, edit, match):
     (copy / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match):
         parity.from_hf(copy)
+
+
+def test_check_hf_on_an_mxfp4_folder(mxfp4_folder):
+    """`check --hf`'s report on an MXFP4 folder: transformers' side holds the dequantized
+    experts (the fixture's, bit for bit), and every row (logits, cached decode, greedy; both
+    twins against transformers and each other) passes in float32."""
+    directory, reference = mxfp4_folder
+    model = hf_cases._transformers(directory, "float32", "mxfp4")
+    for ours, theirs in zip(model.model.layers, reference.model.layers, strict=True):
+        for name in EXPERT_WEIGHTS:
+            loaded = getattr(ours.mlp.experts, name)
+            assert loaded.dtype == torch.float32
+            assert torch.equal(loaded, getattr(theirs.mlp.experts, name))
+    rows, env = hf_cases.hf_report(HFCheckpoint(directory), seed=0)
+    assert env["transformers"] != "not installed"
+    assert [row.case for row in rows if "transformers" in row.case] == [
+        "logits: torch_block vs transformers",
+        "logits: jax_block vs transformers",
+        "cached decode: torch_block vs transformers",
+        "cached decode: jax_block vs transformers",
+        "greedy: torch_block vs transformers",
+        "greedy: jax_block vs transformers",
+    ]
+    assert len(rows) == 8 and all(row.passed for row in rows), [
+        (row.case, row.max_abs_error) for row in rows if not row.passed
+    ]

@@ -50,7 +50,8 @@ def hf_report(checkpoint: HFCheckpoint, seed: int) -> tuple[list[Row], dict[str,
     ids, mask = _batch(config.vocab_size, seed)  # (B, S)
     torch_lm = checkpoint.torch()
     flax_model = checkpoint.flax()
-    reference, env = _transformers(checkpoint.directory, dtype), environment()
+    reference = _transformers(checkpoint.directory, dtype, checkpoint.hf.quantization)
+    env = environment()
     env["transformers"] = "not installed" if reference is None else _version("transformers")
     real = mask.numpy().astype(bool)  # pads' logits are left out: they attend to nothing
 
@@ -195,17 +196,25 @@ def _jax_cached(model, ids: torch.Tensor, mask: torch.Tensor, dtype: str) -> np.
     return np.concatenate(out, axis=1)
 
 
-def _transformers(folder: Path, dtype: str):
-    """transformers' own model of the folder in `dtype` (eval), or None when not installed."""
+def _transformers(folder: Path, dtype: str, quantization: str | None = None):
+    """transformers' own model of the folder in `dtype` (eval), or None when not installed. An
+    MXFP4 folder's experts are dequantized into `dtype` as our import does (transformers would
+    otherwise run its MXFP4 kernels where Triton is installed, and needs accelerate either way)."""
     if importlib.util.find_spec("transformers") is None:
         return None
     import transformers
+
+    options = {}
+    if quantization == "mxfp4":
+        options["quantization_config"] = transformers.Mxfp4Config(dequantize=True)
 
     logging = transformers.utils.logging
     bars = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()  # its bars would break into the report's output
     try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=TORCH_DTYPES[dtype])
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=TORCH_DTYPES[dtype], **options
+        )
     except Exception as err:  # transformers raises many kinds; the report cannot go on
         raise ValueError(f"transformers cannot load {folder}: {err}") from err
     finally:
