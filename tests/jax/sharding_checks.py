@@ -102,7 +102,7 @@ def decode(lm, params, ids, mask, mesh=None) -> dict:
     cache = lm.create_kv_cache(B, S, mesh=mesh)
     step = cached_forward.lower(lm, params, place(ids[:, :1]), key_mask, cache, mesh=mesh)
     step = step.compile()
-    first = cache[0].k_cache
+    first = jax.tree.leaves(cache[0])[0]  # keys (KVCache) or the latent (LatentCache)
     pointers = [s.data.unsafe_buffer_pointer() for s in first.addressable_shards]
     logits, step_logits, tokens = None, [], []
     for t in range(BUCKET + NEW - 1):
@@ -111,7 +111,9 @@ def decode(lm, params, ids, mask, mesh=None) -> dict:
         step_logits.append(np.asarray(logits)[:, 0])  # (B, V)
         if t >= BUCKET - 1:
             tokens.append(np.argmax(step_logits[-1], axis=-1).astype(np.int32)[:, None])
-    after = [s.data.unsafe_buffer_pointer() for s in cache[0].k_cache.addressable_shards]
+    after = [
+        s.data.unsafe_buffer_pointer() for s in jax.tree.leaves(cache[0])[0].addressable_shards
+    ]
     return dict(
         logits=np.stack(step_logits, axis=1),  # (B, S - 1, V)
         tokens=np.concatenate(tokens, axis=1),  # (B, NEW)
@@ -340,12 +342,87 @@ def check_checkpoint(out: dict) -> None:
     out["params_max_abs_diff"] = max_diff(state.params, moved.params)
 
 
+# GPT-OSS (sinks, router bias, biased experts with the clamped SwiGLU, a sliding layer) and
+# DeepSeek-V3 (latent attention and its cache, grouped sigmoid routing with a nonzero correction
+# bias, a shared expert), each on the one mesh FRONTIER_MESH
+FRONTIER = {
+    "gpt_oss": dict(
+        COMMON,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=16,
+        norm="rmsnorm",
+        positions="rope",
+        gated_ffn=True,
+        activation="silu",
+        use_moe=True,
+        num_experts=4,
+        attention_sinks=True,
+        router_bias=True,
+        swiglu_limit=0.5,
+        sliding_window=6,
+        layer_types=("sliding_attention",),
+        tie_embeddings=False,
+    ),
+    "deepseek_v3": dict(
+        COMMON,
+        n_heads=4,
+        d_ff=16,
+        norm="rmsnorm",
+        positions="rope",
+        gated_ffn=True,
+        qkv_bias=False,
+        out_bias=False,
+        ffn_bias=False,
+        use_moe=True,
+        num_experts=4,
+        shared_expert_d_ff=16,
+        router="grouped_sigmoid",
+        n_group=2,
+        q_lora_rank=8,
+        kv_lora_rank=8,
+        qk_nope_head_dim=4,
+        qk_rope_head_dim=4,
+        v_head_dim=4,
+        tie_embeddings=False,
+    ),
+}
+FRONTIER_MESH = (2, 2, 2)
+
+
+def check_frontier(out: dict) -> None:
+    """Each FRONTIER model on FRONTIER_MESH against one device: the prompts' cached decode and
+    greedy tokens, the parameters' and the cache's pieces on the first device."""
+    mesh = make_mesh(*FRONTIER_MESH)
+    for name, config in FRONTIER.items():
+        case = out.setdefault(name, {})
+        lm, params = init(config)
+        ids, mask = prompts(lm.config.vocab_size)
+        one = decode(lm, copy(params), ids, mask)
+        sharded = shard_params(lm, params, mesh)
+        run = decode(lm, sharded, ids, mask, mesh)
+        case["logits_max_abs_diff"] = float(np.max(np.abs(one["logits"] - run["logits"])))
+        case["greedy_equal"] = bool(np.array_equal(one["tokens"], run["tokens"]))
+        case["full_shapes"] = {k: list(v.shape) for k, v in flatten_dict(params, sep="/").items()}
+        case["param_shards"] = first_shards(sharded)
+        case["cache_shards"] = {
+            type(run["cache"][0]).__name__ + "." + field: list(
+                leaf.addressable_shards[0].data.shape
+            )
+            for field, leaf in vars(run["cache"][0]).items()
+        }
+        case["cache_bytes"] = bytes_on(one["cache"], 0)
+        case["cache_bytes_per_device"] = [bytes_on(run["cache"], d) for d in range(DEVICES)]
+        case["cache_donated"], case["cache_in_place"] = run["donated"], run["in_place"]
+
+
 CHECKS = {
     **{name: (lambda o, n=name: check_model(n, MODELS[n], o)) for name in MODELS},
     "missing_axis": check_missing_axis,  # after "dense"
     "decode_step": check_decode_step,
     "bad_inputs": check_bad_inputs,
     "checkpoint": check_checkpoint,
+    "frontier": check_frontier,
 }
 
 

@@ -32,8 +32,12 @@ from jax_block.sharding import (
 )
 
 SCRIPT = Path(__file__).with_name("sharding_checks.py")
-# Two processes, one per core: the MoE model compiles about as long as the rest together.
-GROUPS = [["dense", "missing_axis", "llama", "decode_step", "bad_inputs", "checkpoint"], ["moe"]]
+# Two processes, one per core: the MoE model (and GPT-OSS and DeepSeek-V3 on one mesh) compiles
+# about as long as the rest together.
+GROUPS = [
+    ["dense", "missing_axis", "llama", "decode_step", "bad_inputs", "checkpoint"],
+    ["moe", "frontier"],
+]
 MESHES = ["(8, 1, 1)", "(1, 8, 1)", "(2, 2, 2)", "(1, 2, 4)"]  # (data, tensor, expert)
 MODELS = ["dense", "moe", "llama"]
 ATOL = 1e-5
@@ -58,6 +62,11 @@ SPLITS = {
     "fc2/kernel": ("t", 1),
     "token_embedding/embedding": ("t", 1),
     "lm_head/kernel": (1, "t"),
+    "sinks": ("t",),  # GPT-OSS: one per head
+    # DeepSeek-V3's latent attention: the heads' side over tensor, the latent side whole
+    "q_b_proj/kernel": (1, "t"),
+    "kv_b_proj/kernel": (1, "t"),
+    "experts/fc3/bias": ("e", "t"),  # GPT-OSS's experts have biases
 }
 
 
@@ -344,3 +353,36 @@ def test_a_checkpoint_saved_on_one_mesh_goes_on_on_another(results):
     assert abs(case["loss"] - case["loss_after_restore"]) <= ATOL
     assert case["params_max_abs_diff"] <= ATOL
     assert case["compilations_for_two_steps"] <= 1
+
+
+@pytest.mark.parametrize("model", ["gpt_oss", "deepseek_v3"])
+def test_frontier_moe_on_a_mesh_equals_one_device(results, model):
+    """GPT-OSS and DeepSeek-V3 on (2, 2, 2), decoding the prompts token by token from their
+    caches, then greedily: every step's logits and the tokens are those of one device; each
+    device holds half the experts (and half the heads), the routers and DeepSeek's latent-side
+    weights whole."""
+    case, sizes = results["frontier"][model], mesh_sizes("(2, 2, 2)")
+    assert case["logits_max_abs_diff"] <= ATOL
+    assert case["greedy_equal"]
+    expected = {
+        path: expected_shard(path, shape, sizes) for path, shape in case["full_shapes"].items()
+    }
+    assert case["param_shards"] == expected
+    experts = case["param_shards"]["blocks_0/feed_forward/experts/fc1/kernel"][0]
+    assert experts == case["full_shapes"]["blocks_0/feed_forward/experts/fc1/kernel"][0] // 2
+    assert case["cache_donated"] and case["cache_in_place"]
+
+
+def test_a_latent_cache_splits_its_batch_over_data_and_keeps_the_latent_whole(results):
+    """DeepSeek-V3's LatentCache on (2, 2, 2): each device holds half the batch and every slot
+    of the latent (kv_lora_rank 8) and the rope key (4); the position replicated."""
+    case = results["frontier"]["deepseek_v3"]
+    B, bucket, new = results["shape"]
+    assert case["cache_shards"] == {
+        "LatentCache.latent": [B // 2, bucket + new, 8],
+        "LatentCache.rope_key": [B // 2, bucket + new, 4],
+        "LatentCache.position": [],
+    }
+    latent_and_key = case["cache_bytes"] - 4  # one int32 position
+    assert latent_and_key == B * (bucket + new) * (8 + 4) * 4
+    assert case["cache_bytes_per_device"] == [latent_and_key // 2 + 4] * 8
