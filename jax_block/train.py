@@ -73,9 +73,20 @@ def weight_decay_mask(params: dict) -> dict:
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
+# Parameters that torch_block holds as buffers, never trained: DeepSeek-V3's routing correction
+# bias (it moves the experts' choice only; DeepSeek updates it outside the gradient)
+FROZEN = ("e_score_correction_bias",)
+
+
+def frozen_mask(params: dict) -> dict:
+    """True for the parameters no update may change (FROZEN): torch_block's buffers."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in FROZEN, params)
+
+
 @functools.cache
 def create_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with `lr_schedule` and decoupled weight decay.
+    """Global-norm clipping, then AdamW with `lr_schedule` and decoupled weight decay; the
+    FROZEN parameters' updates are zero (torch_block's buffers are outside its optimizer).
 
     Cached per configuration: the same optimizer object keeps the jitted step from recompiling.
     """
@@ -89,6 +100,7 @@ def create_optimizer(config: TrainConfig) -> optax.GradientTransformation:
             weight_decay=config.weight_decay,
             mask=weight_decay_mask,
         ),
+        optax.masked(optax.set_to_zero(), frozen_mask),
     )
 
 

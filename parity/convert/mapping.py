@@ -65,6 +65,9 @@ LM_HEAD = _linear("lm_head", "lm_head", bias=False)  # only when tie_embeddings=
 
 # torch buffers that have no Flax parameter: written as zeros when converting to torch.
 TORCH_ONLY_BUFFERS = {"feed_forward.expert_counts"}
+# torch buffers that are Flax parameters frozen by jax_block's optimizer: no Adam moments in
+# torch, zero moments in JAX.
+FROZEN_BUFFERS = {"feed_forward.e_score_correction_bias"}
 
 
 BLOCK_NORMS = ("norm1", "norm2", "post_attention_norm", "post_feed_forward_norm")

@@ -21,7 +21,7 @@ import jax_block
 from twin_core import LMConfig, atomic_write, digest
 from twin_core.run_files import NAMINGS, TRAIN_FORMAT, framework_name
 
-from .mapping import TORCH_ONLY_BUFFERS
+from .mapping import FROZEN_BUFFERS, TORCH_ONLY_BUFFERS
 from .weights import flax_to_torch, torch_to_flax
 
 
@@ -30,7 +30,8 @@ def convert_train_state(src: str | os.PathLike, dst: str | os.PathLike, to: str)
     "jax"; "flax" is the same): weights and both Adam moments go through the mapping table.
 
     The MoE expert counters (a torch statistics buffer) do not survive a trip through Flax:
-    they come back as zeros.
+    they come back as zeros. Buffers that are frozen Flax parameters (FROZEN_BUFFERS) have no
+    moments in torch and zero moments in JAX.
     """
     naming = NAMINGS[framework_name(to, "to")]
     src, dst = Path(src), Path(dst)
@@ -57,6 +58,8 @@ def convert_train_state(src: str | os.PathLike, dst: str | os.PathLike, to: str)
     converted = {}
     for group, arrays in groups.items():
         if naming == "flax":
+            if group != "params":  # a frozen buffer's moments: zeros
+                arrays = {**_frozen_moments(groups["params"]), **arrays}
             tree = torch_to_flax({k: torch.from_numpy(v) for k, v in arrays.items()}, flax_lm)
             flat = {k: np.asarray(v) for k, v in flatten_dict(tree, sep="/").items()}
         else:
@@ -70,4 +73,13 @@ def convert_train_state(src: str | os.PathLike, dst: str | os.PathLike, to: str)
 
 
 def _is_torch_buffer(torch_key: str) -> bool:
-    return any(torch_key.endswith(buffer) for buffer in TORCH_ONLY_BUFFERS)
+    return any(torch_key.endswith(buffer) for buffer in TORCH_ONLY_BUFFERS | FROZEN_BUFFERS)
+
+
+def _frozen_moments(params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Zero moments of the frozen buffers among torch `params`."""
+    return {
+        key: np.zeros_like(value)
+        for key, value in params.items()
+        if any(key.endswith(buffer) for buffer in FROZEN_BUFFERS)
+    }

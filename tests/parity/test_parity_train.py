@@ -445,3 +445,77 @@ def test_model_files_of_both_trainers_load_through_parity(tmp_path):
     assert loaded.config == model.config
     with safetensors.safe_open(tmp_path / "j.safetensors", "np") as f:
         assert f.metadata()["naming"] == "flax"  # the names, not the framework
+
+
+# --------------------------------------------------------------------------- frozen buffers
+DEEPSEEK = dict(
+    vocab_size=32,
+    max_seq_len=16,
+    d_model=16,
+    n_layers=1,
+    n_heads=2,
+    d_ff=16,
+    dropout=0.0,
+    norm="rmsnorm",
+    positions="rope",
+    gated_ffn=True,
+    qkv_bias=False,
+    out_bias=False,
+    ffn_bias=False,
+    use_moe=True,
+    num_experts=4,
+    router="grouped_sigmoid",
+    n_group=2,
+    kv_lora_rank=8,
+    qk_nope_head_dim=4,
+    qk_rope_head_dim=4,
+    v_head_dim=4,
+)
+CORRECTION = "blocks.0.feed_forward.e_score_correction_bias"
+
+
+def test_deepseek_correction_bias_stays_as_loaded_through_training_in_both(tmp_path):
+    """DeepSeek-V3's e_score_correction_bias (a torch buffer, a Flax parameter): a step of
+    AdamW with weight decay 0.5 leaves a loaded nonzero bias bit-identical in both frameworks
+    while the router and the experts move (alike in both); JAX's optimizer gives it a zero
+    update even for a nonzero gradient; training states carry it across frameworks (torch has
+    no moments for it, JAX zero ones)."""
+    bias = torch.tensor([0.5, -0.3, 0.2, -0.1])
+    torch.manual_seed(0)
+    model = TransformerLM(**DEEPSEEK)
+    model.blocks[0].feed_forward.e_score_correction_bias.copy_(bias)
+    flax_lm, params = from_torch(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run = TrainConfig(steps=4, batch_size=2, seq_len=8, lr=1e-2, weight_decay=0.5, warmup_steps=0)
+    batch = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(1))
+    torch_state = tt.create_train_state(model, run)
+    tt.train_step(torch_state, batch)
+    jax_state = jt.create_train_state(flax_lm, jax.tree.map(jax.numpy.copy, params), run)
+    jax_state, _ = jt.train_step(jax_state, jax.numpy.asarray(batch.numpy(), "int32"), RNG)
+
+    after_jax = flax_to_torch(jax_state.params, flax_lm)
+    assert torch.equal(model.state_dict()[CORRECTION], bias)
+    assert torch.equal(after_jax[CORRECTION], bias)
+    for key in ("blocks.0.feed_forward.gate.weight", "blocks.0.feed_forward.experts.0.fc1.weight"):
+        moved = model.state_dict()[key] - before[key]
+        assert moved.abs().max() > 1e-4, key
+        np.testing.assert_allclose(after_jax[key] - before[key], moved, rtol=1e-3, atol=1e-6)
+
+    tx = jt.create_optimizer(run)
+    ones = jax.tree.map(jax.numpy.ones_like, params)
+    updates, _ = jax.jit(tx.update)(ones, tx.init(params), params)
+    assert not np.any(np.asarray(updates["blocks_0"]["feed_forward"]["e_score_correction_bias"]))
+    assert np.all(np.asarray(updates["blocks_0"]["feed_forward"]["gate"]["kernel"]) != 0)
+
+    src, mid, back = (tmp_path / f"{n}.train.safetensors" for n in ("t", "j", "t2"))
+    tt.save_train_state(src, torch_state)
+    convert_train_state(src, mid, "jax")
+    _, loaded, _ = jt.load_train_state(mid)
+    loaded_bias = loaded.params["blocks_0"]["feed_forward"]["e_score_correction_bias"]
+    assert np.array_equal(np.asarray(loaded_bias), bias.numpy())
+    mu = optax.tree_utils.tree_get(loaded.opt_state, "mu")
+    assert not np.any(np.asarray(mu["blocks_0"]["feed_forward"]["e_score_correction_bias"]))
+    jt.save_train_state(mid, flax_lm, loaded)
+    convert_train_state(mid, back, "torch")
+    _, resumed, _ = tt.load_train_state(back)
+    assert torch.equal(resumed.model.state_dict()[CORRECTION], bias)
