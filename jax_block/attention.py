@@ -88,9 +88,11 @@ def blocked_attention(
     The same function as one softmax over all allowed keys of all sources; a query with no
     allowed key gives zeros. Queries go in blocks of BLOCK_Q (`lax.map`); each block runs over
     only the key blocks it may see (a `fori_loop` per source), keeping a running max, sum and
-    output in float32. Returns (B, T, KV, G, D) in the values' dtype.
+    output in float32. Returns (B, T, KV, G, Dv) in the values' dtype (values (B, KV, L, Dv):
+    their width may differ from the keys', as MLA's).
     """
     B, T, KV, G, D = q.shape
+    Dv = sources[-1].values.shape[-1]
     Tp = -(-T // BLOCK_Q) * BLOCK_Q
     q = jnp.pad(q, ((0, 0), (0, Tp - T), (0, 0), (0, 0), (0, 0)))
     query_pos = jnp.pad(query_pos, (0, Tp - T), mode="edge")  # (Tp,)
@@ -161,15 +163,15 @@ def blocked_attention(
             sink = sinks.astype(jnp.float32).reshape(1, KV, G, 1)
             start_max = jnp.broadcast_to(sink, (B, KV, G, BLOCK_Q))
             start_sum = jnp.ones((B, KV, G, BLOCK_Q), jnp.float32)
-        carry = (start_max, start_sum, jnp.zeros((B, KV, G, BLOCK_Q, D), jnp.float32))
+        carry = (start_max, start_sum, jnp.zeros((B, KV, G, BLOCK_Q, Dv), jnp.float32))
         for source, mask in zip(sources, masks, strict=True):
             carry = over_source(qi, q_block, q_pos, source, mask, carry)
         _, total, acc = carry
-        out = acc / jnp.where(total > 0, total, 1.0)[..., None]  # (B, KV, G, BQ, D)
-        return out.transpose(0, 3, 1, 2, 4)  # (B, BQ, KV, G, D)
+        out = acc / jnp.where(total > 0, total, 1.0)[..., None]  # (B, KV, G, BQ, Dv)
+        return out.transpose(0, 3, 1, 2, 4)  # (B, BQ, KV, G, Dv)
 
-    blocks = jax.lax.map(query_block, jnp.arange(Tp // BLOCK_Q))  # (nQ, B, BQ, KV, G, D)
-    out = blocks.transpose(1, 0, 2, 3, 4, 5).reshape(B, Tp, KV, G, D)[:, :T]
+    blocks = jax.lax.map(query_block, jnp.arange(Tp // BLOCK_Q))  # (nQ, B, BQ, KV, G, Dv)
+    out = blocks.transpose(1, 0, 2, 3, 4, 5).reshape(B, Tp, KV, G, Dv)[:, :T]
     return out.astype(sources[-1].values.dtype)
 
 

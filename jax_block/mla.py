@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -10,7 +11,8 @@ import jax.numpy as jnp
 
 from twin_core import MLA_NORM_EPS, BlockConfig, mla_absorbs, mla_softmax_scale, rope_tables
 
-from .attention import check_mask, is_static_zero
+from . import attention
+from .attention import KeySource, check_mask, is_static_zero
 from .cache import LatentCache
 from .norm import make_norm
 from .rope import apply_rope
@@ -65,6 +67,47 @@ def attend_latent(
     scores = jnp.einsum("bthn,bshn->bhts", q_nope.astype(f32), k_nope.astype(f32))
     probs = _softmax((scores + rope_scores) * scale, allowed).astype(v.dtype)
     return jnp.einsum("bhts,bshv->bthv", dropout(probs), v)  # (B, T, H, Dv)
+
+
+def attend_latent_blocks(
+    q_nope: jax.Array,
+    q_rope: jax.Array,
+    latent: jax.Array,
+    rope_key: jax.Array,
+    query_pos: jax.Array,
+    mask: jax.Array | None,
+    kv_b: jax.Array,
+    v_dim: int,
+    scale: float,
+) -> jax.Array:
+    """`attend_latent` (causal, eval) over blocks of queries and keys with an online softmax
+    (`attention.blocked_attention`): no (B, H, T, S) scores are ever held. Queries at
+    `query_pos` (T,), keys at slots 0..S-1, `mask` broadcasting to (B, H, T, S).
+
+    Absorbed, it is attention with one key/value head shared by all H query heads: keys the
+    latent and the rope key side by side (R + Dr), values the latent (R); expanded, H heads of
+    keys [k_nope, rope_key] (Dn + Dr) and values (Dv). Returns (B, T, H, Dv).
+    """
+    B, T, H, Dn = q_nope.shape
+    S, R = latent.shape[1:]
+    weights = kv_b.reshape(R, H, Dn + v_dim).astype(latent.dtype)
+    if mask is not None:
+        mask = mask.astype(bool)
+    blocked = functools.partial(attention.blocked_attention, causal=True, window=None)
+    if mla_absorbs(T, R, Dn, v_dim):
+        q_latent = jnp.einsum("bthn,rhn->bthr", q_nope, weights[..., :Dn])  # (B, T, H, R)
+        q = jnp.concatenate([q_latent, q_rope.astype(q_latent.dtype)], axis=-1)[:, :, None]
+        keys = jnp.concatenate([latent, rope_key], axis=-1)[:, None]  # (B, 1, S, R + Dr)
+        source = KeySource(keys, latent[:, None], 0, S, mask)
+        out_latent = blocked(q.astype(jnp.float32) * scale, query_pos, [source])[:, :, 0]
+        return jnp.einsum("bthr,rhv->bthv", out_latent, weights[..., Dn:])  # (B, T, H, Dv)
+    kv = jnp.einsum("bsr,rhd->bhsd", latent, weights)  # (B, H, S, Dn + Dv)
+    k_nope, v = kv[..., :Dn], kv[..., Dn:]
+    shared = jnp.broadcast_to(rope_key[:, None], (B, H, S, rope_key.shape[-1]))
+    keys = jnp.concatenate([k_nope, shared.astype(k_nope.dtype)], axis=-1)  # (B, H, S, Dn + Dr)
+    q = jnp.concatenate([q_nope, q_rope.astype(q_nope.dtype)], axis=-1)[:, :, :, None]
+    source = KeySource(keys, v, 0, S, mask)
+    return blocked(q.astype(jnp.float32) * scale, query_pos, [source])[:, :, :, 0]
 
 
 class MultiHeadLatentAttention(AxisNamedModule):
@@ -138,6 +181,7 @@ class MultiHeadLatentAttention(AxisNamedModule):
             kv_b(latent)  # creates its kernel, read below
         kernel = nn.meta.unbox(kv_b.variables["params"]["kernel"])  # (R, H * (Dn + Dv))
 
+        out_proj = nn.Dense(c.d_model, name="out_proj", **dense, **dense_axes("heads", "embed"))
         query_pos = start + jnp.arange(T)  # (T,)
         new_cache, key_mask = None, mask
         if kv_cache is not None:
@@ -150,6 +194,12 @@ class MultiHeadLatentAttention(AxisNamedModule):
             else:  # every slot after the write; the causal rule hides those not yet written
                 latent = new_cache.latent[:B].astype(self.dtype)
                 rope_key = new_cache.rope_key[:B].astype(self.dtype)
+        scale = mla_softmax_scale(Dn + Dr, c.rope_scaling)
+        if deterministic and T * latent.shape[1] >= attention.BLOCKED_MIN_SCORES:  # long inputs
+            out = attend_latent_blocks(
+                q_nope, q_rope, latent, rope_key, query_pos, key_mask, kernel, Dv, scale
+            )
+            return out_proj(out.reshape(B, T, H * Dv)), new_cache
         slots = jnp.arange(latent.shape[1])  # (L,)
         allowed = slots[None, :] <= query_pos[:, None]  # (T, L)
         if key_mask is not None:
@@ -159,8 +209,5 @@ class MultiHeadLatentAttention(AxisNamedModule):
         def dropout(probs: jax.Array) -> jax.Array:
             return nn.Dropout(c.dropout)(probs, deterministic=deterministic)
 
-        scale = mla_softmax_scale(Dn + Dr, c.rope_scaling)
         out = attend_latent(q_nope, q_rope, latent, rope_key, allowed, kernel, Dv, scale, dropout)
-        out = out.reshape(B, T, H * Dv)
-        out_proj = nn.Dense(c.d_model, name="out_proj", **dense, **dense_axes("heads", "embed"))
-        return out_proj(out), new_cache
+        return out_proj(out.reshape(B, T, H * Dv)), new_cache

@@ -98,7 +98,8 @@ def attend(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v over the allowed keys: q (B, H, T, D), k and v (B, KV, S, D).
+    """softmax(q k^T * scale) v over the allowed keys: q (B, H, T, D), k (B, KV, S, D) and v
+    (B, KV, S, Dv) (Dv may differ from D, as MLA's) -> (B, H, T, Dv).
 
     `allowed` (bool, broadcastable to (B, H, T, S)) marks the keys each query may see; None
     allows all. A query that may see no key gets zeros. `scale` defaults to D ** -0.5; with
@@ -136,7 +137,7 @@ def attend(
     probs = probs.to(v.dtype)
     if dropout is not None:
         probs = dropout(probs)
-    return torch.matmul(probs.view(B, KV, G * T, S), v).view(B, H, T, D)
+    return torch.matmul(probs.view(B, KV, G * T, S), v).view(B, H, T, v.shape[-1])
 
 
 class MultiHeadAttention(nn.Module):

@@ -17,6 +17,7 @@ from twin_core import (
     rope_tables,
 )
 
+from . import attention
 from .attention import check_mask
 from .cache import LatentCache
 from .linear import Linear, linear_params
@@ -112,6 +113,66 @@ def attend_latent(
     if dropout is not None:
         probs = dropout(probs)
     return torch.matmul(probs, v)  # (B, H, T, Dv)
+
+
+def attend_latent_blocks(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    rope_key: torch.Tensor,
+    start: int,
+    mask: torch.Tensor | None,
+    params: LatentAttentionParams,
+) -> torch.Tensor:
+    """`attend_latent` (causal, eval) a block of queries at a time (`attention.attend`, whose
+    float32 kernel walks the keys with an online softmax): no (B, H, T, S) scores are ever held.
+    Queries at slots start.., keys at slots 0..S-1, `mask` broadcasting to (B, H, T, S).
+
+    Absorbed, it is attention with one key/value head shared by all H query heads: keys the
+    latent and the rope key side by side (R + Dr), values the latent (R); expanded, H heads of
+    keys [k_nope, rope_key] (Dn + Dr) and values (Dv). Returns (B, H, T, Dv).
+    """
+    B, H, T, Dn = q_nope.shape
+    S, R, Dr = latent.shape[1], params.rank, params.rope_dim
+    weights = params.kv_b.view(H, Dn + params.v_dim, R)
+    absorbs = mla_absorbs(T, R, Dn, params.v_dim)
+    if absorbs:
+        q_latent = torch.einsum("bhtn,hnr->bhtr", q_nope, weights[:, :Dn])  # (B, H, T, R)
+        q = torch.cat([q_latent, q_rope.to(q_latent.dtype)], dim=-1)  # (B, H, T, R + Dr)
+        k = torch.cat([latent, rope_key], dim=-1)[:, None]  # (B, 1, S, R + Dr)
+        v = latent[:, None]  # (B, 1, S, R)
+    else:
+        kv = F.linear(latent, params.kv_b).view(B, S, H, Dn + params.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([Dn, params.v_dim], dim=-1)  # (B, H, S, Dn), (B, H, S, Dv)
+        shared = rope_key[:, None].expand(B, H, S, Dr).to(k_nope.dtype)
+        k = torch.cat([k_nope, shared], dim=-1)  # (B, H, S, Dn + Dr)
+        q = torch.cat([q_nope, q_rope.to(q_nope.dtype)], dim=-1)  # (B, H, T, Dn + Dr)
+    if mask is not None:
+        mask = mask.to(torch.bool)
+        mask = mask[(None,) * (4 - mask.dim())]  # (B|1, H|1, T|1, S|1)
+    fused = q.dtype == torch.float32
+    per_query = B * S if fused else B * H * S  # mask entries or scores
+    rows = max(1, min(attention.QUERY_BLOCK, attention.SCORE_ELEMENTS // per_query))
+    blocks = []
+    for a in range(0, T, rows):
+        b = min(T, a + rows)
+        end = start + b  # keys [0, end): the causal rule's for the block's last query
+        allowed = (
+            torch.arange(end, device=q.device)[None, :]
+            <= torch.arange(start + a, end, device=q.device)[:, None]
+        )  # (Tb, end)
+        if mask is not None:
+            block = mask[:, :, a:b] if mask.shape[2] == T else mask
+            allowed = allowed & (block[..., :end] if mask.shape[3] > 1 else block)
+        blocks.append(
+            attention.attend(
+                q[:, :, a:b], k[:, :, :end], v[:, :, :end], allowed, fused=fused, scale=params.scale
+            )
+        )
+    out = torch.cat(blocks, dim=2)  # (B, H, T, R | Dv)
+    if absorbs:
+        return torch.einsum("bhtr,hvr->bhtv", out, weights[:, Dn:])  # (B, H, T, Dv)
+    return out
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -211,6 +272,10 @@ class MultiHeadLatentAttention(nn.Module):
         if kv_cache is not None:  # attend to what the cache holds after the write
             latent, rope_key = kv_cache.write(latent, rope_key, start)  # (B, S, R), (B, S, Dr)
             latent, rope_key = latent.to(x.dtype), rope_key.to(x.dtype)
+        if not self.training and B * params.n_heads * T * S > attention.WHOLE_SCORES:
+            out = attend_latent_blocks(q_nope, q_rope, latent, rope_key, start, mask, params)
+            heads = out.transpose(1, 2).reshape(B * T, -1)  # (B * T, H * Dv)
+            return F.linear(heads, *params.out).view(B, T, -1)  # (B, T, d_model)
         query_pos = torch.arange(start, S, device=x.device)[:, None]  # (T, 1)
         allowed = torch.arange(S, device=x.device)[None, :] <= query_pos  # (T, S)
         if mask is not None:
