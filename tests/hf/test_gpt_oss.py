@@ -145,18 +145,20 @@ def test_refused(mxfp4_folder, tmp_path, edit, match):
         parity.from_hf(copy)
 
 
-def test_check_hf_on_an_mxfp4_folder(mxfp4_folder):
-    """`check --hf`'s report on an MXFP4 folder: transformers' side holds the dequantized
-    experts (the fixture's, bit for bit), and every row (logits, cached decode, greedy; both
-    twins against transformers and each other) passes in float32."""
+def test_check_hf_on_an_mxfp4_folder(mxfp4_folder, monkeypatch):
+    """`check --hf`'s report on an MXFP4 folder: the transformers model it compares against
+    holds the dequantized experts (the fixture's, bit for bit), and every row (logits, cached
+    decode, greedy; both twins against transformers and each other) passes in float32."""
     directory, reference = mxfp4_folder
-    model = hf_cases._transformers(directory, "float32", "mxfp4")
-    for ours, theirs in zip(model.model.layers, reference.model.layers, strict=True):
-        for name in EXPERT_WEIGHTS:
-            loaded = getattr(ours.mlp.experts, name)
-            assert loaded.dtype == torch.float32
-            assert torch.equal(loaded, getattr(theirs.mlp.experts, name))
+    loaded = []
+    load = hf_cases._transformers
+    monkeypatch.setattr(hf_cases, "_transformers", lambda *a: loaded.append(load(*a)) or loaded[0])
     rows, env = hf_cases.hf_report(HFCheckpoint(directory), seed=0)
+    for ours, theirs in zip(loaded[0].model.layers, reference.model.layers, strict=True):
+        for name in EXPERT_WEIGHTS:
+            weight = getattr(ours.mlp.experts, name)
+            assert weight.dtype == torch.float32
+            assert torch.equal(weight, getattr(theirs.mlp.experts, name))
     assert env["transformers"] != "not installed"
     assert [row.case for row in rows if "transformers" in row.case] == [
         "logits: torch_block vs transformers",
