@@ -27,6 +27,7 @@ BENCHMARKS = [
     "memory",
     "vs_transformers",
     "long_prompt",
+    "compile_depth",
     "real_size",  # builds checkpoints of up to 7 GB once, then minutes per row
 ]
 ROOT = Path(__file__).resolve().parent.parent

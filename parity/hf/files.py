@@ -4,12 +4,15 @@ Weights are model.safetensors, sharded safetensors with model.safetensors.index.
 pytorch_model.bin (sharded or not), which is read only through torch.load(weights_only=True).
 Every safetensors header is checked against the file's size before any tensor is read
 (`twin_core.files.read_safetensors_header`), so a truncated file is refused before a large
-allocation; each tensor is then read with a plain file read at its offset (no memory map).
+allocation. A tensor is then either read with a plain file read at its offset (`get`,
+`read_into`) or mapped copy-on-write (`mapped`: torch_block's weights, as transformers and
+safetensors load them).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -53,6 +56,7 @@ class WeightFiles:
         self._file_of: dict[str, Path] = {}
         self._spans: dict[tuple[Path, str], tuple[int, int]] = {}
         self._bins: dict[Path, dict[str, torch.Tensor]] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
         self.kind = self._find()
 
     def _find(self) -> str:
@@ -129,6 +133,26 @@ class WeightFiles:
         if count == 0:
             return torch.zeros(shape, dtype=dtype)
         return torch.frombuffer(data, dtype=dtype).reshape(shape)
+
+    def mapped(self, name: str) -> torch.Tensor:
+        """One tensor as a private (copy-on-write) memory map of its bytes in the file: nothing
+        is read until the tensor is used, and writes to it stay in this process. The file must
+        not be changed in place while the tensor lives (a new file written over it by rename, as
+        `to_hf` and `parity.save` do, is safe). A .bin's tensor as `get` gives it."""
+        path = self._file_of[name]
+        if path in self._bins:
+            return self._bins[path][name]
+        shape, dtype = self.shapes[name]
+        first, count = self._spans[(path, name)]
+        if count == 0:
+            return torch.zeros(shape, dtype=dtype)
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        flat = torch.frombuffer(
+            self._maps[path], dtype=dtype, count=count // dtype.itemsize, offset=first
+        )
+        return flat.view(shape)
 
     def read_into(self, name: str, out: np.ndarray) -> None:
         """Read one tensor's bytes straight into `out`, a contiguous NumPy array of as many

@@ -143,7 +143,9 @@ class HFCheckpoint:
         return None if name in self.quantized else self.files.shapes[name][1]
 
     def torch(self) -> torch_block.TransformerLM:
-        """The torch_block LM in eval mode, built in the target dtype and filled in place."""
+        """The torch_block LM in eval mode, built in the target dtype: a weight stored as it is
+        used maps the file's bytes copy-on-write (`WeightFiles.mapped`), any other is converted
+        into the model's memory."""
         previous = torch.get_default_dtype()
         torch.set_default_dtype(TORCH_DTYPES[self.dtype])  # parameters made in the target dtype
         try:
@@ -152,12 +154,12 @@ class HFCheckpoint:
             model.to_empty(device="cpu")  # memory not touched until read into (rope tables kept)
         finally:
             torch.set_default_dtype(previous)
-        state = model.state_dict()
+        state, parameters = model.state_dict(), dict(model.named_parameters())
         with torch.no_grad():
             for ours, hf_name, row in self.entries:  # q, k, v of a fused c_attn share one read
-                if row.transform == COPY and self.stored_dtype(hf_name) == state[ours].dtype:
-                    as_bytes = state[ours].detach().view(-1).view(torch.uint8).numpy()
-                    self.files.read_into(self._names[hf_name], as_bytes)  # no copy between
+                stored_as_is = self.stored_dtype(hf_name) == state[ours].dtype
+                if row.transform == COPY and stored_as_is and ours in parameters:
+                    parameters[ours].data = self.files.mapped(self._names[hf_name])  # no read yet
                     continue
                 state[ours].copy_(ours_from_hf(row, self.read(hf_name)))
             for key in self.buffers:

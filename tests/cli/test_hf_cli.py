@@ -1,7 +1,7 @@
 """`python -m parity` on Hugging Face folders: convert both ways, generate --hf, check --hf.
 
-The main paths run as subprocesses (exit codes, stdout, --json); the refusals run in-process
-through `parity.cli.main`, which is what the subprocess calls.
+Every command runs in this process through `parity.cli.main`, which is what `python -m parity`
+calls (tests/in_process.py): exit codes, stdout, --json and the refusals.
 """
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import hf_models
 import numpy as np
 import pytest
 import torch
+from in_process import run_parity
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import jax_block
@@ -30,14 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["[UNK]", *(f"w{i}" for i in range(1, hf_models.VOCAB))]
 
 
-def run(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "parity", *map(str, argv)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+def run(*argv: object) -> subprocess.CompletedProcess:
+    return run_parity(*argv)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flax.traverse_util import flatten_dict
+from in_process import run_parity
 
 import torch_block
 from parity import cli, from_torch
@@ -105,6 +106,7 @@ def test_bad_argument_exits_2_with_a_message():
     assert "invalid choice: 'huge'" in done.stderr
 
 
+# --------------------------------------------------------------------------- in process
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -134,7 +136,7 @@ def test_bad_argument_exits_2_with_a_message():
 def test_bad_paths_are_one_line_errors_with_exit_2(tmp_path, argv, message):
     torch.manual_seed(0)
     checkpoint.save(tmp_path / "in.safetensors", torch_block.TransformerBlock(16, 2, 32))
-    done = python_m_parity(*argv, cwd=tmp_path)
+    done = run_parity(*argv, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stdout == "" and "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("python -m parity")
@@ -143,15 +145,12 @@ def test_bad_paths_are_one_line_errors_with_exit_2(tmp_path, argv, message):
 
 
 def test_generate_takes_flax_as_the_name_of_jax():
-    done = python_m_parity(
-        "generate", "--framework", "flax", "--ids", "1,2", "--max-new-tokens", "3"
-    )
+    done = run_parity("generate", "--framework", "flax", "--ids", "1,2", "--max-new-tokens", "3")
     assert done.returncode == 0, done.stderr
     tokens, speed = done.stdout.strip().splitlines()
     assert len(tokens.split(",")) == 3 and speed.startswith("jax: 3 new tokens in ")
 
 
-# --------------------------------------------------------------------------- in process
 @pytest.mark.parametrize(
     "command,words",
     [

@@ -1,4 +1,4 @@
-"""The training command of both frameworks (`python -m parity train`), mostly through subprocesses:
+"""The training command of both frameworks (`python -m parity train`), run in this process:
 the files a run writes and where, runs that never replace each other, resume, extension and
 resume across frameworks, the same start from the same seed, the default warm-up, fine-tuning
 a Hugging Face folder's model (`--hf`) and one-line errors.
@@ -24,6 +24,7 @@ import pytest
 import safetensors
 import torch
 import transformers
+from in_process import run_parity
 from tokenizers import Tokenizer
 from tokenizers import models as tokenizer_models
 
@@ -45,16 +46,8 @@ ERROR = "python -m parity train: error: "
 
 
 def parity(*args: object, cwd: Path) -> subprocess.CompletedProcess:
-    """`python -m parity ARGS` run in folder `cwd`."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "parity", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """`python -m parity ARGS` run in folder `cwd`, in this process (tests/in_process.py)."""
+    return run_parity(*args, cwd=cwd)
 
 
 def cli(framework: str, *args: object, cwd: Path) -> subprocess.CompletedProcess:

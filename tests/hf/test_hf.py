@@ -245,6 +245,30 @@ def test_pytorch_model_bin_loads(saved, tmp_path):
     )
 
 
+def test_torch_weights_read_by_map_behave_as_a_copy(saved, tmp_path):
+    """torch weights map the file copy-on-write: a file replaced by rename (as to_hf and
+    parity.save write) leaves the loaded model as it was, and changing the model in place
+    leaves the file as it was."""
+    directory, reference = saved("llama")
+    folder = hf_models.save(reference, tmp_path / "mapped")
+    lm = parity.from_hf(folder)
+    np.testing.assert_allclose(our_logits(lm), hf_logits(reference), atol=1e-5)
+    other = hf_models.build("llama")
+    with torch.no_grad():
+        for weight in other.parameters():
+            weight.mul_(-1.5)
+    replacement = hf_models.save(other, tmp_path / "other") / "model.safetensors"
+    replacement.replace(folder / "model.safetensors")
+    np.testing.assert_allclose(our_logits(lm), hf_logits(reference), atol=1e-5)
+    written = (folder / "model.safetensors").read_bytes()
+    with torch.no_grad():
+        for weight in lm.parameters():
+            weight.mul_(2.0)
+    assert np.abs(our_logits(lm) - hf_logits(reference)).max() > 1e-2  # the writes took
+    assert (folder / "model.safetensors").read_bytes() == written
+    np.testing.assert_allclose(our_logits(parity.from_hf(folder)), hf_logits(other), atol=1e-5)
+
+
 def test_transformers_4_config_spelling(saved, tmp_path):
     """rope_theta and rope_scaling at the top level, torch_dtype: read as transformers reads
     them (transformers 5 still reads this spelling)."""

@@ -3,8 +3,8 @@ and the tokenizer files, from a folder through checkpoint files (.safetensors, .
 and back into a folder that transformers loads with its tokenizer.
 
 The folder is a tiny Qwen2 saved by transformers with bos 1 and eos 2, a generation config
-of its own and a byte-level BPE tokenizer trained here. The commands run as subprocesses; the
-refusals also through `parity.cli.main`.
+of its own and a byte-level BPE tokenizer trained here. The commands run in this process
+through `parity.cli.main`, what `python -m parity` calls (tests/in_process.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import hf_models
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from in_process import run_parity
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import jax_block
@@ -45,13 +45,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def run(*argv: object) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "parity", *map(str, argv)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_parity(*argv)
 
 
 @pytest.fixture(scope="module")
