@@ -104,3 +104,20 @@ def step_weight_bytes(params: dict) -> int:
     the LM head is a separate matrix; a tied embedding is read whole, as the head)."""
     skipped = {"position_embedding"} | ({"token_embedding"} if "lm_head" in params else set())
     return sum(tree_bytes(tree) for name, tree in params.items() if name not in skipped)
+
+
+def transformers_greedy(model, ids, new_tokens: int):
+    """transformers' greedy continuation (B, new_tokens) of a transformers model for unpadded
+    prompts ids (B, T) (a torch tensor): exactly new_tokens tokens a row, none stopping early."""
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1] :]
