@@ -121,3 +121,23 @@ def transformers_greedy(model, ids, new_tokens: int):
             pad_token_id=0,
         )
     return out[:, ids.shape[1] :]
+
+
+def compiled_greedy(lm, params, ids, mask, rng, new_tokens: int):
+    """jax_block's `generate_tokens` for greedy decoding of `new_tokens` tokens after prompts
+    ids (B, P) with `mask` (no eos, pad 0), lowered and compiled ahead of time, not run."""
+    from jax_block.generate import generate_tokens
+
+    return generate_tokens.lower(
+        lm,
+        params,
+        ids,
+        mask,
+        rng,
+        max_new_tokens=new_tokens,
+        temperature=0.0,
+        top_k=None,
+        top_p=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    ).compile()
