@@ -134,3 +134,19 @@ def check_key_mask(attention_mask: Any | None, shape: tuple[int, int]) -> None:
             f"attention_mask must be (batch, key slots) = {shape}, "
             f"got {tuple(attention_mask.shape)}"
         )
+
+
+def check_mask(mask: Any, shape: tuple[int, int, int, int]) -> None:
+    """Raise ValueError unless `mask` (an array of any framework) broadcasts to `shape` =
+    (B, H, T, S)."""
+    if len(mask.shape) > 4:
+        raise ValueError(f"mask must have at most 4 dimensions, got shape {tuple(mask.shape)}")
+    try:
+        broadcast = np.broadcast_shapes(tuple(mask.shape), shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != shape:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to (batch, heads, query_len, "
+            f"key_len) = {shape}"
+        )
