@@ -109,10 +109,9 @@ def jax_child(long: int, repeats: int) -> dict:
     import jax.numpy as jnp
 
     import jax_block.attention as attention
-    from jax_block.generate import generate_tokens
 
     from .common import block
-    from .models import jax_lm
+    from .models import compiled_greedy, jax_lm
 
     flax_lm, params = jax_lm(config(long))
     blocked_min = getattr(attention, "BLOCKED_MIN_SCORES", None)
@@ -126,19 +125,7 @@ def jax_child(long: int, repeats: int) -> dict:
         ids = jnp.asarray(prompts(1, length, SMALL["vocab_size"]), jnp.int32)
         mask = jnp.ones_like(ids)
         rng = jax.random.PRNGKey(0)
-        program = generate_tokens.lower(
-            flax_lm,
-            params,
-            ids,
-            mask,
-            rng,
-            max_new_tokens=1,
-            temperature=0.0,
-            top_k=None,
-            top_p=None,
-            eos_token_id=None,
-            pad_token_id=0,
-        ).compile()
+        program = compiled_greedy(flax_lm, params, ids, mask, rng, 1)
         return program, (params, ids, mask, rng)
 
     long_blocked, long_args = compiled(long, full=False)

@@ -60,9 +60,7 @@ def child(model: str, positions: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jax_block.generate import generate_tokens
-
-    from .models import jax_lm, tree_bytes
+    from .models import compiled_greedy, jax_lm, tree_bytes
 
     config = {**MODELS[model], "max_seq_len": positions}
     flax_lm, params = jax_lm(config)
@@ -75,19 +73,7 @@ def child(model: str, positions: int) -> dict:
     )
     mask = jnp.ones((BATCH, PROMPT_LEN), jnp.int32)
     rng = jax.random.PRNGKey(0)
-    compiled = generate_tokens.lower(
-        flax_lm,
-        params,
-        ids,
-        mask,
-        rng,
-        max_new_tokens=new_tokens,
-        temperature=0.0,
-        top_k=None,
-        top_p=None,
-        eos_token_id=None,
-        pad_token_id=0,
-    ).compile()
+    compiled = compiled_greedy(flax_lm, params, ids, mask, rng, new_tokens)
     xla = compiled.memory_analysis()
     jax.block_until_ready((params, ids, mask, rng))
     gc.collect()

@@ -104,3 +104,40 @@ def step_weight_bytes(params: dict) -> int:
     the LM head is a separate matrix; a tied embedding is read whole, as the head)."""
     skipped = {"position_embedding"} | ({"token_embedding"} if "lm_head" in params else set())
     return sum(tree_bytes(tree) for name, tree in params.items() if name not in skipped)
+
+
+def transformers_greedy(model, ids, new_tokens: int):
+    """transformers' greedy continuation (B, new_tokens) of a transformers model for unpadded
+    prompts ids (B, T) (a torch tensor): exactly new_tokens tokens a row, none stopping early."""
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1] :]
+
+
+def compiled_greedy(lm, params, ids, mask, rng, new_tokens: int):
+    """jax_block's `generate_tokens` for greedy decoding of `new_tokens` tokens after prompts
+    ids (B, P) with `mask` (no eos, pad 0), lowered and compiled ahead of time, not run."""
+    from jax_block.generate import generate_tokens
+
+    return generate_tokens.lower(
+        lm,
+        params,
+        ids,
+        mask,
+        rng,
+        max_new_tokens=new_tokens,
+        temperature=0.0,
+        top_k=None,
+        top_p=None,
+        eos_token_id=None,
+        pad_token_id=0,
+    ).compile()

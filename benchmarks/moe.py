@@ -25,6 +25,19 @@ FAMILIES = {
 }
 
 
+def layers(moe_class, feed_forward_class) -> dict:
+    """Each family's MoE layer for every expert count and its dense FFN, keyed "family name",
+    built with one framework's classes (in this order: torch draws the weights in it)."""
+    modules = {}
+    for family, (d_ff, kind, moe_options) in FAMILIES.items():
+        for e in EXPERTS:
+            modules[f"{family} moe E={e}"] = moe_class(
+                D_MODEL, d_ff, e, TOP_K, 0.0, **kind, **moe_options
+            )
+        modules[f"{family} dense"] = feed_forward_class(D_MODEL, d_ff, 0.0, **kind)
+    return modules
+
+
 def jax_runs(x) -> dict:
     """Jitted eval-mode calls of the MoE layer for each family and expert count, and of the
     dense FFN of the same kind."""
@@ -36,18 +49,10 @@ def jax_runs(x) -> dict:
 
     x = jnp.asarray(x)
     runs = {}
-    for family, (d_ff, kind, moe_options) in FAMILIES.items():
-        modules = {
-            f"moe E={e}": MixtureOfExperts(D_MODEL, d_ff, e, TOP_K, 0.0, **kind, **moe_options)
-            for e in EXPERTS
-        }
-        modules["dense"] = FeedForward(D_MODEL, d_ff, 0.0, **kind)
-        for name, module in modules.items():
-            params = module.init(jax.random.PRNGKey(0), x)
-            apply = jax.jit(module.apply)
-            runs[f"jax {family} {name}"] = lambda apply=apply, params=params: block(
-                apply(params, x)
-            )
+    for name, module in layers(MixtureOfExperts, FeedForward).items():
+        params = module.init(jax.random.PRNGKey(0), x)
+        apply = jax.jit(module.apply)
+        runs[f"jax {name}"] = lambda apply=apply, params=params: block(apply(params, x))
     return runs
 
 
@@ -67,15 +72,9 @@ def torch_runs(x) -> dict:
             return module(x)
 
     runs = {}
-    for family, (d_ff, kind, moe_options) in FAMILIES.items():
-        modules = {
-            f"moe E={e}": MixtureOfExperts(D_MODEL, d_ff, e, TOP_K, 0.0, **kind, **moe_options)
-            for e in EXPERTS
-        }
-        modules["dense"] = FeedForward(D_MODEL, d_ff, 0.0, **kind)
-        for name, module in modules.items():
-            module.eval()
-            runs[f"torch {family} {name}"] = lambda m=module: call(m)
+    for name, module in layers(MixtureOfExperts, FeedForward).items():
+        module.eval()
+        runs[f"torch {name}"] = lambda m=module: call(m)
     return runs
 
 

@@ -34,6 +34,7 @@ from .common import (
     finish,
     measure,
 )
+from .models import transformers_greedy
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = RESULTS_DIR / "real_size_checkpoints"
@@ -201,17 +202,7 @@ def loaders(framework: str, folder: Path, dtype: str):
             return model.eval()
 
         def generate(model, ids, n):
-            ids = torch.from_numpy(ids)
-            with torch.inference_mode():
-                out = model.generate(
-                    ids,
-                    attention_mask=torch.ones_like(ids),
-                    max_new_tokens=n,
-                    min_new_tokens=n,
-                    do_sample=False,
-                    pad_token_id=0,
-                )
-            return out[:, ids.shape[1] :].numpy()
+            return transformers_greedy(model, torch.from_numpy(ids), n).numpy()
 
         return load, generate
     import parity
@@ -317,15 +308,30 @@ def child_main(argv: list[str]) -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
-    if args.phase == "build":
-        build(args.shape, args.dtype, args.folder)
-        out = {}
-    elif args.phase == "bandwidth":
-        out = matvec_bandwidth(args.dtype, 256 if args.new_tokens < 16 else 1024, 5)
-    else:
-        out = run_phase(args.phase, args.folder, args.dtype, args.new_tokens, args.repeats)
-    print(json.dumps(out))
+    bandwidth = (256 if args.new_tokens < 16 else 1024, 5)
+    print(json.dumps(one_phase(**vars(args), bandwidth=bandwidth)))
     return 0
+
+
+def one_phase(
+    phase: str,
+    dtype: str,
+    folder: Path | None = None,
+    shape: str | None = None,
+    new_tokens: int = 32,
+    repeats: int = 2,
+    *,
+    bandwidth: tuple[int, int],
+) -> dict:
+    """The phase named `phase`: "build" (the checkpoint of `shape` into `folder`; {}),
+    "bandwidth" (`matvec_bandwidth` over `bandwidth` = (megabytes, repeats)) or a framework's
+    `run_phase`."""
+    if phase == "build":
+        build(shape, dtype, folder)
+        return {}
+    if phase == "bandwidth":
+        return matvec_bandwidth(dtype, *bandwidth)
+    return run_phase(phase, folder, dtype, new_tokens, repeats)
 
 
 def in_subprocess(**fields) -> dict:
@@ -342,18 +348,7 @@ def in_subprocess(**fields) -> dict:
 
 def in_process(**fields) -> dict:
     """A phase in this process (the smoke test: memory figures are then not its own)."""
-    if fields["phase"] == "build":
-        build(fields["shape"], fields["dtype"], Path(fields["folder"]))
-        return {}
-    if fields["phase"] == "bandwidth":
-        return matvec_bandwidth(fields["dtype"], 16, 2)
-    return run_phase(
-        fields["phase"],
-        Path(fields["folder"]),
-        fields["dtype"],
-        fields["new_tokens"],
-        fields["repeats"],
-    )
+    return one_phase(**fields, bandwidth=(16, 2))
 
 
 # --------------------------------------------------------------------------- a row

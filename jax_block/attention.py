@@ -7,29 +7,14 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from twin_core import RopeScaling, check_heads, rope_tables
+from twin_core.checks import check_mask
 
 from .cache import KVCache
 from .norm import make_norm
 from .rope import apply_rope
 from .sharding import AxisNamedModule, constrain, dense_axes, named_init
-
-
-def check_mask(mask: jax.Array, shape: tuple[int, int, int, int]) -> None:
-    """Raise ValueError unless `mask` broadcasts to `shape` = (B, H, T, S)."""
-    if mask.ndim > 4:
-        raise ValueError(f"mask must have at most 4 dimensions, got shape {tuple(mask.shape)}")
-    try:
-        broadcast = np.broadcast_shapes(tuple(mask.shape), shape)
-    except ValueError:
-        broadcast = None
-    if broadcast != shape:
-        raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast to (batch, heads, query_len, "
-            f"key_len) = {shape}"
-        )
 
 
 def is_static_zero(position) -> bool:

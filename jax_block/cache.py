@@ -7,6 +7,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax.sharding import NamedSharding
 
+from twin_core.cache_checks import check_cache_batch, check_cache_sizes, check_cache_slots
+
 from .sharding import CACHE_AXES, LATENT_CACHE_AXES, constrain
 
 # XLA options for jitted functions that take a cache and return it updated. By default XLA's
@@ -17,6 +19,51 @@ IN_PLACE_CACHE_OPTIONS = {
     "xla_cpu_copy_insertion_use_region_analysis": True,
     "xla_gpu_copy_insertion_use_region_analysis": True,
 }
+
+
+def empty_buffers(
+    shapes: tuple[tuple[int, ...], ...], dtype: jnp.dtype, sharding: NamedSharding | None
+) -> tuple[jax.Array, ...]:
+    """A cache's buffers: zeros of each of `shapes` placed with `sharding` (never whole on one
+    device), then its position, a () int32 0 replicated on the sharding's mesh."""
+    scalar = None if sharding is None else NamedSharding(sharding.mesh, jax.P())
+    buffers = tuple(jnp.zeros(shape, dtype, device=sharding) for shape in shapes)
+    return *buffers, jnp.zeros((), jnp.int32, device=scalar)
+
+
+def known_start(start) -> int | None:
+    """A write's position as an int, or None where it is traced; TypeError unless an integer."""
+    if isinstance(start, bool) or not jnp.issubdtype(jnp.result_type(start), jnp.integer):
+        raise TypeError(f"cache_position must be an integer, got {start!r}")
+    if isinstance(start, jax.core.Tracer):
+        return None
+    return int(start)
+
+
+def write_buffers(
+    buffers: tuple[jax.Array, ...], news: tuple[jax.Array, ...], start: jax.Array | int, axis: int
+) -> tuple[jax.Array, ...]:
+    """New buffers with each of `news` (B rows, T slots along `axis`) written into the first B
+    rows of its buffer at slots [start, start+T), in the buffer's dtype, then the new position.
+
+    Slots past the end are dropped and a negative start writes nothing: nothing is ever wrapped
+    or clamped onto other slots. The new position is start+T, or start itself when start < 0.
+    """
+    B, T = news[0].shape[0], news[0].shape[axis]
+    start = jnp.asarray(start, jnp.int32)
+    slots = jnp.where(start < 0, buffers[0].shape[axis], start + jnp.arange(T))  # (T,)
+    at = (slice(None, B),) + (slice(None),) * (axis - 1) + (slots,)
+    write = dict(mode="drop", wrap_negative_indices=False, indices_are_sorted=True)
+    written = [b.at[at].set(n.astype(b.dtype), **write) for b, n in zip(buffers, news, strict=True)]
+    return *written, jnp.where(start < 0, start, start + T)  # position () int32
+
+
+def position_text(position: jax.Array) -> int | str:
+    """A cache's position for its repr: an int, or "traced" under jit."""
+    try:
+        return int(position)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return "traced"
 
 
 @struct.dataclass
@@ -46,32 +93,22 @@ class KVCache:
     ) -> KVCache:
         """An empty cache at position 0; with `sharding`, keys and values are created placed
         with it (never whole on one device) and the position is replicated on its mesh."""
-        for name, value in (
-            ("max_batch_size", max_batch_size),
-            ("max_seq_len", max_seq_len),
-            ("n_heads", n_heads),
-            ("head_dim", head_dim),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
-        shape = (max_batch_size, n_heads, max_seq_len, head_dim)
-        scalar = None if sharding is None else NamedSharding(sharding.mesh, jax.P())
-        return cls(
-            k_cache=jnp.zeros(shape, dtype, device=sharding),
-            v_cache=jnp.zeros(shape, dtype, device=sharding),
-            position=jnp.zeros((), jnp.int32, device=scalar),
+        check_cache_sizes(
+            "KVCache",
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len,
+            n_heads=n_heads,
+            head_dim=head_dim,
         )
+        shape = (max_batch_size, n_heads, max_seq_len, head_dim)
+        return cls(*empty_buffers((shape, shape), dtype, sharding))
 
     def __repr__(self) -> str:
         """Shape (B, H, S, D) of keys and of values, dtype and position ("traced" under jit)."""
         shape = getattr(self.k_cache, "shape", None)
         shape = tuple(shape) if shape is not None else None
         dtype = getattr(self.k_cache, "dtype", None)
-        try:
-            position = int(self.position)
-        except (TypeError, jax.errors.ConcretizationTypeError):
-            position = "traced"
-        return f"KVCache(shape={shape}, dtype={dtype}, position={position})"
+        return f"KVCache(shape={shape}, dtype={dtype}, position={position_text(self.position)})"
 
     @property
     def max_batch_size(self) -> int:
@@ -100,10 +137,7 @@ class KVCache:
 
     def check_write(self, batch_size: int, n_heads: int, head_dim: int, start, length: int):
         """Raise ValueError unless writing `length` tokens at `start` fits, where start is known."""
-        if batch_size > self.max_batch_size:
-            raise ValueError(
-                f"batch size {batch_size} exceeds the cache's max_batch_size {self.max_batch_size}"
-            )
+        check_cache_batch(batch_size, self.max_batch_size)
         if (n_heads, head_dim) != (self.n_heads, self.head_dim):
             raise ValueError(
                 f"cache holds n_heads={self.n_heads}, head_dim={self.head_dim}; "
@@ -114,18 +148,9 @@ class KVCache:
                 f"writing {length} tokens needs {length} slots; "
                 f"the cache has max_seq_len={self.max_seq_len}"
             )
-        if isinstance(start, bool) or not jnp.issubdtype(jnp.result_type(start), jnp.integer):
-            raise TypeError(f"cache_position must be an integer, got {start!r}")
-        if isinstance(start, jax.core.Tracer):
-            return
-        start = int(start)
-        if start < 0:
-            raise ValueError(f"cache_position must be >= 0, got {start}")
-        if start + length > self.max_seq_len:
-            raise ValueError(
-                f"writing {length} tokens at position {start} needs {start + length} slots; "
-                f"the cache has max_seq_len={self.max_seq_len}"
-            )
+        start = known_start(start)
+        if start is not None:
+            check_cache_slots(start, length, self.max_seq_len)
 
     def write(self, k: jax.Array, v: jax.Array, start: jax.Array | int) -> KVCache:
         """A new cache with k, v (B, H, T, D) written at slots [start, start+T).
@@ -141,13 +166,8 @@ class KVCache:
             )
         B, H, T, D = k.shape
         self.check_write(B, H, D, start, T)
-        start = jnp.asarray(start, jnp.int32)
-        slots = jnp.where(start < 0, self.max_seq_len, start + jnp.arange(T))  # (T,)
-        write = dict(mode="drop", wrap_negative_indices=False, indices_are_sorted=True)
-        k_cache = self.k_cache.at[:B, :, slots].set(k.astype(self.k_cache.dtype), **write)
-        v_cache = self.v_cache.at[:B, :, slots].set(v.astype(self.v_cache.dtype), **write)
-        position = jnp.where(start < 0, start, start + T)  # () int32
-        return KVCache(k_cache, v_cache, position).constrained()
+        written = write_buffers((self.k_cache, self.v_cache), (k, v), start, axis=2)
+        return KVCache(*written).constrained()
 
     def constrained(self) -> KVCache:
         """This cache with its keys and values constrained to their place on the mesh that
@@ -183,30 +203,22 @@ class LatentCache:
     ) -> LatentCache:
         """An empty cache at position 0; with `sharding`, created placed with it and the
         position replicated on its mesh."""
-        for name, value in (
-            ("max_batch_size", max_batch_size),
-            ("max_seq_len", max_seq_len),
-            ("kv_lora_rank", kv_lora_rank),
-            ("rope_dim", rope_dim),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"LatentCache: {name} must be a positive int, got {value!r}")
-        scalar = None if sharding is None else NamedSharding(sharding.mesh, jax.P())
-        return cls(
-            latent=jnp.zeros((max_batch_size, max_seq_len, kv_lora_rank), dtype, device=sharding),
-            rope_key=jnp.zeros((max_batch_size, max_seq_len, rope_dim), dtype, device=sharding),
-            position=jnp.zeros((), jnp.int32, device=scalar),
+        check_cache_sizes(
+            "LatentCache",
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len,
+            kv_lora_rank=kv_lora_rank,
+            rope_dim=rope_dim,
         )
+        B, S = max_batch_size, max_seq_len
+        return cls(*empty_buffers(((B, S, kv_lora_rank), (B, S, rope_dim)), dtype, sharding))
 
     def __repr__(self) -> str:
         """Shapes of the latent and the rope key, dtype and position ("traced" under jit)."""
-        try:
-            position = int(self.position)
-        except (TypeError, jax.errors.ConcretizationTypeError):
-            position = "traced"
         return (
             f"LatentCache(latent={tuple(self.latent.shape)}, rope_key="
-            f"{tuple(self.rope_key.shape)}, dtype={self.latent.dtype}, position={position})"
+            f"{tuple(self.rope_key.shape)}, dtype={self.latent.dtype}, "
+            f"position={position_text(self.position)})"
         )
 
     @property
@@ -224,21 +236,14 @@ class LatentCache:
 
     def check_write(self, batch_size: int, rank: int, rope_dim: int, start, length: int):
         """Raise ValueError unless writing `length` tokens at `start` fits, where start is known."""
-        if batch_size > self.max_batch_size:
-            raise ValueError(
-                f"batch size {batch_size} exceeds the cache's max_batch_size {self.max_batch_size}"
-            )
+        check_cache_batch(batch_size, self.max_batch_size)
         if (rank, rope_dim) != (self.latent.shape[2], self.rope_key.shape[2]):
             raise ValueError(
                 f"cache holds kv_lora_rank={self.latent.shape[2]}, rope_dim="
                 f"{self.rope_key.shape[2]}; got {rank}, {rope_dim}"
             )
-        if isinstance(start, bool) or not jnp.issubdtype(jnp.result_type(start), jnp.integer):
-            raise TypeError(f"cache_position must be an integer, got {start!r}")
-        if isinstance(start, jax.core.Tracer):
-            return
-        start = int(start)
-        if start < 0 or start + length > self.max_seq_len:
+        start = known_start(start)
+        if start is not None and (start < 0 or start + length > self.max_seq_len):
             raise ValueError(
                 f"writing {length} tokens at position {start} needs slots [{start}, "
                 f"{start + length}); the cache has max_seq_len={self.max_seq_len}"
@@ -248,15 +253,8 @@ class LatentCache:
         """A new cache with latent (B, T, R) and rope_key (B, T, Dr) at slots [start, start+T)."""
         B, T, R = latent.shape
         self.check_write(B, R, rope_key.shape[-1], start, T)
-        start = jnp.asarray(start, jnp.int32)
-        slots = jnp.where(start < 0, self.max_seq_len, start + jnp.arange(T))  # (T,)
-        write = dict(mode="drop", wrap_negative_indices=False, indices_are_sorted=True)
-        new_latent = self.latent.at[:B, slots].set(latent.astype(self.latent.dtype), **write)
-        new_rope_key = self.rope_key.at[:B, slots].set(
-            rope_key.astype(self.rope_key.dtype), **write
-        )
-        position = jnp.where(start < 0, start, start + T)  # () int32
-        return LatentCache(new_latent, new_rope_key, position).constrained()
+        written = write_buffers((self.latent, self.rope_key), (latent, rope_key), start, axis=1)
+        return LatentCache(*written).constrained()
 
     def constrained(self) -> LatentCache:
         """This cache with its batch on the mesh's data axis (`use_mesh`), the latent and the

@@ -9,6 +9,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from twin_core import LMConfig
+from twin_core.checks import check_key_mask, check_lm_call, check_token_range
 
 from .block import TransformerBlock
 from .cache import KVCache
@@ -91,23 +92,12 @@ class TransformerLM(ConfiguredModule):
             )
         if not isinstance(input_ids, jax.core.Tracer):
             ids = np.asarray(input_ids)
-            low, high = int(ids.min()), int(ids.max())
-            if low < 0 or high >= config.vocab_size:
-                raise ValueError(
-                    f"token ids must be in [0, vocab_size={config.vocab_size}), got values in "
-                    f"[{low}, {high}]"
-                )
+            check_token_range(int(ids.min()), int(ids.max()), config.vocab_size)
         B, T = input_ids.shape
-        if kv_cache is None and T > config.max_seq_len:
-            raise ValueError(f"seq_len {T} exceeds max_seq_len={config.max_seq_len}")
-        if kv_cache is not None and len(kv_cache) != config.n_layers:
-            raise ValueError(f"kv_cache must hold {config.n_layers} caches, got {len(kv_cache)}")
+        caches = None if kv_cache is None else len(kv_cache)
+        check_lm_call(T, config.max_seq_len, caches, config.n_layers)
         S = T if kv_cache is None else kv_cache[0].max_seq_len
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
-            raise ValueError(
-                f"attention_mask must be (batch, key slots) = {(B, S)}, "
-                f"got {tuple(attention_mask.shape)}"
-            )
+        check_key_mask(attention_mask, (B, S))
 
     @nn.compact
     def __call__(

@@ -24,10 +24,7 @@ def frequencies(positions: jax.Array, rope: RopeTables) -> jax.Array:
     if rope.ntk is None:
         beyond = rope.long_inv_freq
     else:
-        ntk = rope.ntk
-        scale = ntk.factor * seq_len.astype(jnp.float32) / rope.original_length - (ntk.factor - 1)
-        base = ntk.theta * scale**ntk.power  # (B|1, 1, 1) float32
-        beyond = 1.0 / base**ntk.exponent  # (B|1, 1, n)
+        beyond = rope.ntk.inv_freq(seq_len.astype(jnp.float32), rope.original_length)  # (B|1, 1, n)
     return jnp.where(seq_len > rope.original_length, beyond, rope.inv_freq)
 
 

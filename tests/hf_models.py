@@ -243,17 +243,10 @@ def load(directory: Path, **kwargs: Any) -> transformers.PreTrainedModel:
 
 def hf_greedy(model: transformers.PreTrainedModel, prompt: list[int], new: int) -> list[int]:
     """transformers' greedy continuation of one prompt alone."""
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            pad_token_id=0,
-        )
-    return out[0, len(prompt) :].tolist()
+    # imported here: `python tests/hf_models.py DIR` runs without the checkout on sys.path
+    from benchmarks.models import transformers_greedy
+
+    return transformers_greedy(model, torch.tensor([prompt]), new)[0].tolist()
 
 
 TEXT = Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare.txt"

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from twin_core import RopeScaling, RopeTables, rope_tables
+from twin_core.checks import check_mask
 
 from .cache import KVCache
 from .linear import Linear, linear_params
@@ -18,21 +19,6 @@ from .rope import apply_rope
 QUERY_BLOCK = 128  # queries attended together: one block's keys end at its last query's slot
 SCORE_ELEMENTS = 1 << 19  # the most attention scores (or mask entries) one block holds at once
 WHOLE_SCORES = 1 << 20  # eval inputs with at most this many scores (B*H*T*S) are attended whole
-
-
-def check_mask(mask: torch.Tensor, shape: tuple[int, int, int, int]) -> None:
-    """Raise ValueError unless `mask` broadcasts to `shape` = (B, H, T, S)."""
-    if mask.dim() > 4:
-        raise ValueError(f"mask must have at most 4 dimensions, got shape {tuple(mask.shape)}")
-    try:
-        broadcast = torch.broadcast_shapes(tuple(mask.shape), shape)
-    except RuntimeError:
-        broadcast = None
-    if broadcast != shape:
-        raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast to (batch, heads, query_len, "
-            f"key_len) = {shape}"
-        )
 
 
 class AttentionParams(NamedTuple):

@@ -57,29 +57,14 @@ class TransformerBlock(nn.Module):
                 config.n_heads,
                 config.dropout,
                 causal=config.causal,
-                n_kv_heads=config.n_kv_heads,
-                head_dim=config.head_dim,
-                qkv_bias=config.qkv_bias,
-                out_bias=config.out_bias,
-                positions=config.positions,
-                rope_theta=config.rope_theta,
-                rope_scaling=config.rope_scaling,
-                partial_rotary_factor=config.partial_rotary_factor,
-                sliding_window=config.sliding_window,
-                query_pre_attn_scalar=config.query_pre_attn_scalar,
-                attn_logit_softcap=config.attn_logit_softcap,
-                qk_norm=config.qk_norm,
-                norm=config.norm,
-                norm_eps=config.norm_eps,
-                attention_sinks=config.attention_sinks,
+                **config.attention_options(),
             )
         self.norm1 = make_norm(config.norm, config.d_model, config.norm_eps)
         self.norm2 = make_norm(config.norm, config.d_model, config.norm_eps)
         if config.sandwich_norms:
             self.post_attention_norm = make_norm(config.norm, config.d_model, config.norm_eps)
             self.post_feed_forward_norm = make_norm(config.norm, config.d_model, config.norm_eps)
-        ffn = dict(activation=config.activation, gated=config.gated_ffn, bias=config.ffn_bias)
-        ffn.update(swiglu_limit=config.swiglu_limit, swiglu_alpha=config.swiglu_alpha)
+        ffn = config.feed_forward_options()
         if config.use_moe:
             self.feed_forward = MixtureOfExperts(
                 config.d_model,
@@ -89,14 +74,7 @@ class TransformerBlock(nn.Module):
                 config.dropout,
                 config.expert_capacity_factor,
                 router_z_loss_coef=config.router_z_loss_coef,
-                norm_topk_prob=config.norm_topk_prob,
-                shared_expert_d_ff=config.shared_expert_d_ff,
-                shared_expert_gate=config.shared_expert_gate,
-                router_bias=config.router_bias,
-                router=config.router,
-                n_group=config.n_group,
-                topk_group=config.topk_group,
-                routed_scaling_factor=config.routed_scaling_factor,
+                **config.moe_options(),
                 **ffn,
             )
         else:

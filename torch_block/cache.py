@@ -4,15 +4,39 @@ from __future__ import annotations
 
 import torch
 
+from twin_core.cache_checks import check_cache_batch, check_cache_sizes, check_cache_slots
 
-def write_slots(cache: torch.Tensor, new: torch.Tensor, start: int | torch.Tensor) -> None:
-    """Write new (B, H, T, D) into slots start.. of cache (B, H, S, D), in the cache's dtype.
-    A 0-d int64 tensor `start` (T = 1) is written with index_copy_: the form in which
-    torch.compile serves every position with one graph."""
+
+def write_slots(
+    cache: torch.Tensor, new: torch.Tensor, start: int | torch.Tensor, dim: int = 2
+) -> None:
+    """Write new (B, H, T, D) into slots start.. of cache (B, H, S, D), in the cache's dtype;
+    the slots are along `dim` (2, or 1 for (B, S, ...) buffers). A 0-d int64 tensor `start`
+    (T = 1) is written with index_copy_: the form in which torch.compile serves every position
+    with one graph."""
     if isinstance(start, torch.Tensor):
-        cache.index_copy_(2, start.view(1), new.to(cache.dtype))
+        cache.index_copy_(dim, start.view(1), new.to(cache.dtype))
     else:
-        cache[:, :, start : start + new.shape[2]] = new  # cast by the copy
+        slots = slice(start, start + new.shape[dim])
+        cache[(slice(None),) * dim + (slots,)] = new  # cast by the copy
+
+
+def empty_buffers(
+    shapes: tuple[tuple[int, ...], ...], dtype: torch.dtype, device: str | torch.device
+) -> tuple[torch.Tensor, ...]:
+    """A cache's buffers: zeros of each of `shapes`."""
+    return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape in shapes)
+
+
+def write_buffers(
+    buffers: tuple[torch.Tensor, ...], news: tuple[torch.Tensor, ...], start: int, dim: int
+) -> tuple[torch.Tensor, ...]:
+    """Write each of `news` (B rows, T slots along `dim`) into the first B rows of its buffer at
+    slots [start, start+T), in the buffer's dtype; returns those rows over slots [0, start+T)."""
+    B, T = news[0].shape[0], news[0].shape[dim]
+    for buffer, new in zip(buffers, news, strict=True):
+        write_slots(buffer[:B], new, start, dim)
+    return tuple(buffer[:B].narrow(dim, 0, start + T) for buffer in buffers)
 
 
 class KVCache:
@@ -32,14 +56,13 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> None:
-        for name, value in (
-            ("max_batch_size", max_batch_size),
-            ("max_seq_len", max_seq_len),
-            ("n_heads", n_heads),
-            ("head_dim", head_dim),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
+        check_cache_sizes(
+            "KVCache",
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len,
+            n_heads=n_heads,
+            head_dim=head_dim,
+        )
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.n_heads = n_heads
@@ -47,30 +70,18 @@ class KVCache:
         self.dtype = dtype
         self.device = device
         shape = (max_batch_size, n_heads, max_seq_len, head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)  # (B, H, S, D)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)  # (B, H, S, D)
+        self.k_cache, self.v_cache = empty_buffers((shape, shape), dtype, device)  # (B, H, S, D)
         self.cache_position = 0
 
     def check_write(self, batch_size: int, n_heads: int, head_dim: int, start: int, length: int):
         """Raise ValueError unless writing `length` tokens at `start` fits this cache."""
-        if batch_size > self.max_batch_size:
-            raise ValueError(
-                f"batch size {batch_size} exceeds the cache's max_batch_size {self.max_batch_size}"
-            )
+        check_cache_batch(batch_size, self.max_batch_size)
         if (n_heads, head_dim) != (self.n_heads, self.head_dim):
             raise ValueError(
                 f"cache holds n_heads={self.n_heads}, head_dim={self.head_dim}; "
                 f"got n_heads={n_heads}, head_dim={head_dim}"
             )
-        if isinstance(start, bool) or not isinstance(start, int):
-            raise TypeError(f"cache_position must be an int, got {type(start).__name__}")
-        if start < 0:
-            raise ValueError(f"cache_position must be >= 0, got {start}")
-        if start + length > self.max_seq_len:
-            raise ValueError(
-                f"writing {length} tokens at position {start} needs {start + length} slots; "
-                f"the cache has max_seq_len={self.max_seq_len}"
-            )
+        check_cache_slots(start, length, self.max_seq_len)
 
     def update(
         self, k: torch.Tensor, v: torch.Tensor, start_pos: int | None = None
@@ -92,12 +103,9 @@ class KVCache:
         self, k: torch.Tensor, v: torch.Tensor, start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`update` for a write already checked with `check_write`: no check of its own."""
-        B, _, T, _ = k.shape
-        end = start + T
-        write_slots(self.k_cache[:B], k, start)
-        write_slots(self.v_cache[:B], v, start)
-        self.cache_position = end
-        return self.k_cache[:B, :, :end], self.v_cache[:B, :, :end]
+        keys, values = write_buffers((self.k_cache, self.v_cache), (k, v), start, dim=2)
+        self.cache_position = start + k.shape[2]
+        return keys, values  # (B, H, start + T, D)
 
     def get(
         self, batch_size: int | None = None, seq_len: int | None = None
@@ -145,58 +153,40 @@ class LatentCache:
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ) -> None:
-        for name, value in (
-            ("max_batch_size", max_batch_size),
-            ("max_seq_len", max_seq_len),
-            ("kv_lora_rank", kv_lora_rank),
-            ("rope_dim", rope_dim),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"LatentCache: {name} must be a positive int, got {value!r}")
+        check_cache_sizes(
+            "LatentCache",
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len,
+            kv_lora_rank=kv_lora_rank,
+            rope_dim=rope_dim,
+        )
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.dtype = dtype
         self.device = device
-        self.latent = torch.zeros(
-            max_batch_size, max_seq_len, kv_lora_rank, dtype=dtype, device=device
-        )
-        self.rope_key = torch.zeros(
-            max_batch_size, max_seq_len, rope_dim, dtype=dtype, device=device
-        )
+        B, S = max_batch_size, max_seq_len
+        shapes = (B, S, kv_lora_rank), (B, S, rope_dim)
+        self.latent, self.rope_key = empty_buffers(shapes, dtype, device)  # (B, S, R), (B, S, Dr)
         self.cache_position = 0
 
     def check_write(self, batch_size: int, rank: int, rope_dim: int, start: int, length: int):
         """Raise ValueError unless writing `length` tokens at `start` fits this cache."""
-        if batch_size > self.max_batch_size:
-            raise ValueError(
-                f"batch size {batch_size} exceeds the cache's max_batch_size {self.max_batch_size}"
-            )
+        check_cache_batch(batch_size, self.max_batch_size)
         if (rank, rope_dim) != (self.latent.shape[2], self.rope_key.shape[2]):
             raise ValueError(
                 f"cache holds kv_lora_rank={self.latent.shape[2]}, rope_dim="
                 f"{self.rope_key.shape[2]}; got {rank}, {rope_dim}"
             )
-        if isinstance(start, bool) or not isinstance(start, int):
-            raise TypeError(f"cache_position must be an int, got {type(start).__name__}")
-        if start < 0:
-            raise ValueError(f"cache_position must be >= 0, got {start}")
-        if start + length > self.max_seq_len:
-            raise ValueError(
-                f"writing {length} tokens at position {start} needs {start + length} slots; "
-                f"the cache has max_seq_len={self.max_seq_len}"
-            )
+        check_cache_slots(start, length, self.max_seq_len)
 
     def write(
         self, latent: torch.Tensor, rope_key: torch.Tensor, start: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write latent (B, T, R) and rope_key (B, T, Dr) at slots [start, start+T), checked
         with `check_write`; returns both over slots [0, start+T) as the cache holds them."""
-        B, T, _ = latent.shape
-        end = start + T
-        self.latent[:B, start:end] = latent  # cast by the copy
-        self.rope_key[:B, start:end] = rope_key
-        self.cache_position = end
-        return self.latent[:B, :end], self.rope_key[:B, :end]
+        written = write_buffers((self.latent, self.rope_key), (latent, rope_key), start, dim=1)
+        self.cache_position = start + latent.shape[1]
+        return written  # (B, start + T, R), (B, start + T, Dr)
 
     def reset(self) -> None:
         """Zero the cache and move its position back to 0."""

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from twin_core import LMConfig
+from twin_core.checks import check_key_mask, check_lm_call, check_token_range
 
 from .arguments import config_from_arguments
 from .block import TransformerBlock
@@ -145,23 +146,12 @@ class TransformerLM(nn.Module):
             raise ValueError(
                 f"input_ids must be (batch >= 1, seq_len >= 1), got shape {tuple(input_ids.shape)}"
             )
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.vocab_size:
-            raise ValueError(
-                f"token ids must be in [0, vocab_size={self.vocab_size}), got values in "
-                f"[{low}, {high}]"
-            )
+        check_token_range(int(input_ids.min()), int(input_ids.max()), self.vocab_size)
         B, T = input_ids.shape
-        if kv_cache is None and T > self.max_seq_len:
-            raise ValueError(f"seq_len {T} exceeds max_seq_len={self.max_seq_len}")
-        if kv_cache is not None and len(kv_cache) != len(self.blocks):
-            raise ValueError(f"kv_cache must hold {len(self.blocks)} caches, got {len(kv_cache)}")
+        caches = None if kv_cache is None else len(kv_cache)
+        check_lm_call(T, self.max_seq_len, caches, len(self.blocks))
         S = T if kv_cache is None else kv_cache[0].cache_position + T
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
-            raise ValueError(
-                f"attention_mask must be (batch, key slots) = {(B, S)}, "
-                f"got {tuple(attention_mask.shape)}"
-            )
+        check_key_mask(attention_mask, (B, S))
 
     def forward(
         self,

@@ -23,10 +23,7 @@ def frequencies(positions: torch.Tensor, rope: RopeTables) -> torch.Tensor:
     if rope.ntk is None:
         beyond = rope.long_inv_freq
     else:
-        ntk = rope.ntk
-        scale = ntk.factor * seq_len.float() / rope.original_length - (ntk.factor - 1)
-        base = ntk.theta * scale**ntk.power  # (B|1, 1, 1) float32
-        beyond = 1.0 / base**ntk.exponent  # (B|1, 1, n)
+        beyond = rope.ntk.inv_freq(seq_len.float(), rope.original_length)  # (B|1, 1, n)
     return torch.where(seq_len > rope.original_length, beyond, rope.inv_freq)
 
 

@@ -1,4 +1,5 @@
-"""Framework-free checks of what generation is given: sampling settings, token ids, prompts."""
+"""Framework-free checks of what generation and the language models are given: sampling
+settings, token ids, prompts, the lengths and masks of a call."""
 
 from __future__ import annotations
 
@@ -66,11 +67,7 @@ def check_prompt(
         raise ValueError(f"empty prompt: input_ids has shape {(B, L)}")
     if not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"input_ids must hold integer token ids, got dtype {ids.dtype}")
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(
-            f"token ids must be in [0, vocab_size={vocab_size}), got values in [{low}, {high}]"
-        )
+    check_token_range(int(ids.min()), int(ids.max()), vocab_size)
     if L + max_new_tokens > max_seq_len:
         raise ValueError(
             f"prompt length {L} + max_new_tokens {max_new_tokens} = {L + max_new_tokens} "
@@ -111,3 +108,45 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, factor: float
 def prompt_bucket(length: int) -> int:
     """The length prompts are left-padded to: the next power of two >= length, at least 16."""
     return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
+
+
+def check_token_range(low: int, high: int, vocab_size: int) -> None:
+    """Raise ValueError unless token ids from `low` to `high` lie in [0, vocab_size)."""
+    if low < 0 or high >= vocab_size:
+        raise ValueError(
+            f"token ids must be in [0, vocab_size={vocab_size}), got values in [{low}, {high}]"
+        )
+
+
+def check_lm_call(seq_len: int, max_seq_len: int, caches: int | None, n_layers: int) -> None:
+    """Raise ValueError unless a language model of `n_layers` layers can take `seq_len` tokens:
+    at most max_seq_len without a cache, one cache per layer (`caches` of them) with one."""
+    if caches is None and seq_len > max_seq_len:
+        raise ValueError(f"seq_len {seq_len} exceeds max_seq_len={max_seq_len}")
+    if caches is not None and caches != n_layers:
+        raise ValueError(f"kv_cache must hold {n_layers} caches, got {caches}")
+
+
+def check_key_mask(attention_mask: Any | None, shape: tuple[int, int]) -> None:
+    """Raise ValueError unless `attention_mask` (when given) has `shape` (batch, key slots)."""
+    if attention_mask is not None and tuple(attention_mask.shape) != shape:
+        raise ValueError(
+            f"attention_mask must be (batch, key slots) = {shape}, "
+            f"got {tuple(attention_mask.shape)}"
+        )
+
+
+def check_mask(mask: Any, shape: tuple[int, int, int, int]) -> None:
+    """Raise ValueError unless `mask` (an array of any framework) broadcasts to `shape` =
+    (B, H, T, S)."""
+    if len(mask.shape) > 4:
+        raise ValueError(f"mask must have at most 4 dimensions, got shape {tuple(mask.shape)}")
+    try:
+        broadcast = np.broadcast_shapes(tuple(mask.shape), shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != shape:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to (batch, heads, query_len, "
+            f"key_len) = {shape}"
+        )

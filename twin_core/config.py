@@ -19,6 +19,37 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 POSITIONS = ("learned", "rope")
 QK_NORMS = ("head", "projection")  # q/k norm over each head, or over the whole projection
 ROUTERS = ("softmax", "grouped_sigmoid")  # top-k of softmax probabilities; DeepSeek-V3's routing
+# the fields that MultiHeadAttention (both twins) takes by keyword, after d_model, n_heads,
+# dropout and causal: `Architecture.attention_options()`
+ATTENTION_OPTIONS = (
+    "n_kv_heads",
+    "head_dim",
+    "qkv_bias",
+    "out_bias",
+    "positions",
+    "rope_theta",
+    "rope_scaling",
+    "partial_rotary_factor",
+    "sliding_window",
+    "query_pre_attn_scalar",
+    "attn_logit_softcap",
+    "qk_norm",
+    "norm",
+    "norm_eps",
+    "attention_sinks",
+)
+# the fields that MixtureOfExperts (both twins) takes by keyword under their own names, besides
+# the feed-forward's: `Architecture.moe_options()`
+MOE_OPTIONS = (
+    "norm_topk_prob",
+    "shared_expert_d_ff",
+    "shared_expert_gate",
+    "router_bias",
+    "router",
+    "n_group",
+    "topk_group",
+    "routed_scaling_factor",
+)
 MLA_NORM_EPS = 1e-6  # the eps of MLA's latent norms (transformers' DeepseekV3RMSNorm default)
 # The Llama family's switches, which Mistral, Qwen2 and Mixtral start from: RMSNorm, gated SiLU
 # feed-forward, rope, no biases. `BlockConfig(**LLAMA_OPTIONS, d_model=...)`, or
@@ -252,6 +283,26 @@ class Architecture:
     def kwargs(self) -> dict[str, Any]:
         """Every field as keyword arguments (rope_scaling stays a RopeScaling)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def attention_options(self) -> dict[str, Any]:
+        """The keyword arguments of MultiHeadAttention (both twins) that this config sets."""
+        return {name: getattr(self, name) for name in ATTENTION_OPTIONS}
+
+    def feed_forward_options(self) -> dict[str, Any]:
+        """The keyword arguments of FeedForward (both twins; MixtureOfExperts takes them too)
+        that this config sets: the kind of every feed-forward and expert."""
+        return dict(
+            activation=self.activation,
+            gated=self.gated_ffn,
+            bias=self.ffn_bias,
+            swiglu_limit=self.swiglu_limit,
+            swiglu_alpha=self.swiglu_alpha,
+        )
+
+    def moe_options(self) -> dict[str, Any]:
+        """The keyword arguments of MixtureOfExperts (both twins) beyond its sizes and the
+        feed-forward's options: routing and the shared expert."""
+        return {name: getattr(self, name) for name in MOE_OPTIONS}
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as plain JSON types (rope_scaling as a dict)."""

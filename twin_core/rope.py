@@ -25,6 +25,13 @@ class DynamicNTK(NamedTuple):
     power: float  # dims / (dims - 2)
     exponent: Any  # (dims / 2,) float32: arange(0, dims, 2) / dims
 
+    def inv_freq(self, seq_len: Any, original_length: int) -> Any:
+        """The frequencies 1 / base(s) ** exponent at float32 lengths `seq_len` (an array of
+        either framework, (..., 1)): (..., dims / 2), in the array's framework."""
+        scale = self.factor * seq_len / original_length - (self.factor - 1)
+        base = self.theta * scale**self.power  # (..., 1) float32
+        return 1.0 / base**self.exponent
+
 
 class RopeTables(NamedTuple):
     """How rope rotates a head: its first `rotary_dims` dims by angles position * inv_freq, cos

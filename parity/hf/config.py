@@ -98,6 +98,29 @@ FAMILY_DEFAULTS = {
         rms_norm_eps=1e-5,
     ),
 }
+# Gemma2Config's and GptOssConfig's defaults of the fields `_llama_sizes` reads (Gemma3TextConfig's
+# differ from Gemma 2's in vocab_size only: GEMMA3_VOCAB_SIZE)
+GEMMA_DEFAULTS = dict(
+    vocab_size=256_000,
+    hidden_size=2304,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    head_dim=256,
+    intermediate_size=9216,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+)
+GEMMA3_VOCAB_SIZE = 262_208
+GPT_OSS_DEFAULTS = dict(
+    vocab_size=201_088,
+    hidden_size=2880,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    head_dim=64,
+    intermediate_size=2880,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 # the rope types each family reads (besides "default"): longrope is Phi-3's alone, whose generate
 # recomputes the sequence when it passes the original length (as ours does); Gemma's: linear (Gemma
 # 3's global layers; the others untested there); the others: all
@@ -303,6 +326,7 @@ def _gemma_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
     n_layers = _size(data, "num_hidden_layers", None)  # no default: it sizes the weights
     max_seq_len = _size(data, "max_position_embeddings", 131_072 if gemma3 else 8192, MAX_POSITIONS)
     attention_bias = _bool(data, "attention_bias", False)
+    defaults = dict(GEMMA_DEFAULTS, vocab_size=GEMMA3_VOCAB_SIZE) if gemma3 else GEMMA_DEFAULTS
     fields: dict[str, Any] = dict(
         norm="gemma_rmsnorm",
         activation=_activation(data, "hidden_activation", "gelu_pytorch_tanh"),
@@ -311,16 +335,9 @@ def _gemma_fields(data: Mapping[str, Any], family: str) -> dict[str, Any]:
         qkv_bias=attention_bias,
         out_bias=attention_bias,
         positions="rope",
-        vocab_size=_size(data, "vocab_size", 262_208 if gemma3 else 256_000),
+        **_llama_sizes(data, defaults),
         max_seq_len=max_seq_len,
-        d_model=_size(data, "hidden_size", 2304),
         n_layers=n_layers,
-        n_heads=_size(data, "num_attention_heads", 8),
-        n_kv_heads=_size(data, "num_key_value_heads", 4),
-        head_dim=_size(data, "head_dim", 256),
-        d_ff=_size(data, "intermediate_size", 9216),
-        norm_eps=_positive(data, "rms_norm_eps", 1e-6),
-        tie_embeddings=_bool(data, "tie_word_embeddings", True),
         sandwich_norms=True,
         embed_scale=True,
         qk_norm="head" if gemma3 else None,
@@ -380,16 +397,9 @@ def _gpt_oss_fields(data: Mapping[str, Any]) -> dict[str, Any]:
         qkv_bias=_bool(data, "attention_bias", True),
         out_bias=_bool(data, "attention_bias", True),
         ffn_bias=True,
-        vocab_size=_size(data, "vocab_size", 201_088),
+        **_llama_sizes(data, GPT_OSS_DEFAULTS),
         max_seq_len=max_seq_len,
-        d_model=_size(data, "hidden_size", 2880),
         n_layers=n_layers,
-        n_heads=_size(data, "num_attention_heads", 64),
-        n_kv_heads=_size(data, "num_key_value_heads", 8),
-        head_dim=_size(data, "head_dim", 64),
-        d_ff=_size(data, "intermediate_size", 2880),
-        norm_eps=_positive(data, "rms_norm_eps", 1e-5),
-        tie_embeddings=_bool(data, "tie_word_embeddings", False),
         use_moe=True,
         num_experts=_size(data, "num_local_experts", 128),
         top_k_experts=_size(data, "num_experts_per_tok", 4),
@@ -410,6 +420,21 @@ def _gpt_oss_fields(data: Mapping[str, Any]) -> dict[str, Any]:
         layer_types, n_layers, window, "gpt_oss", f"sliding_window={window!r}"
     )
     return fields
+
+
+def _llama_sizes(data: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The vocabulary, widths, heads, norm eps and tied embeddings as Llama's config.json names
+    them, each from `defaults` (by key) where absent."""
+    return dict(
+        vocab_size=_size(data, "vocab_size", defaults["vocab_size"]),
+        d_model=_size(data, "hidden_size", defaults["hidden_size"]),
+        n_heads=_size(data, "num_attention_heads", defaults["num_attention_heads"]),
+        n_kv_heads=_size(data, "num_key_value_heads", defaults["num_key_value_heads"]),
+        head_dim=_size(data, "head_dim", defaults["head_dim"]),
+        d_ff=_size(data, "intermediate_size", defaults["intermediate_size"]),
+        norm_eps=_positive(data, "rms_norm_eps", defaults["rms_norm_eps"]),
+        tie_embeddings=_bool(data, "tie_word_embeddings", defaults["tie_word_embeddings"]),
+    )
 
 
 def _quantization(data: Mapping[str, Any], family: str) -> str | None:

@@ -267,3 +267,37 @@ def reference_shapes(s: dict) -> dict[str, tuple[int, ...]]:
         for layer, shape in (("fc1", (sff, d)), ("fc3", (sff, d)), ("fc2", (d, sff))):
             shapes[f"feed_forward.shared_expert.{layer}.weight"] = shape
     return shapes
+
+
+def test_config_options_name_every_option_keyword_of_both_twins():
+    """attention_options(), feed_forward_options() and moe_options() of a config are exactly
+    the option keywords of each twin's module, so a new option reaches both blocks."""
+    import dataclasses
+    import inspect
+
+    from jax_block.attention import MultiHeadAttention as FlaxAttention
+    from jax_block.feed_forward import FeedForward as FlaxFeedForward
+    from jax_block.moe import MixtureOfExperts as FlaxMoE
+    from twin_core import BlockConfig
+
+    def torch_keywords(module, sizes: set[str]) -> set[str]:
+        parameters = inspect.signature(module).parameters.items()
+        return {n for n, p in parameters if p.kind is p.KEYWORD_ONLY} - sizes
+
+    def flax_options(module) -> set[str]:
+        names = [f.name for f in dataclasses.fields(module)]
+        return set(names[names.index("param_dtype") + 1 :]) - {"parent", "name"}
+
+    config = BlockConfig(d_model=8, n_heads=2, d_ff=16, use_moe=True)
+    attention, ffn, moe = (
+        set(config.attention_options()),
+        set(config.feed_forward_options()),
+        set(config.moe_options()),
+    )
+    assert attention == torch_keywords(torch_block.MultiHeadAttention, {"causal"})
+    assert attention == flax_options(FlaxAttention)
+    assert ffn == torch_keywords(torch_block.feed_forward.FeedForward, set())
+    assert ffn == flax_options(FlaxFeedForward)
+    assert moe | ffn == torch_keywords(torch_block.MixtureOfExperts, {"router_z_loss_coef"})
+    assert moe | ffn == flax_options(FlaxMoE)
+    assert len(moe | ffn) == len(moe) + len(ffn)
