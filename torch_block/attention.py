@@ -12,7 +12,7 @@ from twin_core import RopeScaling, RopeTables, rope_tables
 from twin_core.checks import check_mask
 
 from .cache import KVCache
-from .linear import Linear, linear_params
+from .linear import Linear, linear, linear_params
 from .norm import NormParams, make_norm, norm
 from .rope import apply_rope
 
@@ -53,13 +53,13 @@ def project(
     B, T, d_model = x.shape
     H, KV, D = params.n_heads, params.n_kv_heads, params.head_dim
     tokens = x.reshape(B * T, d_model)  # nn.Linear's own product of a 3-d input
-    q, k = F.linear(tokens, *params.q), F.linear(tokens, *params.k)  # (B * T, H|KV * D)
+    q, k = linear(tokens, *params.q), linear(tokens, *params.k)  # (B * T, H|KV * D)
     if params.qk_norm == "projection":
         q, k = norm(q, params.q_norm), norm(k, params.k_norm)
     q, k = split_heads(q, B, T, H, D), split_heads(k, B, T, KV, D)
     if params.qk_norm == "head":
         q, k = norm(q, params.q_norm), norm(k, params.k_norm)
-    v = split_heads(F.linear(tokens, *params.v), B, T, KV, D)
+    v = split_heads(linear(tokens, *params.v), B, T, KV, D)
     if params.rope is not None:
         q = apply_rope(q, positions, params.rope)
         k = apply_rope(k, positions, params.rope)
@@ -70,7 +70,7 @@ def merge_heads(out: torch.Tensor, params: AttentionParams) -> torch.Tensor:
     """The heads' outputs (B, H, T, D) through the output projection -> (B * T, d_model)."""
     B, H, T, D = out.shape
     heads = out.reshape(B, H * D) if T == 1 else out.transpose(1, 2).reshape(B * T, H * D)
-    return F.linear(heads, *params.out)
+    return linear(heads, *params.out)
 
 
 def attend(

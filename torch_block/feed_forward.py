@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .linear import Linear, linear_params
+from .linear import Linear, linear, linear_params
 
 ACTIVATIONS = {
     "gelu": F.gelu,  # exact (erf)
@@ -43,15 +43,15 @@ def feed_forward(
     """fc2(dropout(act(fc1(x)) [* fc3(x)])): x (..., d_model) -> (..., d_model); with a
     swiglu_limit, fc2(dropout(clamped_swiglu(fc1(x), fc3(x))))."""
     if params.swiglu_limit is not None:
-        gate, up = F.linear(x, *params.fc1), F.linear(x, *params.fc3)  # (..., d_ff) twice
+        gate, up = linear(x, *params.fc1), linear(x, *params.fc3)  # (..., d_ff) twice
         h = clamped_swiglu(gate, up, params.swiglu_limit, params.swiglu_alpha)
     else:
-        h = ACTIVATIONS[params.activation](F.linear(x, *params.fc1))  # (..., d_ff)
+        h = ACTIVATIONS[params.activation](linear(x, *params.fc1))  # (..., d_ff)
         if params.fc3 is not None:
-            h = h * F.linear(x, *params.fc3)
+            h = h * linear(x, *params.fc3)
     if dropout is not None:
         h = dropout(h)
-    return F.linear(h, *params.fc2)
+    return linear(h, *params.fc2)
 
 
 class FeedForward(nn.Module):

@@ -14,6 +14,7 @@ from twin_core.checks import check_key_mask, check_lm_call, check_token_range
 from .arguments import config_from_arguments
 from .block import TransformerBlock
 from .cache import KVCache
+from .linear import linear
 from .norm import make_norm
 
 
@@ -55,7 +56,7 @@ def embed(ids: torch.Tensor, positions: torch.Tensor, params: EmbeddingParams) -
 def unembed(x: torch.Tensor, head: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
     """The logits (..., vocab_size) of final hidden states x (..., d_model); head (V, d_model);
     with `softcap`, capped to softcap * tanh(logits / softcap)."""
-    logits = F.linear(x, head)
+    logits = linear(x, head)
     return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 

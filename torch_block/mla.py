@@ -20,7 +20,7 @@ from twin_core import (
 from . import attention
 from .attention import check_mask
 from .cache import LatentCache
-from .linear import Linear, linear_params
+from .linear import Linear, linear, linear_params
 from .norm import NormParams, RMSNorm, norm
 from .rope import apply_rope
 
@@ -58,10 +58,10 @@ def project_latent(
     B, T, d_model = x.shape
     H, Dn, Dr, R = params.n_heads, params.nope_dim, params.rope_dim, params.rank
     tokens = x.reshape(B * T, d_model)
-    q_in = tokens if params.q_a is None else norm(F.linear(tokens, *params.q_a), params.q_a_norm)
-    q = F.linear(q_in, *params.q_b).view(B, T, H, Dn + Dr).transpose(1, 2)  # (B, H, T, Dn + Dr)
+    q_in = tokens if params.q_a is None else norm(linear(tokens, *params.q_a), params.q_a_norm)
+    q = linear(q_in, *params.q_b).view(B, T, H, Dn + Dr).transpose(1, 2)  # (B, H, T, Dn + Dr)
     q_nope, q_rope = q.split([Dn, Dr], dim=-1)
-    latent, rope_key = F.linear(tokens, *params.kv_a).view(B, T, R + Dr).split([R, Dr], dim=-1)
+    latent, rope_key = linear(tokens, *params.kv_a).view(B, T, R + Dr).split([R, Dr], dim=-1)
     latent = norm(latent, params.kv_a_norm)  # (B, T, R)
     q_rope = apply_rope(deinterleave(q_rope), positions, params.rope)
     rope_key = apply_rope(deinterleave(rope_key)[:, None], positions, params.rope)[:, 0]
@@ -106,7 +106,7 @@ def attend_latent(
             probs = dropout(probs)
         out_latent = torch.matmul(probs, latent[:, None])  # (B, H, T, R)
         return torch.einsum("bhtr,hvr->bhtv", out_latent, weights[:, Dn:])  # (B, H, T, Dv)
-    kv = F.linear(latent, params.kv_b).view(B, S, H, Dn + params.v_dim).transpose(1, 2)
+    kv = linear(latent, params.kv_b).view(B, S, H, Dn + params.v_dim).transpose(1, 2)
     k_nope, v = kv.split([Dn, params.v_dim], dim=-1)  # (B, H, S, Dn), (B, H, S, Dv)
     scores = torch.matmul(q_nope.float(), k_nope.float().transpose(-2, -1))
     probs = _softmax((scores + rope_scores) * params.scale, allowed).to(v.dtype)
@@ -142,7 +142,7 @@ def attend_latent_blocks(
         k = torch.cat([latent, rope_key], dim=-1)[:, None]  # (B, 1, S, R + Dr)
         v = latent[:, None]  # (B, 1, S, R)
     else:
-        kv = F.linear(latent, params.kv_b).view(B, S, H, Dn + params.v_dim).transpose(1, 2)
+        kv = linear(latent, params.kv_b).view(B, S, H, Dn + params.v_dim).transpose(1, 2)
         k_nope, v = kv.split([Dn, params.v_dim], dim=-1)  # (B, H, S, Dn), (B, H, S, Dv)
         shared = rope_key[:, None].expand(B, H, S, Dr).to(k_nope.dtype)
         k = torch.cat([k_nope, shared], dim=-1)  # (B, H, S, Dn + Dr)
@@ -275,7 +275,7 @@ class MultiHeadLatentAttention(nn.Module):
         if not self.training and B * params.n_heads * T * S > attention.WHOLE_SCORES:
             out = attend_latent_blocks(q_nope, q_rope, latent, rope_key, start, mask, params)
             heads = out.transpose(1, 2).reshape(B * T, -1)  # (B * T, H * Dv)
-            return F.linear(heads, *params.out).view(B, T, -1)  # (B, T, d_model)
+            return linear(heads, *params.out).view(B, T, -1)  # (B, T, d_model)
         query_pos = torch.arange(start, S, device=x.device)[:, None]  # (T, 1)
         allowed = torch.arange(S, device=x.device)[None, :] <= query_pos  # (T, S)
         if mask is not None:
@@ -283,4 +283,4 @@ class MultiHeadLatentAttention(nn.Module):
         dropout = self.dropout if self.training else None
         out = attend_latent(q_nope, q_rope, latent, rope_key, allowed, params, dropout)
         heads = out.transpose(1, 2).reshape(B * T, -1)  # (B * T, H * Dv)
-        return F.linear(heads, *params.out).view(B, T, -1)  # (B, T, d_model)
+        return linear(heads, *params.out).view(B, T, -1)  # (B, T, d_model)
