@@ -532,6 +532,14 @@ def run_rows(
             "Qwen1.5-MoE-A2.7B's router (60 experts, top 4, gated shared expert) at width 1024 "
             "and 12 layers",
             "timings on this shared machine are noisy: compare ratios within one run, repeat",
+            "measured causes of the known misses (docs/design.md 'Real model sizes'): JAX "
+            "bfloat16 tokens/s and peak: XLA CPU's bfloat16 dot with a kernel in Flax's "
+            "(in, out) layout reads far slower than with it stored (out, in) (the bandwidths "
+            "above); JAX load time: its arrays are fresh memory, first touched while each kernel "
+            "is read or transposed into it, where transformers and torch_block map the file; "
+            "torch bfloat16 tokens/s: PyTorch's bfloat16 matrix-vector products (MKL's and "
+            "oneDNN's alike) read no faster than transformers' own. The cure of both JAX misses, "
+            "kernels stored (out, in), is not built yet",
         ],
     )
 
