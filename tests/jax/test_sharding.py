@@ -30,6 +30,7 @@ from jax_block.sharding import (
     param_axes,
     split_count,
 )
+from twin_core import LLAMA_OPTIONS
 
 SCRIPT = Path(__file__).with_name("sharding_checks.py")
 # Two processes, one per core: the MoE model (and GPT-OSS and DeepSeek-V3 on one mesh) compiles
@@ -127,12 +128,7 @@ FAMILIES = {
         n_kv_heads=2,
         head_dim=4,
         d_ff=48,
-        norm="rmsnorm",
-        positions="rope",
-        gated_ffn=True,
-        qkv_bias=False,
-        out_bias=False,
-        ffn_bias=False,
+        **LLAMA_OPTIONS,
         tie_embeddings=False,
     ),
     "gpt_oss": dict(
@@ -153,12 +149,7 @@ FAMILIES = {
     "deepseek_v3": dict(
         n_heads=4,
         d_ff=16,
-        norm="rmsnorm",
-        positions="rope",
-        gated_ffn=True,
-        qkv_bias=False,
-        out_bias=False,
-        ffn_bias=False,
+        **LLAMA_OPTIONS,
         use_moe=True,
         num_experts=4,
         shared_expert_d_ff=16,

@@ -15,7 +15,7 @@ import jax_block.attention as jax_attention
 import parity
 import torch_block
 import torch_block.attention as torch_attention
-from twin_core import RopeScaling, mla_absorbs
+from twin_core import LLAMA_OPTIONS, RopeScaling, mla_absorbs
 
 B, T, PREFILL, PAD = 2, 40, 30, 7  # row 1 left-padded by PAD
 CONFIG = dict(
@@ -26,12 +26,7 @@ CONFIG = dict(
     n_heads=4,
     d_ff=32,
     dropout=0.0,
-    norm="rmsnorm",
-    positions="rope",
-    gated_ffn=True,
-    qkv_bias=False,
-    out_bias=False,
-    ffn_bias=False,
+    **LLAMA_OPTIONS,
     tie_embeddings=False,
     q_lora_rank=16,
     kv_lora_rank=32,

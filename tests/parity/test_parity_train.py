@@ -28,7 +28,7 @@ from parity.convert.mapping import lm_table
 from parity.report.cases import train as tc
 from parity.report.registry import CASES, Setup
 from torch_block.lm import TransformerLM
-from twin_core import LMConfig, TrainConfig
+from twin_core import LLAMA_OPTIONS, LMConfig, TrainConfig
 
 CONFIGS = ("dense", "moe")
 STEPS = tc.TRAIN_KWARGS["steps"]
@@ -456,12 +456,7 @@ DEEPSEEK = dict(
     n_heads=2,
     d_ff=16,
     dropout=0.0,
-    norm="rmsnorm",
-    positions="rope",
-    gated_ffn=True,
-    qkv_bias=False,
-    out_bias=False,
-    ffn_bias=False,
+    **LLAMA_OPTIONS,
     use_moe=True,
     num_experts=4,
     router="grouped_sigmoid",
