@@ -50,11 +50,10 @@ def route_grouped_sigmoid(
 ) -> Routing:
     """DeepSeek-V3's routing of N tokens with float32 `logits` (N, E).
 
-    Scores are sigmoid(logits); the experts are chosen by scores + `bias` (E,) among the best
-    `topk_group` of `n_group` groups, a group ranked by the sum of its top-2 biased scores; the
-    k weights are the chosen unbiased scores, renormalised if `norm_topk_prob`, times `scaling`.
-    The k choices go in order of biased score (ties to the lower expert); `probs` holds the
-    scores (the load-balancing loss's P_e).
+    The rule is `twin_core.BlockConfig`'s router "grouped_sigmoid", with `bias` (E,) the
+    e_score_correction_bias and `scaling` the routed_scaling_factor; the k choices go in order
+    of biased score (ties to the lower expert); `probs` holds the sigmoid scores (the
+    load-balancing loss's P_e).
     """
     N, E = logits.shape
     scores = jax.nn.sigmoid(logits)  # (N, E)

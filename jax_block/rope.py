@@ -15,17 +15,12 @@ def rotate_half(x: jax.Array) -> jax.Array:
 
 
 def frequencies(positions: jax.Array, rope: RopeTables) -> jax.Array:
-    """The frequencies that rotate tokens at positions (B|1, T): (n,), or (B|1, 1, n) where they
-    depend on each row's sequence length max(position) + 1 (dynamic NTK, longrope), as
-    transformers' `dynamic_rope_update` picks them for a call."""
+    """The frequencies that rotate tokens at positions (B|1, T): (n,), or (B|1, 1, n) by each
+    row's sequence length max(position) + 1 (dynamic NTK, longrope: `RopeTables.inv_freq_at`)."""
     if rope.original_length is None:
         return rope.inv_freq
     seq_len = positions.max(axis=-1, keepdims=True)[..., None] + 1  # (B|1, 1, 1)
-    if rope.ntk is None:
-        beyond = rope.long_inv_freq
-    else:
-        beyond = rope.ntk.inv_freq(seq_len.astype(jnp.float32), rope.original_length)  # (B|1, 1, n)
-    return jnp.where(seq_len > rope.original_length, beyond, rope.inv_freq)
+    return rope.inv_freq_at(seq_len.astype(jnp.float32), jnp.where)  # (B|1, 1, n)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, rope: RopeTables) -> jax.Array:

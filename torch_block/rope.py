@@ -14,17 +14,12 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def frequencies(positions: torch.Tensor, rope: RopeTables) -> torch.Tensor:
-    """The frequencies that rotate tokens at positions (B|1, T): (n,), or (B|1, 1, n) where they
-    depend on each row's sequence length max(position) + 1 (dynamic NTK, longrope), as
-    transformers' `dynamic_rope_update` picks them for a call."""
+    """The frequencies that rotate tokens at positions (B|1, T): (n,), or (B|1, 1, n) by each
+    row's sequence length max(position) + 1 (dynamic NTK, longrope: `RopeTables.inv_freq_at`)."""
     if rope.original_length is None:
         return rope.inv_freq
     seq_len = positions.amax(dim=-1, keepdim=True)[..., None] + 1  # (B|1, 1, 1)
-    if rope.ntk is None:
-        beyond = rope.long_inv_freq
-    else:
-        beyond = rope.ntk.inv_freq(seq_len.float(), rope.original_length)  # (B|1, 1, n)
-    return torch.where(seq_len > rope.original_length, beyond, rope.inv_freq)
+    return rope.inv_freq_at(seq_len.float(), torch.where)  # (B|1, 1, n)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope: RopeTables) -> torch.Tensor:

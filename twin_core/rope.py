@@ -9,6 +9,7 @@ depends on the sequence length (dynamic NTK, longrope's long factors) is left to
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -48,6 +49,16 @@ class RopeTables(NamedTuple):
     original_length: int | None = None
     long_inv_freq: Any = None  # (rotary_dims / 2,) float32, longrope
     ntk: DynamicNTK | None = None
+
+    def inv_freq_at(self, seq_len: Any, where: Callable[[Any, Any, Any], Any]) -> Any:
+        """The frequencies of rows of float32 lengths `seq_len` (B|1, 1, 1), an array of either
+        framework: `inv_freq` up to `original_length`, beyond it `long_inv_freq` or `ntk`'s, as
+        transformers' `dynamic_rope_update` picks them; `where` is the framework's where."""
+        if self.ntk is None:
+            beyond = self.long_inv_freq
+        else:
+            beyond = self.ntk.inv_freq(seq_len, self.original_length)  # (B|1, 1, n)
+        return where(seq_len > self.original_length, beyond, self.inv_freq)
 
 
 def _default(dims: int, theta: float) -> np.ndarray:
