@@ -23,7 +23,7 @@ import safetensors.numpy
 from flax.training import train_state
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from twin_core import TrainConfig, atomic_write
+from twin_core import FROZEN_MOE_TENSORS, TrainConfig, atomic_write
 from twin_core.data import batch_windows, check_model_fits
 from twin_core.run_files import (
     NAMINGS,
@@ -73,20 +73,18 @@ def weight_decay_mask(params: dict) -> dict:
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
 
 
-# Parameters that torch_block holds as buffers, never trained: DeepSeek-V3's routing correction
-# bias (it moves the experts' choice only; DeepSeek updates it outside the gradient)
-FROZEN = ("e_score_correction_bias",)
-
-
 def frozen_mask(params: dict) -> dict:
-    """True for the parameters no update may change (FROZEN): torch_block's buffers."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in FROZEN, params)
+    """True for the parameters no update may change (twin_core.FROZEN_MOE_TENSORS): torch_block's
+    buffers."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: path[-1].key in FROZEN_MOE_TENSORS, params
+    )
 
 
 @functools.cache
 def create_optimizer(config: TrainConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW with `lr_schedule` and decoupled weight decay; the
-    FROZEN parameters' updates are zero (torch_block's buffers are outside its optimizer).
+    FROZEN_MOE_TENSORS' updates are zero (torch_block's buffers are outside its optimizer).
 
     Cached per configuration: the same optimizer object keeps the jitted step from recompiling.
     """

@@ -5,6 +5,7 @@ Imports only the standard library and NumPy.
 
 from .checks import check_prompt, check_sampling, check_token_id, expert_capacity, prompt_bucket
 from .config import (
+    FROZEN_MOE_TENSORS,
     LLAMA_OPTIONS,
     MLA_NORM_EPS,
     ROPE_TYPES,
@@ -28,6 +29,7 @@ from .rope import (
 )
 
 __all__ = [
+    "FROZEN_MOE_TENSORS",
     "LLAMA_OPTIONS",
     "MLA_NORM_EPS",
     "ROPE_TYPES",

@@ -18,6 +18,9 @@ LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names of 
 ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu")
 POSITIONS = ("learned", "rope")
 QK_NORMS = ("head", "projection")  # q/k norm over each head, or over the whole projection
+# MoE tensors that routing reads but training never changes: a torch buffer, a Flax parameter
+# that jax_block's optimizer freezes (DeepSeek-V3 updates its correction bias outside the gradient)
+FROZEN_MOE_TENSORS = ("e_score_correction_bias",)
 ROUTERS = ("softmax", "grouped_sigmoid")  # top-k of softmax probabilities; DeepSeek-V3's routing
 # the fields that MultiHeadAttention (both twins) takes by keyword, after d_model, n_heads,
 # dropout and causal: `Architecture.attention_options()`

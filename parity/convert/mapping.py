@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, NamedTuple
 
-from twin_core import BlockConfig
+from twin_core import FROZEN_MOE_TENSORS, BlockConfig
 
 
 class Row(NamedTuple):
@@ -67,7 +67,7 @@ LM_HEAD = _linear("lm_head", "lm_head", bias=False)  # only when tie_embeddings=
 TORCH_ONLY_BUFFERS = {"feed_forward.expert_counts"}
 # torch buffers that are Flax parameters frozen by jax_block's optimizer: no Adam moments in
 # torch, zero moments in JAX.
-FROZEN_BUFFERS = {"feed_forward.e_score_correction_bias"}
+FROZEN_BUFFERS = {f"feed_forward.{name}" for name in FROZEN_MOE_TENSORS}
 
 
 BLOCK_NORMS = ("norm1", "norm2", "post_attention_norm", "post_feed_forward_norm")
