@@ -173,8 +173,9 @@ class KVCache:
         """This cache with its keys and values constrained to their place on the mesh that
         `jax_block.sharding.use_mesh` set (batch over data, kv heads over tensor), so that a
         jitted step returns it where it came from and updates it in place; else itself."""
+        axes = CACHE_AXES if self.k_cache.ndim == 4 else ("layers", *CACHE_AXES)  # scanned
         return self.replace(
-            k_cache=constrain(self.k_cache, CACHE_AXES), v_cache=constrain(self.v_cache, CACHE_AXES)
+            k_cache=constrain(self.k_cache, axes), v_cache=constrain(self.v_cache, axes)
         )
 
 
@@ -259,7 +260,7 @@ class LatentCache:
     def constrained(self) -> LatentCache:
         """This cache with its batch on the mesh's data axis (`use_mesh`), the latent and the
         rope key on no axis; else itself."""
+        axes = LATENT_CACHE_AXES if self.latent.ndim == 3 else ("layers", *LATENT_CACHE_AXES)
         return self.replace(
-            latent=constrain(self.latent, LATENT_CACHE_AXES),
-            rope_key=constrain(self.rope_key, LATENT_CACHE_AXES),
+            latent=constrain(self.latent, axes), rope_key=constrain(self.rope_key, axes)
         )

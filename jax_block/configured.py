@@ -7,8 +7,6 @@ from typing import Any, ClassVar
 
 from .sharding import AxisNamedModule
 
-MODULE_ARGS = ("dtype", "param_dtype", "name", "parent")
-
 
 class ConfiguredModule(AxisNamedModule):
     """A module whose subclass declares `config: <config_type>`, `dtype` and `param_dtype`;
@@ -26,20 +24,23 @@ class ConfiguredModule(AxisNamedModule):
 
     @classmethod
     def create(cls, **kwargs: Any):
-        """The module of the config fields given by keyword (the rest at their defaults);
-        dtype, param_dtype, name and parent go to the module. TypeError on any other keyword."""
+        """The module of the config fields given by keyword (the rest at their defaults); the
+        module's own fields (dtype, param_dtype, name, parent, ...) go to the module. TypeError
+        on any other keyword."""
         fields = [f.name for f in dataclasses.fields(cls.config_type)]
-        unknown = sorted(set(kwargs) - set(fields) - set(MODULE_ARGS))
+        own = [f.name for f in dataclasses.fields(cls) if f.name != "config"]
+        unknown = sorted(set(kwargs) - set(fields) - set(own))
         if unknown:
             raise TypeError(
                 f"{cls.__name__}.create: unknown keyword(s) {unknown}; it takes the "
-                f"{cls.config_type.__name__} fields {fields} and {list(MODULE_ARGS)}"
+                f"{cls.config_type.__name__} fields {fields} and {own}"
             )
-        module_args = {k: v for k, v in kwargs.items() if k in MODULE_ARGS}
-        config = cls.config_type(**{k: v for k, v in kwargs.items() if k not in MODULE_ARGS})
+        module_args = {k: v for k, v in kwargs.items() if k in own}
+        config = cls.config_type(**{k: v for k, v in kwargs.items() if k not in own})
         return cls(config, **module_args)
 
     @classmethod
     def from_config(cls, config: Any, **module_args: Any):
-        """The module that `config` describes; `module_args`: dtype, param_dtype, name, parent."""
+        """The module that `config` describes; `module_args`: the module's own fields (dtype,
+        param_dtype, name, parent, ...)."""
         return cls(config, **module_args)

@@ -11,9 +11,10 @@ from jax.sharding import Mesh
 
 from twin_core import check_prompt, check_sampling, prompt_bucket, recompute_position
 
-from .cache import IN_PLACE_CACHE_OPTIONS, KVCache
+from .cache import IN_PLACE_CACHE_OPTIONS
 from .lm import TransformerLM
 from .sampling import sample_next_token
+from .scan import map_caches, with_position
 from .sharding import (
     check_batch,
     check_mesh,
@@ -35,10 +36,10 @@ def cached_forward(
     params: dict,
     input_ids: jax.Array,
     attention_mask: jax.Array | None,
-    kv_cache: tuple[KVCache, ...],
+    kv_cache: tuple,
     mesh: Mesh | None = None,
     rules: tuple | None = None,
-) -> tuple[jax.Array, tuple[KVCache, ...]]:
+) -> tuple[jax.Array, tuple]:
     """(logits (B, T, V), new cache): `lm` in eval mode on input_ids (B, T) at the caches'
     position, attention_mask (B, S) covering every cache slot.
 
@@ -213,7 +214,7 @@ def _generate_tokens(
     )  # (B, P + n): prompt slots, then one slot per new token
     cache = lm.create_kv_cache(B, P + max_new_tokens, lm.dtype)
     # Position 0 known while tracing: the first chunk reads no cache slot (none is written yet).
-    cache = tuple(layer.replace(position=np.zeros((), np.int32)).constrained() for layer in cache)
+    cache = map_caches(lambda layer: layer.constrained(), with_position(cache, 0))
     chunk = P if P <= LONG_PROMPT else PREFILL_CHUNK  # P is a power of two: chunks divide it
     logits, cache = lm.apply(variables, input_ids[:, :chunk], key_mask, kv_cache=cache)
     last_logits = logits[:, -1]  # (B, V)
@@ -246,10 +247,9 @@ def _generate_tokens(
         slot = P + num_steps - 1  # the last token's slot; the later slots are masked
         ids = jnp.concatenate([input_ids, tokens], axis=1)  # (B, P + n)
         mask = key_mask * (jnp.arange(key_mask.shape[1]) <= slot).astype(key_mask.dtype)
-        fresh = tuple(layer.replace(position=np.zeros((), np.int32)) for layer in cache)
-        logits, cache = lm.apply(variables, ids, mask, kv_cache=fresh)
+        logits, cache = lm.apply(variables, ids, mask, kv_cache=with_position(cache, 0))
         logits = jax.lax.dynamic_slice_in_dim(logits, slot, 1, axis=1)  # (B, 1, V)
-        return logits, tuple(layer.replace(position=slot + 1) for layer in cache)
+        return logits, with_position(cache, jnp.asarray(slot + 1, jnp.int32))
 
     def decode_one(carry):
         num_steps, tokens, last_token, finished, cache, rng = carry

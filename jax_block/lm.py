@@ -12,9 +12,9 @@ from twin_core import LMConfig
 from twin_core.checks import check_key_mask, check_lm_call, check_token_range
 
 from .block import TransformerBlock
-from .cache import KVCache
 from .configured import ConfiguredModule
 from .norm import make_norm
+from .scan import LayerGroup, first_cache, layer_groups, scanned_pattern, stack_caches
 from .sharding import (
     ACTIVATION_AXES,
     constrain,
@@ -40,7 +40,9 @@ class TransformerLM(ConfiguredModule):
 
     `config` (a `twin_core.LMConfig`, GPT-2's layout by default) defines the model; `dtype` is
     the compute dtype and `param_dtype` the parameters'. Block i is the submodule `blocks_{i}`,
-    built from `config.block_configs()[i]`. With `tie_embeddings` the head is the token
+    built from `config.block_configs()[i]`; with `scan_layers` each run of a repeating pattern
+    of layer kinds is one scanned submodule `blocks_{start}_{stop}` instead, compiled once
+    (`jax_block.scan`: its parameter and cache layout). With `tie_embeddings` the head is the token
     embedding matrix (`token_embedding.attend`) and there is no `lm_head`.
     `TransformerLM.create(vocab_size=256, max_seq_len=64, ...)` builds one from config fields
     by keyword. With `embed_scale` the token embeddings are multiplied by sqrt(d_model) rounded
@@ -52,6 +54,12 @@ class TransformerLM(ConfiguredModule):
     config: LMConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    scan_layers: bool = False
+
+    @property
+    def layer_groups(self) -> tuple[LayerGroup, ...]:
+        """The groups of layers the model applies: one per layer, or scanned runs."""
+        return layer_groups(self.config.block_configs(), self.scan_layers)
 
     def create_kv_cache(
         self,
@@ -61,22 +69,24 @@ class TransformerLM(ConfiguredModule):
         *,
         mesh: Mesh | None = None,
         rules=None,
-    ) -> tuple[KVCache, ...]:
+    ) -> tuple:
         """One empty cache per block, sized by that block's config, each with `max_seq_len` slots;
         with `mesh`, placed on it (batch over data, kv heads over tensor:
-        `jax_block.sharding.DEFAULT_RULES` or `rules`)."""
-        return tuple(
+        `jax_block.sharding.DEFAULT_RULES` or `rules`). With `scan_layers`, one entry per
+        layer group: a scanned group's caches are stacked over its repeats (`jax_block.scan`)."""
+        caches = [
             TransformerBlock.from_config(block, parent=None).create_kv_cache(
                 max_batch_size, max_seq_len, dtype, mesh=mesh, rules=rules
             )
             for block in self.config.block_configs()
-        )
+        ]
+        return stack_caches(caches, self.layer_groups)
 
     def check_inputs(
         self,
         input_ids: jax.Array,
         attention_mask: jax.Array | None,
-        kv_cache: tuple[KVCache, ...] | None,
+        kv_cache: tuple | None,
     ) -> None:
         """Raise ValueError unless input_ids (B, T) are token ids and the mask covers every key.
 
@@ -95,8 +105,8 @@ class TransformerLM(ConfiguredModule):
             check_token_range(int(ids.min()), int(ids.max()), config.vocab_size)
         B, T = input_ids.shape
         caches = None if kv_cache is None else len(kv_cache)
-        check_lm_call(T, config.max_seq_len, caches, config.n_layers)
-        S = T if kv_cache is None else kv_cache[0].max_seq_len
+        check_lm_call(T, config.max_seq_len, caches, len(self.layer_groups))
+        S = T if kv_cache is None else first_cache(kv_cache).max_seq_len
         check_key_mask(attention_mask, (B, S))
 
     @nn.compact
@@ -106,19 +116,19 @@ class TransformerLM(ConfiguredModule):
         attention_mask: jax.Array | None = None,
         deterministic: bool = True,
         return_aux_loss: bool = False,
-        kv_cache: tuple[KVCache, ...] | None = None,
+        kv_cache: tuple | None = None,
     ) -> jax.Array | tuple:
         """input_ids (B, T) -> logits (B, T, vocab_size), then aux if asked, then the new cache.
 
         `attention_mask` (B, S) marks real tokens with 1 over every key slot: S = T without a
         cache, S = the caches' max_seq_len (all slots, static) with one. Pad keys are never
-        attended and positions count real tokens only. With `kv_cache` (one KVCache per block)
+        attended and positions count real tokens only. With `kv_cache` (`create_kv_cache`'s)
         the tokens are written at the caches' position and the updated caches are returned
         last. aux is the sum of the blocks' MoE losses (0 for dense blocks).
         """
         self.check_inputs(input_ids, attention_mask, kv_cache)
         config = self.config
-        start = jnp.zeros((), jnp.int32) if kv_cache is None else kv_cache[0].position
+        start = jnp.zeros((), jnp.int32) if kv_cache is None else first_cache(kv_cache).position
         T = input_ids.shape[1]
         positions = position_ids(attention_mask, start, T)  # (B|1, T)
         dtypes = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -146,14 +156,25 @@ class TransformerLM(ConfiguredModule):
         key_mask = None if attention_mask is None else attention_mask.astype(bool)[:, None, None, :]
         aux = jnp.zeros((), jnp.float32)
         new_cache = []
-        for i, block in enumerate(config.block_configs()):
-            layer_cache = None if kv_cache is None else kv_cache[i]
-            x, layer_cache, block_aux = TransformerBlock.from_config(
-                block, dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}"
-            )(x, key_mask, layer_cache, None, deterministic, return_aux_loss, positions)
+        blocks = config.block_configs()
+        for g, group in enumerate(self.layer_groups):
+            layer_cache = None if kv_cache is None else kv_cache[g]
+            if group.scanned:  # one copy of the pattern, scanned over the repeats
+                Pattern = scanned_pattern(group.repeats)
+                (x, aux), layer_cache = Pattern(
+                    blocks[group.start : group.start + group.period],
+                    deterministic,
+                    return_aux_loss,
+                    name=group.name,
+                    **dtypes,
+                )((x, aux), layer_cache, key_mask, None if kv_cache is None else start, positions)
+            else:
+                x, layer_cache, block_aux = TransformerBlock.from_config(
+                    blocks[group.start], name=group.name, **dtypes
+                )(x, key_mask, layer_cache, None, deterministic, return_aux_loss, positions)
+                if block_aux is not None:
+                    aux = aux + block_aux
             new_cache.append(layer_cache)
-            if block_aux is not None:
-                aux = aux + block_aux
         x = make_norm(config.norm, config.norm_eps, name="norm", **dtypes)(x)  # (B, T, d_model)
         if config.tie_embeddings:
             logits = token_embedding.attend(x)  # (B, T, vocab_size)

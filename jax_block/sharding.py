@@ -34,11 +34,12 @@ LOGICAL_AXES = (
     "mlp",
     "vocab",
     "expert",
+    "layers",
 )
 Rules = tuple[tuple[str, Any], ...]
 # batch over data (data parallel); heads, kv heads, the FFN hidden size and the vocabulary over
 # tensor (Megatron: column-parallel q/k/v and fc1/fc3, row-parallel out_proj and fc2); the
-# stacked experts over expert; the rest replicated.
+# stacked experts over expert; the rest (the scanned layers' stacking axis too) replicated.
 DEFAULT_RULES: Rules = (
     ("batch", "data"),
     ("length", None),
@@ -49,6 +50,7 @@ DEFAULT_RULES: Rules = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("expert", "expert"),
+    ("layers", None),
 )
 CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")  # KVCache keys and values (B, KV, S, D)
 LATENT_CACHE_AXES = ("batch", None, None)  # LatentCache latent, rope key (B, S, R|Dr): batch only

@@ -37,6 +37,7 @@ from twin_core.run_files import (
 
 from .generate import generate
 from .lm import TransformerLM
+from .scan import per_layer
 from .sharding import (
     check_batch,
     check_mesh,
@@ -220,12 +221,12 @@ def save_model(
     params: dict,
     extra: Mapping[str, str] | None = None,
 ) -> None:
-    """A safetensors checkpoint that `parity.load` reads (Flax names, "naming": "flax");
-    `extra`: metadata entries stored besides.
+    """A safetensors checkpoint that `parity.load` reads (Flax names, "naming": "flax", one entry
+    per layer also when `lm` scans its layers); `extra`: metadata entries stored besides.
 
     `python -m parity convert` rewrites it with torch names.
     """
-    tensors = _flat(params)
+    tensors = _flat(per_layer(lm, params)[1])
     metadata = model_metadata(NAMINGS[FRAMEWORK], lm.config, tensors, extra)
     atomic_write(path, safetensors.numpy.save(tensors, metadata))
 
@@ -240,14 +241,16 @@ def save_train_state(
     """Everything needed to resume: params, Adam moments, step, model and run configuration
     (`extra`: metadata entries stored besides).
 
-    Tensors are `params/<name>`, `exp_avg/<name>` and `exp_avg_sq/<name>` with Flax names;
-    `parity.convert.convert_train_state` rewrites the file for torch_block.
+    Tensors are `params/<name>`, `exp_avg/<name>` and `exp_avg_sq/<name>` with Flax names, one
+    entry per layer also when `lm` scans its layers (`load_train_state` gives a model that
+    does not); `parity.convert.convert_train_state` rewrites the file for torch_block.
     """
     groups = {
         "params": state.params,
         "exp_avg": optax.tree_utils.tree_get(state.opt_state, "mu"),
         "exp_avg_sq": optax.tree_utils.tree_get(state.opt_state, "nu"),
     }
+    groups = {name: per_layer(lm, tree)[1] for name, tree in groups.items()}
     tensors = {f"{group}/{k}": v for group, tree in groups.items() for k, v in _flat(tree).items()}
     metadata = train_state_metadata(
         NAMINGS[FRAMEWORK],

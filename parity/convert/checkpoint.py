@@ -33,6 +33,7 @@ from flax import linen as nn
 from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jax_block.scan import per_layer, scanned
 from twin_core import BlockConfig, LMConfig
 from twin_core.files import atomic_write, digest, safetensors_dtype, write_safetensors
 from twin_core.run_files import framework_name
@@ -91,9 +92,11 @@ def load(
     config: Config | Mapping[str, Any] | None = None,
     module: str | None = None,
     format: str | None = None,
+    scan_layers: bool = False,
 ) -> torch.nn.Module | tuple[nn.Module, dict]:
     """A checkpoint file of any format as a torch module in eval mode, or `(flax_module, params)`
-    for `framework="jax"` (or "flax").
+    for `framework="jax"` (or "flax"); with `scan_layers`, a Flax TransformerLM that scans its
+    layers, its params stacked (`jax_block.scan`; files hold one entry per layer).
 
     `config` (a BlockConfig/LMConfig, or its fields as a dict) and `module` (e.g.
     "TransformerBlock"; by default told from the config's fields) are needed only for files that
@@ -107,6 +110,10 @@ def load(
         model = _torch_module(checkpoint) if framework == "torch" else _flax_params(checkpoint)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
+    if scan_layers:
+        if framework == "torch":
+            raise ValueError("scan_layers=True is for framework='jax', got framework='torch'")
+        model = scanned(*model)
     carry(model, checkpoint.hf_metadata)
     return model
 
@@ -186,7 +193,9 @@ def _checkpoint_of(obj: Any, flax_module: nn.Module | None) -> _Checkpoint:
             f"{type(flax_module).__name__}"
         )
     params = obj["params"] if set(obj) == {"params"} else obj  # a variables dict is accepted
-    return _Checkpoint(name, config_of(flax_module), "jax", params, False, carried(flax_module))
+    metadata = carried(flax_module)
+    flax_module, params = per_layer(flax_module, params)  # files hold one entry per layer
+    return _Checkpoint(name, config_of(flax_module), "jax", params, False, metadata)
 
 
 def _write(path: Path, fmt: str, naming: str, checkpoint: _Checkpoint) -> None:

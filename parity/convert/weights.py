@@ -16,6 +16,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 import jax_block
 import torch_block
+from jax_block.scan import per_layer, scanned
 from twin_core import BlockConfig, LMConfig
 from twin_core.run_files import framework_name
 
@@ -124,7 +125,11 @@ def to_torch_tensor(array: Any) -> torch.Tensor:
 
 
 def torch_to_flax(state_dict: dict[str, torch.Tensor], flax_module: nn.Module) -> dict:
-    """Flax params for `flax_module` from a torch state_dict; ValueError lists every mismatch."""
+    """Flax params for `flax_module` from a torch state_dict; ValueError lists every mismatch.
+    A TransformerLM with `scan_layers` gets its layers stacked (`jax_block.scan`)."""
+    if getattr(flax_module, "scan_layers", False):
+        per_layer = flax_module.clone(scan_layers=False, parent=None)
+        return scanned(per_layer, torch_to_flax(state_dict, per_layer))[1]
     pair, config = _pair_of(flax_module), config_of(flax_module)
     flax_shapes = _flax_shapes(flax_module)
     entries = _expanded(pair.table(config), config)
@@ -152,7 +157,9 @@ def torch_to_flax(state_dict: dict[str, torch.Tensor], flax_module: nn.Module) -
 
 
 def flax_to_torch(params: dict, flax_module: nn.Module) -> dict[str, torch.Tensor]:
-    """A torch state_dict (loadable with strict=True) from Flax params; ValueError on mismatch."""
+    """A torch state_dict (loadable with strict=True) from Flax params; ValueError on mismatch.
+    A TransformerLM with `scan_layers` takes its params in the scanned layout."""
+    flax_module, params = per_layer(flax_module, params)
     pair, config = _pair_of(flax_module), config_of(flax_module)
     flax_shapes = _flax_shapes(flax_module)
     given = {"/".join(k): v for k, v in flatten_dict(params).items()}
@@ -178,12 +185,16 @@ def _torch_dtype(module: torch.nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-def from_torch(torch_module: torch.nn.Module) -> tuple[nn.Module, dict]:
-    """The matching Flax module and its params, from a torch_block module."""
+def from_torch(
+    torch_module: torch.nn.Module, *, scan_layers: bool = False
+) -> tuple[nn.Module, dict]:
+    """The matching Flax module and its params, from a torch_block module; a TransformerLM with
+    `scan_layers` scans its layers (`jax_block.scan`)."""
     pair = _pair_of(torch_module)
     dtype = jnp.bfloat16 if _torch_dtype(torch_module) == torch.bfloat16 else jnp.float32
     flax_module = pair.flax_cls.from_config(config_of(torch_module), dtype=dtype, param_dtype=dtype)
-    return flax_module, torch_to_flax(torch_module.state_dict(), flax_module)
+    params = torch_to_flax(torch_module.state_dict(), flax_module)
+    return scanned(flax_module, params) if scan_layers else (flax_module, params)
 
 
 def to_torch(flax_module: nn.Module, params: dict) -> torch.nn.Module:

@@ -22,6 +22,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 import jax_block
 import torch_block
+from jax_block.scan import scanned_path
 from twin_core import LMConfig, atomic_write
 from twin_core.files import write_safetensors
 from twin_core.run_files import framework_name
@@ -167,14 +168,18 @@ class HFCheckpoint:
         self._last = None
         return model.eval()
 
-    def flax(self) -> tuple[jax_block.TransformerLM, dict]:
+    def flax(self, scan_layers: bool = False) -> tuple[jax_block.TransformerLM, dict]:
         """(Flax LM, params), built row by row of parity.convert.mapping's table from the HF
-        tensors: each array read (and transposed) into memory that the JAX array then uses."""
+        tensors: each array read (and transposed) into memory that the JAX array then uses;
+        with `scan_layers`, each layer's into its slice of the stacked array (`jax_block.scan`)."""
         dtype = JAX_DTYPES[self.dtype]
-        lm = jax_block.TransformerLM.from_config(self.hf.config, dtype=dtype, param_dtype=dtype)
-        source = {ours: (hf_name, row) for ours, hf_name, row in self.entries}
         config = self.hf.config
-        flat = {}
+        lm = jax_block.TransformerLM.from_config(
+            config, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers
+        )
+        groups = lm.layer_groups
+        source = {ours: (hf_name, row) for ours, hf_name, row in self.entries}
+        stacks: dict[str, np.ndarray] = {}
         for row in lm_table(config):
             if "{e}" in row.torch_key:
                 keys = [row.torch_key.format(e=e) for e in range(config.num_experts)]
@@ -183,12 +188,18 @@ class HFCheckpoint:
             shape = self.our_shapes[keys[0]]
             if row.transpose:
                 shape = shape[:-2] + (shape[-1], shape[-2])
-            array = aligned_empty(((len(keys),) if len(keys) > 1 else ()) + shape, dtype)
+            shape = ((len(keys),) if len(keys) > 1 else ()) + shape
+            path, repeat, repeats = scanned_path(row.flax_path, groups)
+            if path not in stacks:
+                stacks[path] = aligned_empty(shape if repeat is None else (repeats, *shape), dtype)
+            array = stacks[path] if repeat is None else stacks[path][repeat]
             for i, key in enumerate(keys):
                 self._read_flax(source[key], array[i] if len(keys) > 1 else array, row.transpose)
-            flat[tuple(row.flax_path.split("/"))] = jax.device_put(array, may_alias=True)
             del array
         self._last = None
+        flat = {}
+        for path in list(stacks):  # each array handed to JAX, which uses its memory
+            flat[tuple(path.split("/"))] = jax.device_put(stacks.pop(path), may_alias=True)
         params = unflatten_dict(flat)
         _check_flax_shapes(lm, params)
         return lm, params
@@ -281,9 +292,12 @@ def _check_flax_shapes(lm: jax_block.TransformerLM, params: dict) -> None:
         raise ValueError(f"internal: Flax params do not match the module: {diff}")
 
 
-def from_hf(path: str | Path, framework: str = "torch", *, dtype: Any = None):
+def from_hf(
+    path: str | Path, framework: str = "torch", *, dtype: Any = None, scan_layers: bool = False
+):
     """A Hugging Face checkpoint directory as a torch_block TransformerLM in eval mode
-    (framework="torch"), or as `(jax_block.TransformerLM, params)` (framework="jax" or "flax").
+    (framework="torch"), or as `(jax_block.TransformerLM, params)` (framework="jax" or "flax";
+    with `scan_layers`, a model that scans its layers, its params stacked: `jax_block.scan`).
 
     `dtype` ("float32" or "bfloat16", or the torch/JAX dtype) casts the weights; by default they
     keep the checkpoint's dtype (float32 when config.json names none, or float16). Everything is
@@ -292,9 +306,11 @@ def from_hf(path: str | Path, framework: str = "torch", *, dtype: Any = None):
     (`parity.hf.metadata`): `parity.save` stores them with the weights, `to_hf` writes them back.
     """
     framework = framework_name(framework)
+    if scan_layers and framework == "torch":
+        raise ValueError("scan_layers=True is for framework='jax', got framework='torch'")
     checkpoint = HFCheckpoint(path, dtype)
     metadata = HFMetadata.from_folder(checkpoint.directory)
-    model = checkpoint.torch() if framework == "torch" else checkpoint.flax()
+    model = checkpoint.torch() if framework == "torch" else checkpoint.flax(scan_layers)
     carry(model, metadata.to_dict())
     return model
 

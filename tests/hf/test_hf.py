@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax.traverse_util import flatten_dict
 from hf_models import FAMILIES, LAYER_VARIANTS, ROPE_MODELS, VOCAB, WINDOW
 
 import jax_block
@@ -653,3 +654,18 @@ def test_bad_dtype_and_framework(saved):
         parity.from_hf(directory, "tensorflow")
     with pytest.raises(TypeError, match="model must be a torch_block.TransformerLM"):
         parity.to_hf(object(), directory)
+
+
+def test_from_hf_scanned_reads_each_layer_into_its_row(tmp_path):
+    """from_hf(..., scan_layers=True) on a 3-layer Llama: one group, each array's row r the
+    weight of layer r as the per-layer load has it, bit for bit; logits as transformers'."""
+    reference = hf_models.build("llama", num_hidden_layers=3)
+    directory = hf_models.save(reference, tmp_path / "llama3")
+    lm, params = parity.from_hf(directory, "jax", scan_layers=True)
+    assert lm.scan_layers and sorted(k for k in params if k.startswith("blocks_")) == ["blocks_0_3"]
+    per_layer = parity.from_hf(directory, "jax")[1]
+    stacked = flatten_dict(params["blocks_0_3"]["block_0"], sep="/")
+    for r in range(3):
+        for path, array in flatten_dict(per_layer[f"blocks_{r}"], sep="/").items():
+            np.testing.assert_array_equal(np.asarray(stacked[path][r]), np.asarray(array))
+    np.testing.assert_allclose(our_logits((lm, params)), hf_logits(reference), atol=1e-5, rtol=1e-6)

@@ -382,6 +382,8 @@ FRONTIER = {
         tie_embeddings=False,
     ),
 }
+# Llama with its 3 layers scanned: stacked parameters and a stacked cache on the mesh
+FRONTIER["llama_scanned"] = dict(MODELS["llama"], n_layers=3, scan_layers=True)
 FRONTIER_MESH = (2, 2, 2)
 
 
@@ -400,11 +402,11 @@ def check_frontier(out: dict) -> None:
         case["greedy_equal"] = bool(np.array_equal(one["tokens"], run["tokens"]))
         case["full_shapes"] = {k: list(v.shape) for k, v in flatten_dict(params, sep="/").items()}
         case["param_shards"] = first_shards(sharded)
+        first = run["cache"][0]
+        first = first[0] if isinstance(first, tuple) else first  # a scanned group's: stacked
         case["cache_shards"] = {
-            type(run["cache"][0]).__name__ + "." + field: list(
-                leaf.addressable_shards[0].data.shape
-            )
-            for field, leaf in vars(run["cache"][0]).items()
+            type(first).__name__ + "." + field: list(leaf.addressable_shards[0].data.shape)
+            for field, leaf in vars(first).items()
         }
         case["cache_bytes"] = bytes_on(one["cache"], 0)
         case["cache_bytes_per_device"] = [bytes_on(run["cache"], d) for d in range(DEVICES)]

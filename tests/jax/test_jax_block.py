@@ -134,14 +134,18 @@ CREATE_CASES = [
 
 @pytest.mark.parametrize("module, config_cls, fields", CREATE_CASES, ids=["block", "lm"])
 def test_create_holds_twin_cores_config_with_its_defaults(module, config_cls, fields):
+    own = ["scan_layers"] if module is TransformerLM else []  # the LM's choice of layout
     assert [f.name for f in dataclasses.fields(module)] == [
         "config",
         "dtype",
         "param_dtype",
+        *own,
         "parent",
         "name",
     ]
     assert module.create(**fields).config == config_cls(**fields)
+    if own:
+        assert module.create(**fields, scan_layers=True).scan_layers
     built = module.create(**fields, use_moe=True, dtype=jnp.bfloat16, name="m")
     config = config_cls(**fields, use_moe=True)
     assert built == module.from_config(config, dtype=jnp.bfloat16, name="m")

@@ -364,6 +364,30 @@ def test_frontier_moe_on_a_mesh_equals_one_device(results, model):
     assert case["cache_donated"] and case["cache_in_place"]
 
 
+def test_scanned_layers_on_a_mesh_equal_one_device(results):
+    """Llama's 3 layers scanned on (2, 2, 2): every decode step's logits and the greedy tokens
+    are one device's; each stacked parameter keeps its layer axis whole and splits the rest as
+    a layer's parameter; the stacked cache splits batch over data and kv heads over tensor."""
+    case, sizes = results["frontier"]["llama_scanned"], mesh_sizes("(2, 2, 2)")
+    assert case["logits_max_abs_diff"] <= ATOL
+    assert case["greedy_equal"]
+    stacked = [path for path in case["full_shapes"] if path.startswith("blocks_0_3/block_0/")]
+    assert len(stacked) == len([p for p in case["full_shapes"] if p.startswith("blocks_")]) > 0
+    for path, full in case["full_shapes"].items():
+        if path in stacked:
+            assert full[0] == 3
+            want = [3, *expected_shard(path, full[1:], sizes)]
+        else:
+            want = expected_shard(path, full, sizes)
+        assert case["param_shards"][path] == want, path
+    B, bucket, new = results["shape"]
+    kv_heads, head_dim = 8, 4
+    shard = [3, B // 2, kv_heads // 2, bucket + new, head_dim]
+    assert case["cache_shards"]["KVCache.k_cache"] == shard
+    assert case["cache_shards"]["KVCache.v_cache"] == shard
+    assert case["cache_donated"]
+
+
 def test_a_latent_cache_splits_its_batch_over_data_and_keeps_the_latent_whole(results):
     """DeepSeek-V3's LatentCache on (2, 2, 2): each device holds half the batch and every slot
     of the latent (kv_lora_rank 8) and the rope key (4); the position replicated."""
