@@ -261,7 +261,10 @@ def run_phase(framework: str, folder: Path, dtype: str, new_tokens: int, repeats
 
 def matvec_bandwidth(dtype: str, megabytes: int, repeats: int) -> dict[str, float]:
     """Bytes per second read by a batch-1 matrix-vector product over a `megabytes` matrix in
-    `dtype`: torch's F.linear (weight (out, in)) and jitted JAX x @ W in both layouts."""
+    `dtype`: torch's F.linear (weight (out, in)) and jitted JAX x @ W in both layouts, x of
+    shape (1, in) (in bfloat16 XLA CPU fuses its float32 conversion of the weight only into
+    such a one-row product against W (out, in); a model's (B, T, d) products convert the
+    whole weight first)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -533,13 +536,14 @@ def run_rows(
             "and 12 layers",
             "timings on this shared machine are noisy: compare ratios within one run, repeat",
             "measured causes of the known misses (docs/design.md 'Real model sizes'): JAX "
-            "bfloat16 tokens/s and peak: XLA CPU's bfloat16 dot with a kernel in Flax's "
-            "(in, out) layout reads far slower than with it stored (out, in) (the bandwidths "
-            "above); JAX load time: its arrays are fresh memory, first touched while each kernel "
-            "is read or transposed into it, where transformers and torch_block map the file; "
-            "torch bfloat16 tokens/s: PyTorch's bfloat16 matrix-vector products (MKL's and "
-            "oneDNN's alike) read no faster than transformers' own. The cure of both JAX misses, "
-            "kernels stored (out, in), is not built yet",
+            "bfloat16 tokens/s and peak: XLA CPU has no bfloat16 matrix product and converts "
+            "each bfloat16 weight into a fresh float32 buffer at every call, in either kernel "
+            "layout (the bandwidths above: only a 2-D one-row x @ W.T fuses the conversion; a "
+            "model's (B, T, d) activations do not); JAX load time: its arrays are fresh memory, "
+            "first touched while each kernel is read or transposed into it, where transformers "
+            "and torch_block map the file; torch bfloat16 tokens/s: PyTorch's bfloat16 "
+            "matrix-vector products (MKL's and oneDNN's alike) read no faster than "
+            "transformers' own",
         ],
     )
 
